@@ -1,0 +1,26 @@
+# Two commands on a fresh machine: `make run` and `make test`.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+INSTALLED := $(VENV)/.installed
+
+.PHONY: install run test bench clean
+
+$(INSTALLED): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $(INSTALLED)
+
+install: $(INSTALLED)
+
+## Local broker (unless KAFKA_BROKER is set), one worker and demo traffic; Ctrl-C stops all.
+run: install
+	$(PY) -m app.dev
+
+## The whole suite: unit tests and real workers against real services.
+test: install
+	$(PY) -m pytest
+
+clean:
+	rm -rf $(VENV) data

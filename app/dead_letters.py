@@ -1,0 +1,73 @@
+"""The one dead-letter mechanism every agent uses for records it cannot decode or validate.
+
+The refused record is produced unchanged (original key and value bytes) to ``<source-topic>.dlq``
+with the reason and its origin in headers, the convention of Kafka Connect's DLQ, so it can be
+inspected or replayed as it was. A ``DeadLetter`` notice keyed by the source topic goes to the
+``dead-letters`` topic, where one agent counts it (``agents/dead_letters.py``).
+"""
+from __future__ import annotations
+
+import logging
+import time
+from typing import Dict, Optional
+
+import faust
+from faust.types import EventT, TopicT
+
+from app import app
+from models.dead_letters import DeadLetter
+
+log = logging.getLogger(__name__)
+
+DLQ_SUFFIX = ".dlq"
+
+dead_letter_notices = app.topic("dead-letters", key_type=str, value_type=DeadLetter, internal=True)
+
+_dlq_topics: Dict[str, TopicT] = {}
+
+
+async def _dlq_topic_for(source_topic: str) -> TopicT:
+    topic = _dlq_topics.get(source_topic)
+    if topic is None:
+        topic = app.topic(
+            source_topic + DLQ_SUFFIX,
+            key_type=bytes,
+            value_type=bytes,
+            key_serializer="raw",
+            value_serializer="raw",
+        )
+        await topic.maybe_declare()
+        _dlq_topics[source_topic] = topic
+    return topic
+
+
+def dead_letter_headers(event: EventT, reason: str) -> Dict[str, bytes]:
+    """Headers that say where a dead letter came from and why it was refused."""
+    message = event.message
+    return {
+        "dlq.reason": reason.encode("utf-8", "replace"),
+        "dlq.topic": message.topic.encode(),
+        "dlq.partition": str(message.partition).encode(),
+        "dlq.offset": str(message.offset).encode(),
+    }
+
+
+async def dead_letter(reason: str, event: Optional[EventT] = None) -> None:
+    """Send the current (or given) event's original record to its DLQ topic and count it."""
+    event = event or faust.current_event()
+    if event is None:
+        raise RuntimeError("dead_letter() needs an event: call it from inside an agent")
+    message = event.message
+    log.warning("dead letter from %s[%s]@%s: %s", message.topic, message.partition, message.offset, reason)
+    topic = await _dlq_topic_for(message.topic)
+    await topic.send(key=message.key, value=message.value, headers=dead_letter_headers(event, reason))
+    await dead_letter_notices.send(
+        key=message.topic,
+        value=DeadLetter(
+            source_topic=message.topic,
+            partition=message.partition,
+            offset=message.offset,
+            reason=reason,
+            at=time.time(),
+        ),
+    )

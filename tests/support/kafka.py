@@ -1,0 +1,54 @@
+"""Produce and consume test records on a real broker with aiokafka."""
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any, Iterable, List, Optional, Tuple
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka.structs import ConsumerRecord
+
+
+def encode(value: Any) -> bytes:
+    return value if isinstance(value, bytes) else json.dumps(value).encode()
+
+
+async def produce(bootstrap: str, topic: str, records: Iterable[Tuple[Optional[str], Any]]) -> None:
+    """Send (key, value) pairs; values that are not bytes are sent as JSON."""
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=5)
+    await producer.start()
+    try:
+        sends = [
+            await producer.send(topic, encode(value), key=key.encode() if key is not None else None)
+            for key, value in records
+        ]
+        await asyncio.gather(*sends)
+    finally:
+        await producer.stop()
+
+
+def produce_sync(bootstrap: str, topic: str, records: Iterable[Tuple[Optional[str], Any]]) -> None:
+    asyncio.run(produce(bootstrap, topic, list(records)))
+
+
+async def consume(bootstrap: str, topic: str, count: int, timeout: float = 30.0) -> List[ConsumerRecord]:
+    """Read ``count`` records of ``topic`` from the beginning (no consumer group)."""
+    consumer = AIOKafkaConsumer(topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest", group_id=None)
+    await consumer.start()
+    records: List[ConsumerRecord] = []
+    try:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while len(records) < count and loop.time() < deadline:
+            batch = await consumer.getmany(timeout_ms=500)
+            for partition_records in batch.values():
+                records.extend(partition_records)
+    finally:
+        await consumer.stop()
+    if len(records) < count:
+        raise TimeoutError(f"read {len(records)} of {count} records from {topic} within {timeout}s")
+    return records
+
+
+def consume_sync(bootstrap: str, topic: str, count: int, timeout: float = 30.0) -> List[ConsumerRecord]:
+    return asyncio.run(consume(bootstrap, topic, count, timeout))

@@ -1,0 +1,78 @@
+"""Settings are read from the environment and a bad value stops the worker with one clear line."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from app.settings import Settings, describe_error
+from pydantic import ValidationError
+from tests.support.workers import REPO_ROOT, environment_with
+
+
+def settings_from(monkeypatch, **variables: str) -> Settings:
+    for name, value in variables.items():
+        monkeypatch.setenv(name, value)
+    return Settings()
+
+
+def test_defaults_work_against_a_local_broker(monkeypatch):
+    for name in ("KAFKA_BROKER", "TOPIC_PARTITIONS", "STORE", "WEB_PORT", "PROCESSING_GUARANTEE"):
+        monkeypatch.delenv(name, raising=False)
+
+    settings = Settings()
+
+    assert settings.kafka_broker == "kafka://localhost:9092"
+    assert settings.topic_partitions == 8
+    assert settings.store == "rocksdb://"
+    assert settings.web_port == 6066
+    assert settings.processing_guarantee == "at_least_once"
+    assert settings.broker_session_timeout <= 10 and settings.broker_rebalance_timeout <= 10
+
+
+def test_canonical_url_defaults_to_web_host_and_port(monkeypatch):
+    settings = settings_from(monkeypatch, WEB_HOST="10.1.2.3", WEB_PORT="7000")
+    assert settings.web_url == "http://10.1.2.3:7000"
+
+
+@pytest.mark.parametrize(
+    "variable, value",
+    [
+        ("KAFKA_BROKER", "localhost:9092"),
+        ("TOPIC_PARTITIONS", "zero"),
+        ("TOPIC_PARTITIONS", "0"),
+        ("WEB_PORT", "70000"),
+        ("STORE", "redis://"),
+        ("PROCESSING_GUARANTEE", "maybe_once"),
+        ("BROKER_SESSION_TIMEOUT", "-1"),
+        ("ADMIN_TOKEN", "short"),
+        ("ELASTICSEARCH_URL", "localhost:9200"),
+        ("REDIS_URL", "http://localhost:6379"),
+        ("REPLICA_DSN", "mysql://x"),
+    ],
+)
+def test_an_invalid_value_is_refused_naming_the_variable(monkeypatch, variable, value):
+    with pytest.raises(ValidationError) as raised:
+        settings_from(monkeypatch, **{variable: value})
+
+    line = describe_error(raised.value)
+    assert line.startswith("invalid configuration: ")
+    assert f"{variable}={value!r}" in line
+    assert "\n" not in line
+
+
+def test_a_worker_with_a_bad_variable_stops_at_start_with_one_line():
+    result = subprocess.run(
+        [sys.executable, "-c", "import app"],
+        cwd=REPO_ROOT,
+        env=environment_with(TOPIC_PARTITIONS="many"),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "invalid configuration: TOPIC_PARTITIONS='many': Input should be a valid integer, unable to parse string as an integer"
+    ]
