@@ -5,6 +5,7 @@ Ctrl-C stops everything this started.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -59,6 +60,11 @@ def main() -> None:
     if "KAFKA_BROKER" not in os.environ:
         broker = LocalBroker(port=int(os.environ.get("LOCAL_BROKER_PORT", 9092))).start()
         env["KAFKA_BROKER"] = broker.url
+        if "DATA_DIR" not in os.environ:
+            # The local broker keeps topics in memory: table state from an earlier run would
+            # describe changelogs that no longer exist, so every run starts with empty tables.
+            env["DATA_DIR"] = str(ROOT / "data" / "dev")
+            shutil.rmtree(env["DATA_DIR"], ignore_errors=True)
         print(f"local broker listening on {broker.bootstrap}", flush=True)
     bootstrap = env["KAFKA_BROKER"].split("://", 1)[1].split(",")[0]
     try:
