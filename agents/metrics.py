@@ -2,11 +2,13 @@
 from __future__ import annotations
 
 import json
+import operator
 from typing import Any, Dict, Iterable, List
 
 from faust import web
 
 from app import app, settings
+from app.aggregation import BATCH_MAX, BATCH_WITHIN, fold_deltas, write_deltas
 from app.dead_letters import dead_letter
 from models.metrics import InvalidRecord, MetricSample, parse_samples
 from tables.metrics import latest_samples
@@ -45,18 +47,24 @@ async def forward_keyed_by_service(samples: Iterable[MetricSample]) -> None:
 
 @app.agent(metrics_topic)
 async def record_samples(stream) -> None:
-    """Validate each record (one sample or an array) and keep the latest values per service."""
-    async for event in stream.events():
-        try:
-            samples = parse_samples(event.value, event.key)
-        except InvalidRecord as error:
-            await dead_letter(str(error), event)
-            continue
-        if event.key is None:
-            await forward_keyed_by_service(samples)
-            continue
-        service = event.key
-        latest_samples[service] = merge_latest(latest_samples[service], samples)
+    """Validate each record (one sample or an array) and keep the latest values per service.
+
+    One table write per service per batch (app/aggregation.py), not one per record.
+    """
+    async for events in stream.take_events(BATCH_MAX, within=BATCH_WITHIN):
+        keyed_samples = []
+        for event in events:
+            try:
+                samples = parse_samples(event.value, event.key)
+            except InvalidRecord as error:
+                await dead_letter(str(error), event)
+                continue
+            if event.key is None:
+                await forward_keyed_by_service(samples)
+            else:
+                keyed_samples.append((event, [(event.key, samples)]))
+        pending = fold_deltas(keyed_samples, combine=operator.add)
+        write_deltas(stream, latest_samples, pending, apply=merge_latest)
 
 
 @app.page("/metrics/services/{service}/")

@@ -28,6 +28,7 @@ class Settings(BaseSettings):
     broker_session_timeout: float = Field(6.0, gt=0, le=300)
     broker_rebalance_timeout: float = Field(6.0, gt=0, le=300)
     broker_heartbeat_interval: float = Field(1.0, gt=0, le=60)
+    fast_consumer: bool = True
     processing_guarantee: Literal["at_least_once", "exactly_once"] = "at_least_once"
     admin_token: Optional[str] = Field(None, min_length=8)
     log_level: Literal["debug", "info", "warning", "error", "critical"] = "info"

@@ -1,10 +1,20 @@
 """The metrics agent under Faust's test_context: records in, table state out."""
 from __future__ import annotations
 
+import asyncio
 import json
 
 from agents.metrics import record_samples
 from tables.metrics import latest_samples
+
+
+async def batch_written(read, timeout: float = 5.0):
+    """The agent writes once per batch (every BATCH_WITHIN seconds at most): wait for it."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not read() and loop.time() < deadline:
+        await asyncio.sleep(0.05)
+    return read()
 
 
 def sample(**fields) -> bytes:
@@ -16,7 +26,7 @@ async def test_samples_update_the_latest_values_of_their_service():
         await agent.put(sample(value=0.5, ts=10.0), key="cart")
         await agent.put(json.dumps([{"metric": "memory", "value": 0.7, "ts": 11.0}, {"metric": "cpu", "instance": "cart-1", "value": 0.6, "ts": 12.0}]).encode(), key="cart")
 
-        state = latest_samples["cart"]
+        state = await batch_written(lambda: latest_samples["cart"])
 
     assert state["samples"] == 3
     assert state["metrics"]["cpu"] == {"cart-1": {"value": 0.6, "ts": 12.0}}

@@ -1,0 +1,70 @@
+"""Stateful aggregation that writes a table once per key per batch, not once per record.
+
+A Faust table write costs a store put and a changelog record, so an agent that writes per record
+runs at about a third of the rate of one that only iterates (bench/README.md). The pattern here:
+
+    async for events in stream.take_events(BATCH_MAX, within=BATCH_WITHIN):
+        pending = fold_deltas(((event, deltas_of(event)) for event in events), combine=...)
+        write_deltas(stream, table, pending, apply=...)
+
+``fold_deltas`` is pure: it folds each event's ``(key, delta)`` pairs into per-partition, per-key
+deltas. ``write_deltas``
+then writes every key once, inside the context of the batch's last event *of that key's
+partition*, so the RocksDB store and the changelog get the partition the key belongs to (Faust
+refuses a table write outside an event's context). ``take_events`` acknowledges the events only
+after the loop body has returned, so offsets are committed only past records whose deltas are in
+the table: a crash replays at most the uncommitted records (at-least-once), it never loses one.
+
+Tables written this way must be co-partitioned with the source topic (same key bytes, same
+partition count), as every Faust table must.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Dict, Hashable, Iterable, NamedTuple, Tuple
+
+from faust.types import EventT, StreamT, TableT
+
+BATCH_MAX = 2000
+BATCH_WITHIN = 0.2  # seconds: the most a record waits before its batch is written
+
+
+class PartitionDeltas(NamedTuple):
+    """What one partition's records of a batch add to the table."""
+
+    last_event: EventT
+    deltas: Dict[Hashable, Any]
+
+
+def fold_deltas(
+    keyed_events: Iterable[Tuple[EventT, Iterable[Tuple[Hashable, Any]]]],
+    combine: Callable[[Any, Any], Any],
+) -> Dict[int, PartitionDeltas]:
+    """Fold each event's ``(key, delta)`` pairs into one delta per key per partition."""
+    by_partition: Dict[int, PartitionDeltas] = {}
+    for event, key_deltas in keyed_events:
+        partition = event.message.partition
+        entry = by_partition.get(partition)
+        deltas = entry.deltas if entry is not None else {}
+        by_partition[partition] = PartitionDeltas(event, deltas)
+        for key, delta in key_deltas:
+            deltas[key] = combine(deltas[key], delta) if key in deltas else delta
+    return by_partition
+
+
+def write_deltas(
+    stream: StreamT,
+    table: TableT,
+    pending: Dict[int, PartitionDeltas],
+    apply: Callable[[Any, Any], Any],
+) -> int:
+    """Write ``table[key] = apply(table[key], delta)`` once per key; returns the number of writes."""
+    writes = 0
+    for entry in pending.values():
+        # take_events fills its buffer in another task, so this task has no current event:
+        # make the partition's last event current, as Faust's own stream iteration does.
+        stream._set_current_event(entry.last_event)
+        for key, delta in entry.deltas.items():
+            table[key] = apply(table[key], delta)
+            writes += 1
+    return writes
+

@@ -1,0 +1,106 @@
+"""The Kafka consumer transport of the worker: Faust's aiokafka driver without its per-record stall.
+
+Registered through Faust's own extension point (the ``faust.transports`` entry point in
+pyproject.toml) and chosen by the URL scheme ``streamspine://`` of ``broker_consumer``; the
+producer keeps Faust's stock ``kafka://`` transport. ``FAST_CONSUMER=false`` switches back to the
+stock consumer.
+
+What it changes, with the measurements behind it (bench/README.md has the profiles):
+
+1. Faust's ``Consumer._drain_messages`` hands each record to the conductor through
+   ``await self.wait_first(callback(message), self.suspend_flow.wait())``. mode's ``wait_first``
+   wraps the callback and three events in tasks, waits for the first, then cancels three: four
+   tasks and about three event-loop turns per record (strace: 304,191 ``epoll_wait`` calls for
+   100k records). That loop is what a profile shows as "idle in epoll". Here the callback is
+   awaited inline while the flow runs; during a rebalance (``suspend_flow`` set) the stock,
+   interruptible path is kept.
+2. The stock loop asks ``getmany(timeout=1.0)``. When the stream buffer of a partition passes its
+   high-water mark Faust drops that partition from the active set, and the next ``getmany`` often
+   covers only drained partitions: it blocks the full second while the buffer empties in
+   milliseconds (instrumented: 11.0 s of a 13.4 s run inside ``_wait_next_records``). Here the
+   wait is ``GETMANY_TIMEOUT`` (50 ms).
+"""
+from __future__ import annotations
+
+import asyncio
+from typing import Any, AsyncIterator, ClassVar, Type, cast
+
+from faust.transport.consumer import CONSUMER_FETCHING
+from faust.transport.drivers import aiokafka
+from faust.types import ConsumerT
+
+GETMANY_TIMEOUT = 0.05
+
+
+class Consumer(aiokafka.Consumer):
+    """aiokafka consumer whose drain loop awaits each record inline and polls in short waits."""
+
+    getmany_timeout: ClassVar[float] = GETMANY_TIMEOUT
+
+    async def _drain_messages(self, fetcher: Any) -> None:  # Faust's loop, but for the two changes
+        callback = self.callback
+        getmany = self.getmany
+        consumer_should_stop = self._stopped.is_set
+        fetcher_should_stop = fetcher._stopped.is_set
+        flow_is_suspended = self.suspend_flow.is_set
+        get_read_offset = self._read_offset.__getitem__
+        set_read_offset = self._read_offset.__setitem__
+        set_flag = self.diag.set_flag
+        unset_flag = self.diag.unset_flag
+        commit_every = self._commit_every
+        acks_enabled_for = self.app.topics.acks_enabled_for
+        yield_every = 100
+        num_since_yield = 0
+        try:
+            while not (consumer_should_stop() or fetcher_should_stop()):
+                set_flag(CONSUMER_FETCHING)
+                records = cast(AsyncIterator, getmany(timeout=self.getmany_timeout))
+                await self.sleep(0)
+                if self.should_stop:
+                    continue
+                async for tp, message in records:
+                    num_since_yield += 1
+                    if num_since_yield > yield_every:
+                        await asyncio.sleep(0)
+                        num_since_yield = 0
+                    offset = message.offset
+                    read_offset = get_read_offset(tp)
+                    if read_offset is not None and offset < read_offset:
+                        continue  # already delivered before a seek
+                    if read_offset and offset - read_offset > 1 and acks_enabled_for(message.topic):
+                        await self._add_gap(tp, read_offset + 1, offset)
+                    if commit_every is not None and self._n_acked >= commit_every:
+                        self._n_acked = 0
+                        await self.commit()
+                    if flow_is_suspended():
+                        await self.wait_first(callback(message), self.suspend_flow.wait())
+                    else:
+                        await callback(message)
+                    set_read_offset(tp, offset)
+                unset_flag(CONSUMER_FETCHING)
+        except self.consumer_stopped_errors:
+            if self.transport.app.should_stop:
+                self.log.info("Broker stopped consumer, shutting down...")
+                return
+            raise
+        except asyncio.CancelledError:
+            if self.transport.app.should_stop:
+                self.log.info("Consumer shutting down for user cancel.")
+                return
+            raise
+        except Exception as exc:
+            self.log.exception("Drain messages raised: %r", exc)
+            raise
+        finally:
+            unset_flag(CONSUMER_FETCHING)
+
+
+class Transport(aiokafka.Transport):
+    """Faust's aiokafka transport with the consumer above (URL scheme ``streamspine://``)."""
+
+    Consumer: ClassVar[Type[ConsumerT]] = Consumer
+
+
+def consumer_broker_urls(kafka_broker: str) -> str:
+    """``kafka://h:p;kafka://h2:p`` -> the same brokers under this transport's scheme."""
+    return ";".join("streamspine://" + url.strip().split("://", 1)[1] for url in kafka_broker.split(";") if url.strip())

@@ -1,0 +1,35 @@
+"""Folding a batch of events into one delta per key per partition."""
+from __future__ import annotations
+
+import operator
+from types import SimpleNamespace
+
+from app.aggregation import fold_deltas
+
+
+def event(partition: int, offset: int) -> SimpleNamespace:
+    return SimpleNamespace(message=SimpleNamespace(partition=partition, offset=offset))
+
+
+def test_deltas_are_combined_per_key_within_each_partition():
+    batch = [(event(0, 1), [("a", 1)]), (event(1, 7), [("b", 5)]), (event(0, 2), [("a", 2), ("c", 1)])]
+
+    pending = fold_deltas(batch, combine=operator.add)
+
+    assert {p: entry.deltas for p, entry in pending.items()} == {0: {"a": 3, "c": 1}, 1: {"b": 5}}
+
+
+def test_each_partition_is_written_under_its_own_last_event():
+    first, second, third = event(0, 1), event(1, 7), event(0, 2)
+
+    pending = fold_deltas([(first, [("a", 1)]), (second, [("b", 1)]), (third, [("a", 1)])], combine=operator.add)
+
+    assert pending[0].last_event is third
+    assert pending[1].last_event is second
+
+
+def test_an_event_without_deltas_still_counts_as_its_partitions_last_event():
+    pending = fold_deltas([(event(3, 1), [("k", 1)]), (event(3, 2), [])], combine=operator.add)
+
+    assert pending[3].last_event.message.offset == 2
+    assert pending[3].deltas == {"k": 1}
