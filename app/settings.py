@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Any, Dict, Literal, Optional
 
 from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -81,6 +81,40 @@ class Settings(BaseSettings):
     def web_url(self) -> str:
         """The URL other workers use to reach this one (table routing)."""
         return self.canonical_url or f"http://{self.web_host}:{self.web_port}"
+
+
+def consumer_broker_urls(kafka_broker: str) -> str:
+    """``kafka://h:p;kafka://h2:p`` -> the same brokers under app/transport.py's URL scheme."""
+    return ";".join("streamspine://" + url.strip().split("://", 1)[1] for url in kafka_broker.split(";") if url.strip())
+
+
+def faust_settings(settings: Settings) -> Dict[str, Any]:
+    """The ``faust.App`` settings of a worker (bench/ builds its apps from the same)."""
+    return dict(
+        broker=settings.kafka_broker,
+        # Consume through app/transport.py (no per-record stall); produce with Faust's stock driver.
+        broker_consumer=consumer_broker_urls(settings.kafka_broker) if settings.fast_consumer else settings.kafka_broker,
+        broker_producer=settings.kafka_broker,
+        # Deeper fetches and buffers once the per-record cost is low (bench/README.md).
+        broker_max_poll_records=4000,
+        consumer_max_fetch_size=4 * 1024 * 1024,
+        stream_buffer_maxsize=32768,
+        producer_linger=0.01,
+        store=settings.store,
+        datadir=str(settings.data_dir),
+        topic_partitions=settings.topic_partitions,
+        processing_guarantee=settings.processing_guarantee,
+        broker_session_timeout=settings.broker_session_timeout,
+        broker_rebalance_timeout=settings.broker_rebalance_timeout,
+        broker_heartbeat_interval=settings.broker_heartbeat_interval,
+        web_host=settings.web_host,
+        web_port=settings.web_port,
+        canonical_url=settings.web_url,
+        key_serializer="raw",
+        value_serializer="json",
+        # The worker creates its topics; the local broker and a development Kafka have one replica.
+        topic_replication_factor=1,
+    )
 
 
 def describe_error(error: ValidationError) -> str:

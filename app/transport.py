@@ -100,7 +100,3 @@ class Transport(aiokafka.Transport):
 
     Consumer: ClassVar[Type[ConsumerT]] = Consumer
 
-
-def consumer_broker_urls(kafka_broker: str) -> str:
-    """``kafka://h:p;kafka://h2:p`` -> the same brokers under this transport's scheme."""
-    return ";".join("streamspine://" + url.strip().split("://", 1)[1] for url in kafka_broker.split(";") if url.strip())
