@@ -29,6 +29,11 @@ class Settings(BaseSettings):
     broker_rebalance_timeout: float = Field(6.0, gt=0, le=300)
     broker_heartbeat_interval: float = Field(1.0, gt=0, le=60)
     fast_consumer: bool = True
+    # Tansu 0.6 (the local broker) reports the high watermark of a partition as the base offset of
+    # its last record batch + 1; Faust then refuses to recover a table whose persisted offset lies
+    # beyond it (ConsistencyError). One record per batch keeps the watermark true. A real Kafka
+    # wants the usual 16384 or more.
+    producer_max_batch_size: int = Field(1, ge=1, le=64 * 1024 * 1024)
     processing_guarantee: Literal["at_least_once", "exactly_once"] = "at_least_once"
     admin_token: Optional[str] = Field(None, min_length=8)
     log_level: Literal["debug", "info", "warning", "error", "critical"] = "info"
@@ -100,6 +105,7 @@ def faust_settings(settings: Settings) -> Dict[str, Any]:
         consumer_max_fetch_size=4 * 1024 * 1024,
         stream_buffer_maxsize=32768,
         producer_linger=0.01,
+        producer_max_batch_size=settings.producer_max_batch_size,
         store=settings.store,
         datadir=str(settings.data_dir),
         topic_partitions=settings.topic_partitions,

@@ -47,8 +47,11 @@ def http_post(url: str, body: Any, headers: Optional[Mapping[str, str]] = None, 
 class WorkerProcess:
     """One worker process; ``env`` adds or overrides environment variables."""
 
-    def __init__(self, broker_url: str, work_dir: Path, *, app_id: str, env: Optional[Mapping[str, str]] = None) -> None:
-        self.port = free_port()
+    def __init__(
+        self, broker_url: str, work_dir: Path, *, app_id: str,
+        env: Optional[Mapping[str, str]] = None, port: Optional[int] = None,
+    ) -> None:
+        self.port = port or free_port()
         self.work_dir = work_dir
         self.log_path = work_dir / "worker.log"
         self.env = {
