@@ -1,26 +1,60 @@
-"""Monitoring: metrics -> metrics_latest (per service) -> /metrics/services/{service}/."""
+"""Monitoring & alerting.
+
+metrics -> record_samples -> metrics_latest, metric_panes, metric_series, alert_states -> alerts (+ webhook)
+alert-silences -> record_silences -> alert_silences (global)
+Pages: /metrics/{service}/, /metrics/services/{service}/, /alerts/, /alerts/silences
+"""
 from __future__ import annotations
 
 import json
 import operator
-from typing import Any, Dict, Iterable, List
+import sys
+import time
+import uuid
+from functools import reduce
+from typing import Any, Dict, Iterable, List, Optional
 
 from faust import web
 
 from app import app, settings
-from app.aggregation import BATCH_MAX, BATCH_WITHIN, fold_deltas, write_deltas
+from app.aggregation import BATCH_MAX, BATCH_WITHIN, enter_partition, fold_deltas
 from app.dead_letters import dead_letter
-from models.metrics import InvalidRecord, MetricSample, parse_samples
-from tables.metrics import latest_samples
+from app.web import require_admin_token
+from app.webhooks import webhook_sender
+from models.alerts import (
+    Alert, AnomalyRule, Rule, RuleFileError, Silence, ThresholdRule, alert_fingerprint, alertmanager_payload,
+    condition_holds, evaluate, is_silenced, load_rules,
+)
+from models.metric_stats import Baseline, add_values, empty_aggregate, is_anomalous, merge, summary, update_baseline
+from models.metrics import (
+    InvalidRecord, MetricSample, pane_key, pane_start, parse_samples, samples_by_pane, samples_by_series,
+    series_key, window_pane_starts,
+)
+from tables.metrics import alert_silences, alert_states, latest_samples, metric_panes, metric_series
 
 metrics_topic = app.topic(
-    "metrics",
-    key_type=str,
-    value_type=bytes,
-    value_serializer="raw",
+    "metrics", key_type=str, value_type=bytes, value_serializer="raw",
     partitions=settings.topic_partitions,
     internal=True,  # the worker creates it with TOPIC_PARTITIONS when it does not exist yet
 )
+alerts_topic = app.topic("alerts", key_type=str, value_type=Alert, partitions=settings.topic_partitions, internal=True)
+silences_topic = app.topic("alert-silences", key_type=str, value_type=Silence, partitions=settings.topic_partitions, internal=True)
+
+
+def load_alert_rules() -> List[Rule]:
+    """The rules of ALERT_RULES; an invalid file stops the worker with the line and the reason."""
+    try:
+        return load_rules(settings.alert_rules)
+    except RuleFileError as error:
+        print(f"invalid configuration: ALERT_RULES: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+RULES = load_alert_rules()
+webhook = webhook_sender(settings.alert_webhook_url)
+
+
+# --- pure folds ----------------------------------------------------------------------------------
 
 
 def merge_latest(state: Dict[str, Any], samples: Iterable[MetricSample]) -> Dict[str, Any]:
@@ -36,6 +70,85 @@ def merge_latest(state: Dict[str, Any], samples: Iterable[MetricSample]) -> Dict
     return {"metrics": metrics, "samples": count}
 
 
+def rules_for(metric: str) -> List[Rule]:
+    return [rule for rule in RULES if rule.metric == metric]
+
+
+# --- table updates (run inside an event of the service's partition) --------------------------------
+
+
+def window_summary(series: str, now: float, window: float) -> Dict[str, Optional[float]]:
+    """count/sum/min/max/mean/p50/p95/p99 of the window of ``window`` seconds ending at ``now``."""
+    panes = [metric_panes.get(pane_key(series, start)) for start in window_pane_starts(now, window, settings.metric_window_step)]
+    return summary(reduce(merge, [pane for pane in panes if pane is not None], empty_aggregate()))
+
+
+def advance_alert(rule: Rule, service: str, instance: str, holds: bool, value: float, now: float) -> Optional[Alert]:
+    """Move one alert through pending/firing/resolved; returns the notification, if any."""
+    fingerprint = alert_fingerprint(rule.name, service, instance)
+    previous = alert_states.get(fingerprint)
+    state, notification = evaluate(previous, rule, service, instance, holds, value, now)
+    if state is not None:
+        alert_states[fingerprint] = state
+    elif previous is not None:
+        del alert_states[fingerprint]
+    return notification
+
+
+def observe_series(service: str, instance: str, metric: str, samples: List[MetricSample]) -> List[Alert]:
+    """Add a series' samples to its panes pane by pane, evaluating its rules at each pane (event time)."""
+    series = series_key(service, instance, metric)
+    state = metric_series[series]
+    panes = set(state.get("panes", []))
+    baselines = {name: Baseline(**data) for name, data in state.get("baselines", {}).items()}
+    last_ts = state.get("last_ts", 0.0)
+    notifications: List[Optional[Alert]] = []
+    for start, pane_samples in samples_by_pane(samples, settings.metric_window_step):
+        key = pane_key(series, start)
+        metric_panes[key] = add_values(metric_panes.get(key) or empty_aggregate(), [s.value for s in pane_samples])
+        panes.add(start)
+        now = max(last_ts, pane_samples[-1].ts)
+        last_ts = now
+        for rule in rules_for(metric):
+            if isinstance(rule, ThresholdRule):
+                holds, value = condition_holds(rule, window_summary(series, now, rule.window_seconds))
+            else:
+                holds, value, baselines[rule.name] = anomalous_in(pane_samples, baselines.get(rule.name), rule)
+            notifications.append(advance_alert(rule, service, instance, holds, value, now))
+    horizon = pane_start(last_ts, settings.metric_window_step) - settings.metric_window_expires
+    for start in [start for start in panes if start <= horizon]:
+        metric_panes.pop(pane_key(series, start), None)
+        panes.discard(start)
+    metric_series[series] = {
+        "panes": sorted(panes), "last_ts": last_ts,
+        "baselines": {name: baseline.asdict() for name, baseline in baselines.items()},
+    }
+    return [alert for alert in notifications if alert is not None]
+
+
+def anomalous_in(samples: List[MetricSample], baseline: Optional[Baseline], rule: AnomalyRule):
+    """(any sample anomalous, the value that was, the baseline after all samples)."""
+    anomalous_value = None
+    for sample in samples:
+        if is_anomalous(baseline, sample.value, rule.k, rule.warmup):
+            anomalous_value = sample.value
+        baseline = update_baseline(baseline, sample.value, rule.alpha)
+    holds = anomalous_value is not None
+    return holds, anomalous_value if holds else samples[-1].value, baseline
+
+
+def observe_service(service: str, samples: List[MetricSample]) -> List[Alert]:
+    """All of a service's samples of one batch: latest values, panes, baselines, alerts."""
+    latest_samples[service] = merge_latest(latest_samples[service], samples)
+    notifications: List[Alert] = []
+    for (instance, metric), series_samples in samples_by_series(samples).items():
+        notifications.extend(observe_series(service, instance, metric, series_samples))
+    return notifications
+
+
+# --- agents --------------------------------------------------------------------------------------
+
+
 async def forward_keyed_by_service(samples: Iterable[MetricSample]) -> None:
     """Re-key samples that arrived without a key, so each service's state lives in one partition."""
     by_service: Dict[str, List[Dict[str, Any]]] = {}
@@ -45,12 +158,17 @@ async def forward_keyed_by_service(samples: Iterable[MetricSample]) -> None:
         await metrics_topic.send(key=service, value=json.dumps(batch).encode())
 
 
+async def publish(alert: Alert) -> None:
+    """Firing/resolved transitions go to ``alerts``; the webhook hears of those not silenced."""
+    await alerts_topic.send(key=alert.fingerprint, value=alert)
+    if webhook is not None and not is_silenced(alert, list(alert_silences.values()), time.time()):
+        webhook.notify(alertmanager_payload([alert], external_url=settings.web_url))
+
+
 @app.agent(metrics_topic)
 async def record_samples(stream) -> None:
-    """Validate each record (one sample or an array) and keep the latest values per service.
-
-    One table write per service per batch (app/aggregation.py), not one per record.
-    """
+    """Validate each record (one sample or an array), then fold a batch per service: one table
+    write per pane and series per batch (app/aggregation.py), not one per sample."""
     async for events in stream.take_events(BATCH_MAX, within=BATCH_WITHIN):
         keyed_samples = []
         for event in events:
@@ -63,8 +181,30 @@ async def record_samples(stream) -> None:
                 await forward_keyed_by_service(samples)
             else:
                 keyed_samples.append((event, [(event.key, samples)]))
-        pending = fold_deltas(keyed_samples, combine=operator.add)
-        write_deltas(stream, latest_samples, pending, apply=merge_latest)
+        notifications: List[Alert] = []
+        for entry in fold_deltas(keyed_samples, combine=operator.add).values():
+            enter_partition(stream, entry.last_event)
+            for service, samples in entry.deltas.items():
+                notifications.extend(observe_service(service, samples))
+        for alert in notifications:
+            await publish(alert)
+
+
+@app.agent(silences_topic)
+async def record_silences(silences) -> None:
+    """alert-silences -> alert_silences, a global table every worker reads."""
+    async for silence in silences:
+        alert_silences[silence.id] = silence
+
+
+if webhook is not None:
+    @app.task
+    async def deliver_webhooks() -> None:
+        """Send queued Alertmanager payloads to ALERT_WEBHOOK_URL."""
+        await webhook.run()
+
+
+# --- pages ---------------------------------------------------------------------------------------
 
 
 @app.page("/metrics/services/{service}/")
@@ -74,3 +214,93 @@ async def service_metrics(view: web.View, request: web.Request, service: str) ->
     if service not in latest_samples:
         raise view.NotFound("unknown service", service=service)
     return view.json({"service": service, **latest_samples[service]})
+
+
+@app.page("/metrics/{service}/")
+@app.table_route(table=latest_samples, match_info="service")
+async def service_windows(view: web.View, request: web.Request, service: str) -> web.Response:
+    """The current window's aggregates of each metric of a service, per instance."""
+    if service not in latest_samples:
+        raise view.NotFound("unknown service", service=service)
+    metrics: Dict[str, Dict[str, Any]] = {}
+    for metric, by_instance in latest_samples[service]["metrics"].items():
+        for instance in by_instance:
+            series = series_key(service, instance, metric)
+            now = metric_series[series].get("last_ts", 0.0)
+            metrics.setdefault(metric, {})[instance] = {
+                "window_end": now, **window_summary(series, now, settings.metric_window),
+            }
+    return view.json({"service": service, "window_s": settings.metric_window, "step_s": settings.metric_window_step, "metrics": metrics})
+
+
+def alert_filters(request: web.Request) -> Dict[str, str]:
+    return {name: request.query[name] for name in ("service", "severity", "status") if request.query.get(name)}
+
+
+def local_alerts(filters: Dict[str, str]) -> List[Dict[str, Any]]:
+    """Pending and firing alerts of the partitions this worker owns."""
+    alerts = [alert.asdict() for alert in alert_states.values()]
+    return [alert for alert in alerts if all(alert[name] == value for name, value in filters.items())]
+
+
+@app.page("/alerts/local/")
+async def alerts_of_this_worker(view: web.View, request: web.Request) -> web.Response:
+    """This worker's share of /alerts/."""
+    return view.json({"alerts": local_alerts(alert_filters(request))})
+
+
+@app.page("/alerts/")
+async def all_alerts(view: web.View, request: web.Request) -> web.Response:
+    """Every pending or firing alert, gathered from every worker that owns table partitions."""
+    filters = alert_filters(request)
+    alerts = {alert["fingerprint"]: alert for alert in local_alerts(filters)}
+    me = str(app.conf.canonical_url).rstrip("/")
+    for worker in app.router.tables_metadata():
+        if str(worker).rstrip("/") == me:
+            continue
+        async with app.http_client.get(f"{str(worker).rstrip('/')}/alerts/local/", params=filters) as response:
+            if response.status != 200:
+                raise view.ServerError(f"worker {worker} answered {response.status}")
+            for alert in (await response.json())["alerts"]:
+                alerts[alert["fingerprint"]] = alert
+    ordered = sorted(alerts.values(), key=lambda alert: (alert["status"] != "firing", alert["active_since"]))
+    return view.json({"alerts": ordered})
+
+
+def silence_from_request(body: Any, now: float) -> Silence:
+    """Validate a POSTed silence: ``{"matchers": [{"name", "value", "is_regex"}], "ends_at", ...}``."""
+    if not isinstance(body, dict):
+        raise ValueError("body must be a JSON object")
+    matchers = body.get("matchers")
+    if not isinstance(matchers, list) or not matchers or not all(
+        isinstance(m, dict) and isinstance(m.get("name"), str) and isinstance(m.get("value"), str) for m in matchers
+    ):
+        raise ValueError("matchers must be a non-empty list of {name, value, is_regex}")
+    ends_at = body.get("ends_at")
+    if isinstance(ends_at, bool) or not isinstance(ends_at, (int, float)) or ends_at <= now:
+        raise ValueError("ends_at must be an epoch time in the future")
+    return Silence(
+        id=str(uuid.uuid4()),
+        matchers=[{"name": m["name"], "value": m["value"], "is_regex": bool(m.get("is_regex", False))} for m in matchers],
+        starts_at=float(body.get("starts_at", now)),
+        ends_at=float(ends_at),
+        created_by=str(body.get("created_by", "")),
+        comment=str(body.get("comment", "")),
+    )
+
+
+@app.page("/alerts/silences")
+class Silences(web.View):
+    """GET: every silence. POST (ADMIN_TOKEN): add one; silenced alerts are tracked, not notified."""
+
+    async def get(self, request: web.Request) -> web.Response:
+        return self.json({"silences": [silence.asdict() for silence in alert_silences.values()]})
+
+    async def post(self, request: web.Request) -> web.Response:
+        require_admin_token(self, request)
+        try:
+            silence = silence_from_request(await request.json(), time.time())
+        except ValueError as error:
+            raise self.ValidationError(str(error))
+        await silences_topic.send(key=silence.id, value=silence)
+        return self.json(silence.asdict(), status=201)

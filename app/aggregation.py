@@ -51,6 +51,15 @@ def fold_deltas(
     return by_partition
 
 
+def enter_partition(stream: StreamT, event: EventT) -> None:
+    """Make ``event`` the current event, so table reads and writes go to its partition.
+
+    ``take_events`` fills its buffer in another task, so the agent's task has no current event;
+    this sets it the way Faust's own stream iteration does.
+    """
+    stream._set_current_event(event)
+
+
 def write_deltas(
     stream: StreamT,
     table: TableT,
@@ -60,9 +69,7 @@ def write_deltas(
     """Write ``table[key] = apply(table[key], delta)`` once per key; returns the number of writes."""
     writes = 0
     for entry in pending.values():
-        # take_events fills its buffer in another task, so this task has no current event:
-        # make the partition's last event current, as Faust's own stream iteration does.
-        stream._set_current_event(entry.last_event)
+        enter_partition(stream, entry.last_event)
         for key, delta in entry.deltas.items():
             table[key] = apply(table[key], delta)
             writes += 1

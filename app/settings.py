@@ -5,7 +5,7 @@ import sys
 from pathlib import Path
 from typing import Any, Dict, Literal, Optional
 
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 KAFKA_SCHEMES = ("kafka://", "aiokafka://")
@@ -37,6 +37,11 @@ class Settings(BaseSettings):
     processing_guarantee: Literal["at_least_once", "exactly_once"] = "at_least_once"
     admin_token: Optional[str] = Field(None, min_length=8)
     log_level: Literal["debug", "info", "warning", "error", "critical"] = "info"
+    alert_rules: Path = Path(__file__).with_name("alert_rules.yaml")
+    alert_webhook_url: Optional[str] = None
+    metric_window: float = Field(60.0, gt=0, le=86400)
+    metric_window_step: float = Field(10.0, gt=0, le=3600)
+    metric_window_expires: float = Field(3600.0, gt=0, le=7 * 86400)
     elasticsearch_url: Optional[str] = None
     redis_url: Optional[str] = None
     replica_dsn: Optional[str] = None
@@ -61,7 +66,7 @@ class Settings(BaseSettings):
             raise ValueError(f"must start with one of {', '.join(STORE_SCHEMES)}")
         return value
 
-    @field_validator("elasticsearch_url", "canonical_url")
+    @field_validator("elasticsearch_url", "canonical_url", "alert_webhook_url")
     @classmethod
     def _is_http_url(cls, value: Optional[str]) -> Optional[str]:
         if value is not None and not value.startswith(("http://", "https://")):
@@ -81,6 +86,14 @@ class Settings(BaseSettings):
         if value is not None and not value.startswith(("postgresql://", "postgres://")):
             raise ValueError("must be a postgresql:// connection URL")
         return value
+
+    @model_validator(mode="after")
+    def _window_is_whole_steps(self) -> "Settings":
+        if self.metric_window % self.metric_window_step or self.metric_window_expires < self.metric_window:
+            raise ValueError(
+                "METRIC_WINDOW must be a whole number of METRIC_WINDOW_STEP and at most METRIC_WINDOW_EXPIRES"
+            )
+        return self
 
     @property
     def web_url(self) -> str:
@@ -127,10 +140,13 @@ def describe_error(error: ValidationError) -> str:
     """One line naming each bad variable, its value and why it was refused."""
     problems = []
     for item in error.errors():
-        variable = str(item["loc"][0]).upper() if item["loc"] else "configuration"
+        reason = item["msg"].removeprefix("Value error, ")
+        if not item["loc"]:
+            problems.append(reason)
+            continue
         value = item.get("input")
         shown = f"={value!r}" if isinstance(value, (str, int, float)) else ""
-        problems.append(f"{variable}{shown}: {item['msg']}")
+        problems.append(f"{str(item['loc'][0]).upper()}{shown}: {reason}")
     return "invalid configuration: " + "; ".join(problems)
 
 

@@ -18,13 +18,16 @@ async def learn_table_partitions(sender: object = None, **kwargs: object) -> Non
 
     Faust's router hashes a key with its producer's metadata, which learns a topic only when the
     producer first sends to it: until a worker has written every table, a routed request (our
-    pages and the built-in /table/ views) fails with a TypeError and a 500 text page. Asking
-    aiokafka's public ``partitions_for`` once per rebalance closes that gap.
+    pages and the built-in /table/ views) fails with a TypeError and a 500 text page. Tracking
+    each changelog topic in aiokafka's metadata once per rebalance closes that gap.
     """
     global _routing_tables_known
     producer = app.producer._ensure_producer()  # the aiokafka producer behind Faust's
     for table in app.tables.values():
-        await producer.partitions_for(table.changelog_topic.get_topic_name())
+        topic = table.changelog_topic.get_topic_name()
+        # Track the topic, or the next metadata refresh (which asks only for tracked topics) drops it.
+        await producer.client.add_topic(topic)
+        await producer.partitions_for(topic)
     _routing_tables_known = True
 
 

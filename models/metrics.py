@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from typing import Any, List, Mapping, Optional
+from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 import faust
 
@@ -37,6 +37,17 @@ def _number_field(data: Mapping[str, Any], name: str, default: Optional[float] =
     return float(value)
 
 
+EARLIEST_TS = 946684800.0  # 2000-01-01: an event time before it is a unit or clock mistake
+MAX_CLOCK_SKEW = 3600.0  # how far in the future of this worker's clock an event time may lie
+
+
+def _event_time(data: Mapping[str, Any], now: float) -> float:
+    ts = _number_field(data, "ts", now)
+    if ts < EARLIEST_TS or ts > now + MAX_CLOCK_SKEW:
+        raise InvalidRecord(f"field 'ts' is not a plausible event time in epoch seconds: {ts!r}")
+    return ts
+
+
 def sample_from_mapping(data: Any, *, service_key: Optional[str], now: float) -> MetricSample:
     """Validate one decoded sample; the record key names the service when the body does not."""
     if not isinstance(data, dict):
@@ -49,7 +60,7 @@ def sample_from_mapping(data: Any, *, service_key: Optional[str], now: float) ->
         instance=_text_field(data, "instance", service),
         metric=_text_field(data, "metric"),
         value=_number_field(data, "value"),
-        ts=_number_field(data, "ts", now),
+        ts=_event_time(data, now),
     )
 
 
@@ -66,3 +77,47 @@ def parse_samples(raw: Optional[bytes], service_key: Optional[str], now: Optiona
     if not items:
         raise InvalidRecord("empty sample array")
     return [sample_from_mapping(item, service_key=service_key, now=now) for item in items]
+
+
+# --- window panes ---------------------------------------------------------------------------------
+# A hopping window of W seconds every S seconds is the merge of W/S tumbling panes of S seconds:
+# each sample updates one pane, not W/S overlapping windows.
+
+SERIES_SEPARATOR = "\x1f"
+
+
+def series_key(service: str, instance: str, metric: str) -> str:
+    """One time series: a metric of one instance of a service."""
+    return SERIES_SEPARATOR.join((service, instance, metric))
+
+
+def pane_start(ts: float, step: float) -> float:
+    """Start of the pane that holds event time ``ts``."""
+    return math.floor(ts / step) * step
+
+
+def pane_key(series: str, start: float) -> str:
+    """Table key of one pane of a series."""
+    return f"{series}{SERIES_SEPARATOR}{start:.3f}"
+
+
+def window_pane_starts(now: float, window: float, step: float) -> List[float]:
+    """Starts of the panes that make up the window ending at event time ``now``, newest first."""
+    newest = pane_start(now, step)
+    return [newest - index * step for index in range(round(window / step))]
+
+
+def samples_by_pane(samples: List[MetricSample], step: float) -> List[Tuple[float, List[MetricSample]]]:
+    """Samples grouped by pane, panes in event-time order, samples in event-time order."""
+    panes: Dict[float, List[MetricSample]] = {}
+    for sample in sorted(samples, key=lambda s: s.ts):
+        panes.setdefault(pane_start(sample.ts, step), []).append(sample)
+    return sorted(panes.items())
+
+
+def samples_by_series(samples: List[MetricSample]) -> Dict[Tuple[str, str], List[MetricSample]]:
+    """Samples of one service grouped by (instance, metric)."""
+    series: Dict[Tuple[str, str], List[MetricSample]] = {}
+    for sample in samples:
+        series.setdefault((sample.instance, sample.metric), []).append(sample)
+    return series

@@ -12,12 +12,13 @@ from tests.support.workers import WorkerProcess, wait_for, wait_until_ready
 SERVICES = [f"svc-{i}" for i in range(20)]
 SAMPLES_PER_SERVICE = 1500
 TOTAL = len(SERVICES) * SAMPLES_PER_SERVICE
+T0 = time.time() - 2 * SAMPLES_PER_SERVICE  # one sample a second, all in the past
 
 
 def sample_records(start: int, stop: int):
-    """Sample ``i`` of every service: value i, ts 1000 + i (so the last one is the latest)."""
+    """Sample ``i`` of every service: value i, ts T0 + i (so the last one is the latest)."""
     return [
-        (service, {"service": service, "instance": "i-1", "metric": "requests", "value": float(i), "ts": 1000.0 + i})
+        (service, {"service": service, "instance": "i-1", "metric": "requests", "value": float(i), "ts": T0 + i})
         for i in range(start, stop)
         for service in SERVICES
     ]
@@ -62,7 +63,7 @@ def test_sigkill_mid_stream_then_restart_loses_nothing_and_overcounts_only_repla
     # What an uninterrupted run builds: every sample once, the latest value that of the last sample.
     last = SAMPLES_PER_SERVICE - 1
     for service, page in pages.items():
-        assert page["metrics"]["requests"]["i-1"] == {"value": float(last), "ts": 1000.0 + last}
+        assert page["metrics"]["requests"]["i-1"] == {"value": float(last), "ts": T0 + last}
         assert page["samples"] >= SAMPLES_PER_SERVICE, f"{service} lost samples"
     replayed = sum(page["samples"] for page in pages.values()) - TOTAL
     assert 0 <= replayed <= TOTAL // 2, f"{replayed} samples counted twice: more than the uncommitted tail"

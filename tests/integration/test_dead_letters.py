@@ -15,16 +15,18 @@ def test_bad_records_are_dead_lettered_counted_and_do_not_block_the_partition(is
         [
             ("cart", b"this is not json"),
             ("cart", bad_value),
-            ("cart", {"metric": "cpu", "instance": "cart-1", "value": 0.42, "ts": 5.0}),
+            ("cart", b'{"metric": "cpu", "value": 1, "ts": 1732412345000}'),  # milliseconds, not seconds
+            ("cart", {"metric": "cpu", "instance": "cart-1", "value": 0.42, "ts": 1732412345.0}),
         ],
     )
 
     page = wait_for(lambda: (lambda r: r[0] == 200 and r[1])(worker.get("/metrics/services/cart/")), message="good record processed")
-    assert page["metrics"]["cpu"]["cart-1"] == {"value": 0.42, "ts": 5.0}
+    assert page["metrics"]["cpu"]["cart-1"] == {"value": 0.42, "ts": 1732412345.0}
 
-    dead = consume_sync(isolated_broker.bootstrap, "metrics.dlq", 2)
+    dead = consume_sync(isolated_broker.bootstrap, "metrics.dlq", 3)
     dead.sort(key=lambda record: int(dict(record.headers)["dlq.offset"]))
-    assert [record.value for record in dead] == [b"this is not json", bad_value]
+    assert [record.value for record in dead][:2] == [b"this is not json", bad_value]
+    assert b"not a plausible event time" in dict(dead[2].headers)["dlq.reason"]
     assert all(record.key == b"cart" for record in dead)
     headers = dict(dead[1].headers)
     assert headers["dlq.topic"] == b"metrics"
@@ -32,8 +34,8 @@ def test_bad_records_are_dead_lettered_counted_and_do_not_block_the_partition(is
     assert 0 <= int(headers["dlq.partition"]) < 8
 
     counts = wait_for(
-        lambda: (lambda r: r[0] == 200 and r[1]["count"] == 2 and r[1])(worker.get("/dead-letters/metrics/")),
+        lambda: (lambda r: r[0] == 200 and r[1]["count"] == 3 and r[1])(worker.get("/dead-letters/metrics/")),
         message="dead letters counted",
     )
     assert counts["dlq_topic"] == "metrics.dlq"
-    assert "finite number" in counts["last_reason"]
+    assert "not a plausible event time" in counts["last_reason"]

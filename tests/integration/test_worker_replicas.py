@@ -5,6 +5,7 @@ from tests.support.kafka import produce_sync
 from tests.support.workers import wait_for
 
 SERVICES = [f"svc-{i}" for i in range(16)]
+T0 = 1732412300.0
 
 
 def test_a_worker_reports_health_and_readiness(kafka_broker, start_workers):
@@ -22,7 +23,7 @@ def test_two_workers_split_the_partitions_and_each_answers_for_every_key(isolate
     produce_sync(
         isolated_broker.bootstrap,
         "metrics",
-        [(service, {"service": service, "instance": f"{service}-1", "metric": "cpu", "value": index / 100, "ts": 1000.0 + index})
+        [(service, {"service": service, "instance": f"{service}-1", "metric": "cpu", "value": index / 100, "ts": T0 + index})
          for index, service in enumerate(SERVICES)],
     )
 
@@ -35,7 +36,7 @@ def test_two_workers_split_the_partitions_and_each_answers_for_every_key(isolate
     assert set(owners.values()) == {first.url, second.url}, "both replicas must own some keys"
 
     for index, service in enumerate(SERVICES):
-        expected = {"value": index / 100, "ts": 1000.0 + index}
+        expected = {"value": index / 100, "ts": T0 + index}
         for worker in (first, second):
             status, page = worker.get(f"/metrics/services/{service}/")
             assert status == 200, (worker.url, service, page)

@@ -8,6 +8,9 @@ from agents.metrics import record_samples
 from tables.metrics import latest_samples
 
 
+T0 = 1732412300.0
+
+
 async def batch_written(read, timeout: float = 5.0):
     """The agent writes once per batch (every BATCH_WITHIN seconds at most): wait for it."""
     loop = asyncio.get_running_loop()
@@ -23,14 +26,14 @@ def sample(**fields) -> bytes:
 
 async def test_samples_update_the_latest_values_of_their_service():
     async with record_samples.test_context() as agent:
-        await agent.put(sample(value=0.5, ts=10.0), key="cart")
-        await agent.put(json.dumps([{"metric": "memory", "value": 0.7, "ts": 11.0}, {"metric": "cpu", "instance": "cart-1", "value": 0.6, "ts": 12.0}]).encode(), key="cart")
+        await agent.put(sample(value=0.5, ts=T0 + 10), key="cart")
+        await agent.put(json.dumps([{"metric": "memory", "value": 0.7, "ts": T0 + 11}, {"metric": "cpu", "instance": "cart-1", "value": 0.6, "ts": T0 + 12}]).encode(), key="cart")
 
         state = await batch_written(lambda: latest_samples["cart"])
 
     assert state["samples"] == 3
-    assert state["metrics"]["cpu"] == {"cart-1": {"value": 0.6, "ts": 12.0}}
-    assert state["metrics"]["memory"] == {"cart": {"value": 0.7, "ts": 11.0}}
+    assert state["metrics"]["cpu"] == {"cart-1": {"value": 0.6, "ts": T0 + 12}}
+    assert state["metrics"]["memory"] == {"cart": {"value": 0.7, "ts": T0 + 11}}
 
 
 def test_table_keys_are_the_raw_topic_keys_so_table_routes_find_the_owner():
