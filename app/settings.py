@@ -29,6 +29,7 @@ class Settings(BaseSettings):
     broker_rebalance_timeout: float = Field(6.0, gt=0, le=300)
     broker_heartbeat_interval: float = Field(1.0, gt=0, le=60)
     fast_consumer: bool = True
+    consumer_fetch_wait_ms: int = Field(20, ge=1, le=30000)
     # Tansu 0.6 (the local broker) reports the high watermark of a partition as the base offset of
     # its last record batch + 1; Faust then refuses to recover a table whose persisted offset lies
     # beyond it (ConsistencyError). One record per batch keeps the watermark true. A real Kafka

@@ -3,6 +3,7 @@ alerts topic, the Alertmanager webhook, silences and the cluster-wide alert list
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 
 import pytest
@@ -61,7 +62,6 @@ async def read_alerts(bootstrap: str, idle: float = 4.0):
                 quiet_since = time.monotonic()
     finally:
         await consumer.stop()
-    import json
     return [json.loads(record.value) for record in records]
 
 
@@ -83,6 +83,12 @@ def test_spikes_fire_and_resolve_once_short_spikes_stay_quiet_and_anomalies_fire
         produce_sync(isolated_broker.bootstrap, "metrics", sorted(records, key=lambda r: r[1]["ts"]))
 
         wait_for(lambda: first.get("/metrics/services/checkout/")[1].get("samples") == 160, timeout=60, message="samples in")
+        for worker in (first, second):  # routed to the owner of "checkout"
+            status, windows = worker.get("/metrics/checkout/")
+            assert status == 200 and windows["window_s"] == 20
+            cpu = windows["metrics"]["cpu"]["checkout-1"]
+            assert 15 <= cpu["count"] <= 20 and cpu["window_end"] == T0 + 159
+            assert cpu["mean"] == pytest.approx(0.3) and cpu["p99"] == pytest.approx(0.3, rel=0.01)
         alerts = asyncio.run(read_alerts(isolated_broker.bootstrap))
         wait_for(lambda: len(receiver.payloads) >= 3, timeout=30, message="webhook payloads")
 

@@ -10,7 +10,7 @@ from types import SimpleNamespace
 
 from faust.types import TP
 
-from app import app
+from app import app, settings
 from app.transport import GETMANY_TIMEOUT, Consumer, Transport
 
 
@@ -77,3 +77,10 @@ async def test_during_a_rebalance_the_hand_off_stays_interruptible():
 
     assert len(callback_tasks) == 3
     assert asyncio.current_task() not in callback_tasks  # Faust's wait_first path, one task each
+
+
+async def test_the_fetch_wait_is_the_configured_one_not_fausts_fixed_1500_ms():
+    thread = app.consumer._thread
+    aiokafka_consumer = thread._create_worker_consumer(app.transport)
+
+    assert aiokafka_consumer._fetch_max_wait_ms == settings.consumer_fetch_wait_ms == 20
