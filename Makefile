@@ -22,5 +22,11 @@ run: install
 test: install
 	$(PY) -m pytest
 
+## Throughput next to Quix Streams (bench/README.md): installs the bench extra, then one run.
+## Extra options: make bench BENCH_ARGS="--repeat 3 --records 200000"
+bench: install
+	$(PY) -m pip install --quiet -e '.[dev,bench]'
+	$(PY) bench/compare.py $(BENCH_ARGS)
+
 clean:
 	rm -rf $(VENV) data

@@ -1,0 +1,500 @@
+"""Consumer throughput of this project's Faust setup next to Quix Streams, raw aiokafka and stock Faust.
+
+    python bench/compare.py [--records 100000] [--partitions 4] [--keys 1000] [--repeat 1]
+                            [--bootstrap host:port] [--variants quix,streamspine-batch]
+
+One run produces ONE fresh topic (small JSON records, keys from a bounded key space) on a local
+broker started here (or on ``--bootstrap``), then measures every variant in a subprocess of its own
+with a consumer group of its own: records/s from the first record to the Nth record, counted after
+partition assignment (start-up is reported apart). Stateful variants also count the time to get
+their state out (Faust: producer flush of the changelog; Quix: the forced checkpoint commit) and
+report the sum of their per-key counts, which must equal N. bench/README.md explains the numbers.
+
+``--variant NAME`` (with ``--topic``, ``--bootstrap``, ``--work-dir``, ``--result``) is the
+subprocess mode the parent uses; it can be run by hand, e.g. under py-spy.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import importlib.util
+import json
+import operator
+import os
+import platform
+import shlex
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterator, List, Optional
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+VARIANTS: Dict[str, str] = {
+    "aiokafka": "raw aiokafka getmany loop: json.loads + count in a dict",
+    "quix": "Quix Streams: per-key count in RocksDB state, changelog on",
+    "faust-bare": "stock Faust (kafka://, default settings): agent only iterates",
+    "faust-table": "stock Faust: RocksDB table, table[key] += 1 per record",
+    "streamspine-bare": "faust_settings() + streamspine:// transport: agent only iterates",
+    "streamspine-batch": "same app: RocksDB table, take_events + fold_deltas/write_deltas",
+}
+BASELINE = "quix"
+STATEFUL = {"quix", "faust-table", "streamspine-batch"}
+RETENTION = {"retention.ms": "604800000", "retention.bytes": "-1"}  # Tansu needs both for Quix
+
+
+# --------------------------------------------------------------------------------------------
+# Subprocess side: one variant, one consumer group, one RESULT file.
+
+
+class Meter:
+    """Counts records from the first one seen and writes the result file when N is reached."""
+
+    def __init__(self, variant: str, target: int, result_path: Path) -> None:
+        self.variant = variant
+        self.target = target
+        self.result_path = result_path
+        self.started = time.perf_counter()
+        self.count = 0
+        self.first: Optional[float] = None
+        self.cpu_first = 0.0
+        self.reached_at: Optional[float] = None
+
+    def add(self, n: int = 1) -> bool:
+        """Count ``n`` records; True exactly once, when the target is reached."""
+        if self.first is None:
+            self.first = time.perf_counter()
+            self.cpu_first = time.process_time()
+        before = self.count
+        self.count += n
+        if before < self.target <= self.count:
+            self.reached_at = time.perf_counter()
+            return True
+        return False
+
+    def finish(self, total: Optional[int] = None, **extra: Any) -> None:
+        """Write the result (the end is now: after any flush/commit) and end the process at once."""
+        end = time.perf_counter()
+        assert self.first is not None and self.reached_at is not None
+        elapsed = end - self.first
+        result = {
+            "variant": self.variant,
+            "records": self.count,
+            "elapsed": elapsed,
+            "rate": self.count / elapsed,
+            "rate_to_nth": self.count / (self.reached_at - self.first),
+            "flush": end - self.reached_at,
+            "startup": self.first - self.started,
+            "cpu": (time.process_time() - self.cpu_first) / elapsed,
+            "total": total,
+            **extra,
+        }
+        self.result_path.write_text(json.dumps(result))
+        os._exit(0)  # a benchmark process: skip the graceful shutdown, the parent cleans up
+
+
+def run_aiokafka(args: argparse.Namespace, meter: Meter) -> None:
+    """Variant a: aiokafka's own consumer loop, the floor under any Python Kafka framework here."""
+    from aiokafka import AIOKafkaConsumer
+
+    async def consume() -> None:
+        consumer = AIOKafkaConsumer(
+            args.topic, bootstrap_servers=args.bootstrap, group_id=f"bench-aiokafka-{uuid.uuid4().hex[:8]}",
+            auto_offset_reset="earliest", enable_auto_commit=False,
+        )
+        await consumer.start()
+        counts: Dict[bytes, int] = {}
+        while True:
+            batches = await consumer.getmany(timeout_ms=1000)
+            for records in batches.values():
+                for record in records:
+                    json.loads(record.value)
+                    counts[record.key] = counts.get(record.key, 0) + 1
+                if meter.add(len(records)):
+                    meter.finish(total=sum(counts.values()))
+
+    asyncio.run(consume())
+
+
+def run_quix(args: argparse.Namespace, meter: Meter) -> None:
+    """Variant b: Quix Streams stateful count (RocksDB state with changelog topic, the defaults)."""
+    from quixstreams import Application
+    from quixstreams.processing.context import ProcessingContext
+
+    app = Application(
+        broker_address=args.bootstrap, consumer_group=f"bench-quix-{uuid.uuid4().hex[:8]}",
+        auto_offset_reset="earliest", state_dir=str(args.work_dir / "quix-state"), loglevel="INFO",
+        consumer_extra_config={"session.timeout.ms": 6000},  # as the Faust variants; 45 s default joins slowly
+    )
+    last_count: Dict[bytes, int] = {}
+
+    def count(value: Any, key: bytes, timestamp: int, headers: Any, state: Any) -> None:
+        total = state.get("count", 0) + 1
+        state.set("count", total)
+        last_count[key] = total
+        if meter.add(1):
+            app.stop()  # the loop ends after this record; Quix then force-commits its checkpoint
+
+    commit_checkpoint = ProcessingContext.commit_checkpoint
+
+    def timed_commit(self: Any, force: bool = False, revoking: bool = False) -> None:
+        commit_checkpoint(self, force=force, revoking=revoking)
+        if force and meter.reached_at is not None:  # state flushed to RocksDB + changelog produced
+            meter.finish(total=sum(last_count.values()))
+
+    ProcessingContext.commit_checkpoint = timed_commit  # type: ignore[method-assign]  # timing only
+    topic = app.topic(args.topic, value_deserializer="json", key_deserializer="bytes")
+    app.dataframe(topic).update(count, stateful=True, metadata=True)
+    app.run()
+    raise SystemExit("quix: application stopped before its final checkpoint commit")
+
+
+def faust_app(args: argparse.Namespace) -> Any:
+    """The faust.App of a Faust variant: stock settings, or the project's ``faust_settings``."""
+    import faust
+
+    app_id = f"bench-{args.variant}-{uuid.uuid4().hex[:8]}"
+    data_dir = args.work_dir / "faust-data"
+    if args.variant.startswith("streamspine"):
+        from app.local_broker import free_port
+        from app.settings import Settings, faust_settings
+
+        settings = Settings(
+            kafka_broker=f"kafka://{args.bootstrap}", app_id=app_id, data_dir=data_dir, web_port=free_port(),
+            topic_partitions=args.partitions, store="rocksdb://", fast_consumer=True,
+        )
+        return faust.App(app_id, **{**faust_settings(settings), "web_enabled": False})
+    return faust.App(
+        app_id, broker=f"kafka://{args.bootstrap}", datadir=str(data_dir), web_enabled=False,
+        topic_partitions=args.partitions, store="rocksdb://" if args.variant == "faust-table" else "memory://",
+        broker_session_timeout=6.0, broker_rebalance_timeout=6.0, broker_heartbeat_interval=1.0,
+    )
+
+
+def add_iterating_agent(app: Any, topic: Any, meter: Meter) -> None:
+    """Variants c and e: an agent that only iterates its stream."""
+    @app.agent(topic)
+    async def iterate(stream: Any) -> None:
+        async for _value in stream:
+            if meter.add(1):
+                meter.finish()
+
+
+def add_counting_agent(app: Any, topic: Any, meter: Meter, args: argparse.Namespace) -> None:
+    """Variants d and f: per-key counts in a RocksDB table, naive or with the project's batch pattern."""
+    from app.aggregation import BATCH_MAX, BATCH_WITHIN, fold_deltas, write_deltas
+
+    counts = app.Table("counts", default=int, partitions=args.partitions, key_type=bytes, value_type=int)
+    if args.producer_buffer_max:  # experiment: Faust's conductor stalls while > 100 changelog sends wait
+        app.producer.buffer.max_messages = args.producer_buffer_max
+
+    async def flush_and_finish(**extra: int) -> None:
+        await app.producer.flush()  # the changelog records of the last writes are out
+        meter.finish(total=sum(counts.values()), **extra)
+
+    if args.variant == "faust-table":
+        @app.agent(topic)
+        async def count_naive(stream: Any) -> None:
+            async for event in stream.events():
+                counts[event.key] += 1
+                if meter.add(1):
+                    await flush_and_finish()
+        return
+
+    batch_max, within = args.batch_max or BATCH_MAX, args.batch_within or BATCH_WITHIN
+    tally = {"batches": 0, "writes": 0}
+
+    @app.agent(topic)
+    async def count_batched(stream: Any) -> None:
+        async for events in stream.take_events(batch_max, within=within):
+            pending = fold_deltas([(event, [(event.key, 1)]) for event in events], combine=operator.add)
+            tally["writes"] += write_deltas(stream, counts, pending, apply=operator.add)
+            tally["batches"] += 1
+            if meter.add(len(events)):
+                await flush_and_finish(**tally)
+
+
+def run_faust(args: argparse.Namespace, meter: Meter) -> None:
+    """Variants c-f: one agent on the topic, run by a Faust worker at log level info."""
+    import faust
+
+    app = faust_app(args)
+    topic = app.topic(args.topic, key_type=bytes, value_serializer="json", partitions=args.partitions)
+    if args.variant in STATEFUL:
+        add_counting_agent(app, topic, meter, args)
+    else:
+        add_iterating_agent(app, topic, meter)
+    # loglevel "info": Faust's default (WARN) keeps its spinner, which sets the root logger to DEBUG.
+    faust.Worker(app, loglevel="info", quiet=True).execute_from_commandline()
+
+
+RUNNERS: Dict[str, Callable[[argparse.Namespace, Meter], None]] = {
+    "aiokafka": run_aiokafka,
+    "quix": run_quix,
+    "faust-bare": run_faust,
+    "faust-table": run_faust,
+    "streamspine-bare": run_faust,
+    "streamspine-batch": run_faust,
+}
+
+
+def run_variant(args: argparse.Namespace) -> int:
+    """Subprocess entry: measure one variant and write its result file."""
+    args.work_dir.mkdir(parents=True, exist_ok=True)
+    RUNNERS[args.variant](args, Meter(args.variant, args.records, args.result))
+    return 1  # the runners end the process when done
+
+
+# --------------------------------------------------------------------------------------------
+# Parent side: broker, topic, data, one subprocess per variant, the report.
+
+
+@dataclass
+class Result:
+    """One variant's measurement in one repeat (``error`` set when it failed)."""
+
+    variant: str
+    repeat: int
+    data: Dict[str, Any] = field(default_factory=dict)
+    error: Optional[str] = None
+
+    @property
+    def rate(self) -> Optional[float]:
+        return self.data.get("rate") if self.error is None else None
+
+
+def require_quixstreams() -> None:
+    """Quix Streams is a benchmark-only dependency; stop with a clear line when it is missing."""
+    if importlib.util.find_spec("quixstreams") is None:
+        print("bench/compare.py needs quixstreams (the 'bench' extra): run `make bench`, "
+              "which installs it with pip install -e '.[dev,bench]'", file=sys.stderr)
+        raise SystemExit(2)
+
+
+async def create_topic(bootstrap: str, topic: str, partitions: int) -> None:
+    """Create the source topic with explicit retention configs."""
+    from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        await admin.create_topics([NewTopic(topic, partitions, 1, topic_configs=RETENTION)])
+    finally:
+        await admin.close()
+
+
+async def produce(bootstrap: str, topic: str, records: int, keys: int) -> float:
+    """Produce ``records`` small JSON records keyed ``k0..k{keys-1}``; returns seconds taken."""
+    from aiokafka import AIOKafkaProducer
+
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=20, max_batch_size=262144)
+    await producer.start()
+    started = time.perf_counter()
+    try:
+        pending = []
+        for i in range(records):
+            value = json.dumps({"id": i, "user": f"u{i % keys}", "amount": i % 17}).encode()
+            pending.append(await producer.send(topic, value, key=f"k{i % keys}".encode()))
+            if len(pending) >= 5000:
+                await asyncio.gather(*pending)
+                pending.clear()
+        await asyncio.gather(*pending)
+    finally:
+        await producer.stop()
+    return time.perf_counter() - started
+
+
+def stop_process_group(process: subprocess.Popen) -> None:
+    """Terminate a child started in its own session (and anything it started), then kill it."""
+    if process.poll() is not None:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGTERM)
+    try:
+        process.wait(timeout=5)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+
+
+def log_tail(path: Path, lines: int = 15) -> str:
+    """The last lines of a child's log."""
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return ""
+
+
+def measure(variant: str, repeat: int, args: argparse.Namespace, bootstrap: str, topic: str, workdir: Path) -> Result:
+    """Run one variant in its own subprocess and read its result file."""
+    run_dir = workdir / f"{variant}-{repeat}"
+    result_path, log_path = run_dir / "result.json", workdir / f"{variant}-{repeat}.log"
+    command = [sys.executable, str(Path(__file__).resolve()), "--variant", variant, "--topic", topic,
+               "--bootstrap", bootstrap, "--records", str(args.records), "--partitions", str(args.partitions),
+               "--work-dir", str(run_dir), "--result", str(result_path),
+               "--batch-max", str(args.batch_max), "--batch-within", str(args.batch_within),
+               "--producer-buffer-max", str(args.producer_buffer_max)]
+    timeout = args.timeout or 60 + args.records / 1000
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=REPO)
+        try:
+            process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            pass
+        finally:
+            stop_process_group(process)
+    if result_path.exists():
+        return Result(variant, repeat, json.loads(result_path.read_text()))
+    reason = f"no result within {timeout:.0f}s" if process.returncode in (-signal.SIGTERM, -signal.SIGKILL) else f"exit {process.returncode}"
+    return Result(variant, repeat, error=f"{reason}; log {log_path}:\n{log_tail(log_path)}")
+
+
+def check_text(result: Result, records: int) -> str:
+    """The correctness column: stateful variants must count every record exactly once."""
+    total = result.data.get("total")
+    if total is None:
+        return "-"
+    mark = "OK" if total == records else "WRONG"
+    writes = result.data.get("writes")
+    batches = f", {writes:,} writes in {result.data['batches']} batches" if writes is not None else ""
+    return f"sum={total} {mark}{batches}"
+
+
+def format_table(results: List[Result], records: int) -> str:
+    """A plain-text table: one row per variant and repeat, ratios to Quix of the same repeat."""
+    baseline = {r.repeat: r.rate for r in results if r.variant == BASELINE and r.rate}
+    header = f"{'variant':<18} {'rep':>3} {'records/s':>10} {'x Quix':>7} {'to Nth/s':>9} {'flush s':>7} " \
+             f"{'startup s':>9} {'cpu %':>5}  check"
+    rows = [header, "-" * len(header)]
+    for r in results:
+        if r.error:
+            rows.append(f"{r.variant:<18} {r.repeat:>3}  FAILED: {r.error.splitlines()[0]}")
+            continue
+        d, base = r.data, baseline.get(r.repeat)
+        ratio = f"{d['rate'] / base:.2f}" if base else "-"
+        rows.append(f"{r.variant:<18} {r.repeat:>3} {d['rate']:>10,.0f} {ratio:>7} {d['rate_to_nth']:>9,.0f} "
+                    f"{d['flush']:>7.3f} {d['startup']:>9.1f} {100 * d['cpu']:>5.0f}  {check_text(r, records)}")
+    return "\n".join(rows)
+
+
+def format_medians(results: List[Result], variants: List[str]) -> str:
+    """Median records/s per variant over the repeats, with its ratio to Quix's median."""
+    medians = {v: statistics.median(rates) for v in variants
+               if (rates := [r.rate for r in results if r.variant == v and r.rate])}
+    base = medians.get(BASELINE)
+    lines = [f"{'variant':<18} {'median rec/s':>12} {'x Quix':>7}"]
+    for variant, rate in medians.items():
+        lines.append(f"{variant:<18} {rate:>12,.0f} {(f'{rate / base:.2f}' if base else '-'):>7}")
+    return "\n".join(lines)
+
+
+def machine_note(load_before: float) -> str:
+    """What the numbers were measured on; other jobs may share the cores."""
+    return (f"machine: {platform.machine()} {platform.system()} {platform.release()}, {os.cpu_count()} cores, "
+            f"Python {platform.python_version()}; load avg (1 min) {load_before:.2f} before, "
+            f"{os.getloadavg()[0]:.2f} after. Other jobs may share these cores: compare ratios within one run, "
+            f"and repeat (--repeat) before trusting a difference.")
+
+
+@contextlib.contextmanager
+def broker_at(bootstrap: Optional[str], workdir: Path) -> Iterator[str]:
+    """Yield ``host:port`` of the given broker, or of a local one started (and stopped) here."""
+    if bootstrap:
+        yield bootstrap
+        return
+    from app.local_broker import LocalBroker
+
+    broker = LocalBroker(log_path=workdir / "tansu.log")
+    try:
+        broker.start()
+        yield broker.bootstrap
+    finally:
+        broker.stop()
+
+
+def compare(args: argparse.Namespace) -> int:
+    """The whole run: broker, one fresh topic, every variant (in order, ``--repeat`` times), report."""
+    require_quixstreams()
+    variants = args.variants.split(",") if args.variants else list(VARIANTS)
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown:
+        raise SystemExit(f"unknown variant(s) {', '.join(unknown)}; known: {', '.join(VARIANTS)}")
+    load_before = os.getloadavg()[0]
+    workdir = Path(tempfile.mkdtemp(prefix="streamspine-bench-"))
+    results: List[Result] = []
+    try:
+        with broker_at(args.bootstrap, workdir) as bootstrap:
+            topic = f"bench-{uuid.uuid4().hex[:10]}"
+            asyncio.run(create_topic(bootstrap, topic, args.partitions))
+            seconds = asyncio.run(produce(bootstrap, topic, args.records, args.keys))
+            print(f"produced {args.records:,} records ({args.keys} keys) to {topic} "
+                  f"({args.partitions} partitions) on {bootstrap} in {seconds:.1f}s", flush=True)
+            for repeat in range(1, args.repeat + 1):
+                for variant in variants:
+                    result = measure(variant, repeat, args, bootstrap, topic, workdir)
+                    results.append(result)
+                    print(f"  {variant:<18} rep {repeat}: "
+                          + (f"{result.rate:,.0f} rec/s" if result.rate else f"FAILED\n{result.error}"), flush=True)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    print()
+    print("command: " + " ".join(shlex.quote(a) for a in ["python", *sys.argv]))
+    print(machine_note(load_before))
+    print("records/s: first record -> Nth record, plus (stateful) the flush/commit of the state; "
+          "'to Nth/s' excludes that flush.")
+    print()
+    print(format_table(results, args.records))
+    if args.repeat > 1:
+        print()
+        print(format_medians(results, variants))
+    print()
+    for variant in variants:
+        print(f"  {variant:<18} {VARIANTS[variant]}")
+    failed = [r for r in results if r.error or (r.variant in STATEFUL and r.data.get("total") != args.records)]
+    return 1 if failed else 0
+
+
+def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    parser.add_argument("--records", type=int, default=100_000, help="records to produce and consume (N)")
+    parser.add_argument("--partitions", type=int, default=4)
+    parser.add_argument("--keys", type=int, default=1000, help="size of the key space")
+    parser.add_argument("--repeat", type=int, default=1, help="measure every variant this many times")
+    parser.add_argument("--bootstrap", help="host:port of an existing broker (default: start a local one)")
+    parser.add_argument("--variants", help=f"comma-separated subset of: {', '.join(VARIANTS)}")
+    parser.add_argument("--timeout", type=float, default=0, help="seconds per variant (default 60 + N/1000)")
+    tuning = parser.add_argument_group("experiments (streamspine-batch only; default: the project's values)")
+    tuning.add_argument("--batch-max", type=int, default=0, help="take_events size (default app BATCH_MAX)")
+    tuning.add_argument("--batch-within", type=float, default=0, help="take_events within= seconds")
+    tuning.add_argument("--producer-buffer-max", type=int, default=0,
+                        help="Faust ProducerBuffer.max_messages (default 100)")
+    child = parser.add_argument_group("subprocess mode (used by the parent)")
+    child.add_argument("--variant", choices=list(VARIANTS))
+    child.add_argument("--topic")
+    child.add_argument("--work-dir", type=Path)
+    child.add_argument("--result", type=Path)
+    return parser.parse_args(argv)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = parse_args(argv)
+    if args.variant:
+        return run_variant(args)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run the finally blocks: kill, stop, clean
+    return compare(args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
