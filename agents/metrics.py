@@ -1,7 +1,7 @@
 """Monitoring & alerting.
 
 metrics -> record_samples -> metrics_latest, metric_panes, metric_series, alert_states -> alerts (+ webhook)
-alert-silences -> record_silences -> alert_silences (global)
+alert-silences -> every worker's SilenceCache (read outside the consumer group)
 Pages: /metrics/{service}/, /metrics/services/{service}/, /alerts/, /alerts/silences
 """
 from __future__ import annotations
@@ -14,9 +14,11 @@ import uuid
 from functools import reduce
 from typing import Any, Dict, Iterable, List, Optional
 
+from aiokafka import AIOKafkaConsumer
 from faust import web
 
 from app import app, settings
+from app.settings import bootstrap_servers
 from app.aggregation import BATCH_MAX, BATCH_WITHIN, enter_partition, fold_deltas
 from app.dead_letters import dead_letter
 from app.web import require_admin_token
@@ -30,7 +32,7 @@ from models.metrics import (
     InvalidRecord, MetricSample, pane_key, pane_start, parse_samples, samples_by_pane, samples_by_series,
     series_key, window_pane_starts,
 )
-from tables.metrics import alert_silences, alert_states, latest_samples, metric_panes, metric_series
+from tables.metrics import alert_states, latest_samples, metric_panes, metric_series
 
 metrics_topic = app.topic(
     "metrics", key_type=str, value_type=bytes, value_serializer="raw",
@@ -38,7 +40,7 @@ metrics_topic = app.topic(
     internal=True,  # the worker creates it with TOPIC_PARTITIONS when it does not exist yet
 )
 alerts_topic = app.topic("alerts", key_type=str, value_type=Alert, partitions=settings.topic_partitions, internal=True)
-silences_topic = app.topic("alert-silences", key_type=str, value_type=Silence, partitions=settings.topic_partitions, internal=True)
+silences_topic = app.topic("alert-silences", key_type=str, value_type=Silence, partitions=1, internal=True)
 
 
 def load_alert_rules() -> List[Rule]:
@@ -50,8 +52,35 @@ def load_alert_rules() -> List[Rule]:
         raise SystemExit(2) from None
 
 
+class SilenceCache:
+    """Every silence, on every worker: each one reads all of ``alert-silences`` outside the
+    consumer group (Faust's GlobalTable did not show one worker's writes to the other here)."""
+
+    def __init__(self) -> None:
+        self.silences: Dict[str, Silence] = {}
+
+    def active(self) -> List[Silence]:
+        return list(self.silences.values())
+
+    async def follow(self) -> None:
+        """Read ``alert-silences`` from the beginning, then keep reading."""
+        await silences_topic.maybe_declare()
+        consumer = AIOKafkaConsumer(
+            silences_topic.get_topic_name(), bootstrap_servers=bootstrap_servers(settings.kafka_broker),
+            group_id=None, auto_offset_reset="earliest", fetch_max_wait_ms=settings.consumer_fetch_wait_ms,
+        )
+        await consumer.start()
+        try:
+            async for record in consumer:
+                silence = Silence.loads(record.value)
+                self.silences[silence.id] = silence
+        finally:
+            await consumer.stop()
+
+
 RULES = load_alert_rules()
 webhook = webhook_sender(settings.alert_webhook_url)
+silences = SilenceCache()
 
 
 # --- pure folds ----------------------------------------------------------------------------------
@@ -161,7 +190,7 @@ async def forward_keyed_by_service(samples: Iterable[MetricSample]) -> None:
 async def publish(alert: Alert) -> None:
     """Firing/resolved transitions go to ``alerts``; the webhook hears of those not silenced."""
     await alerts_topic.send(key=alert.fingerprint, value=alert)
-    if webhook is not None and not is_silenced(alert, list(alert_silences.values()), time.time()):
+    if webhook is not None and not is_silenced(alert, silences.active(), time.time()):
         webhook.notify(alertmanager_payload([alert], external_url=settings.web_url))
 
 
@@ -190,11 +219,10 @@ async def record_samples(stream) -> None:
             await publish(alert)
 
 
-@app.agent(silences_topic)
-async def record_silences(silences) -> None:
-    """alert-silences -> alert_silences, a global table every worker reads."""
-    async for silence in silences:
-        alert_silences[silence.id] = silence
+@app.task
+async def follow_silences() -> None:
+    """Keep this worker's copy of every silence."""
+    await silences.follow()
 
 
 if webhook is not None:
@@ -294,7 +322,7 @@ class Silences(web.View):
     """GET: every silence. POST (ADMIN_TOKEN): add one; silenced alerts are tracked, not notified."""
 
     async def get(self, request: web.Request) -> web.Response:
-        return self.json({"silences": [silence.asdict() for silence in alert_silences.values()]})
+        return self.json({"silences": [silence.asdict() for silence in silences.active()]})
 
     async def post(self, request: web.Request) -> web.Response:
         require_admin_token(self, request)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Any, Dict, Literal, Optional
+from typing import Any, Dict, List, Literal, Optional
 
 from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -100,6 +100,11 @@ class Settings(BaseSettings):
     def web_url(self) -> str:
         """The URL other workers use to reach this one (table routing)."""
         return self.canonical_url or f"http://{self.web_host}:{self.web_port}"
+
+
+def bootstrap_servers(kafka_broker: str) -> List[str]:
+    """``kafka://h1:p,h2:p`` -> ``["h1:p", "h2:p"]`` for a plain Kafka client."""
+    return [host.strip() for url in kafka_broker.split(";") if url.strip() for host in url.split("://", 1)[1].split(",")]
 
 
 def consumer_broker_urls(kafka_broker: str) -> str:

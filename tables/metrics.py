@@ -3,7 +3,7 @@ and written only under an event of that partition, so one worker owns all of a s
 from __future__ import annotations
 
 from app import app, settings
-from models.alerts import Alert, Silence
+from models.alerts import Alert
 from models.metric_stats import WindowAggregate
 
 # Raw UTF-8 keys, like the topic keys: a str key type would be JSON-encoded and hash to another
@@ -40,12 +40,4 @@ alert_states = app.Table(
     value_type=Alert,
     partitions=settings.topic_partitions,
     help="Per alert fingerprint (rule + service + instance): the pending or firing alert.",
-)
-
-alert_silences = app.GlobalTable(
-    "alert_silences",
-    key_type=bytes,
-    value_type=Silence,
-    partitions=settings.topic_partitions,
-    help="Every silence, on every worker.",
 )
