@@ -27,7 +27,7 @@ from models.alerts import (
     Alert, AnomalyRule, Rule, RuleFileError, Silence, ThresholdRule, alert_fingerprint, alertmanager_payload,
     condition_holds, evaluate, is_silenced, load_rules,
 )
-from models.metric_stats import Baseline, add_values, empty_aggregate, is_anomalous, merge, summary, update_baseline
+from models.metric_stats import Baseline, WindowAggregate, add_values, empty_aggregate, is_anomalous, merge, summary, update_baseline
 from models.metrics import (
     InvalidRecord, MetricSample, pane_key, pane_start, parse_samples, samples_by_pane, samples_by_series,
     series_key, window_pane_starts,
@@ -106,10 +106,15 @@ def rules_for(metric: str) -> List[Rule]:
 # --- table updates (run inside an event of the service's partition) --------------------------------
 
 
+def window_aggregate(series: str, now: float, window: float) -> WindowAggregate:
+    """The merged panes of the window of ``window`` seconds ending at event time ``now``."""
+    panes = [metric_panes.get(pane_key(series, start)) for start in window_pane_starts(now, window, settings.metric_window_step)]
+    return reduce(merge, [pane for pane in panes if pane is not None], empty_aggregate())
+
+
 def window_summary(series: str, now: float, window: float) -> Dict[str, Optional[float]]:
     """count/sum/min/max/mean/p50/p95/p99 of the window of ``window`` seconds ending at ``now``."""
-    panes = [metric_panes.get(pane_key(series, start)) for start in window_pane_starts(now, window, settings.metric_window_step)]
-    return summary(reduce(merge, [pane for pane in panes if pane is not None], empty_aggregate()))
+    return summary(window_aggregate(series, now, window))
 
 
 def advance_alert(rule: Rule, service: str, instance: str, holds: bool, value: float, now: float) -> Optional[Alert]:
@@ -252,12 +257,15 @@ async def service_windows(view: web.View, request: web.Request, service: str) ->
         raise view.NotFound("unknown service", service=service)
     metrics: Dict[str, Dict[str, Any]] = {}
     for metric, by_instance in latest_samples[service]["metrics"].items():
+        instances, service_window = {}, empty_aggregate()
         for instance in by_instance:
             series = series_key(service, instance, metric)
             now = metric_series[series].get("last_ts", 0.0)
-            metrics.setdefault(metric, {})[instance] = {
-                "window_end": now, **window_summary(series, now, settings.metric_window),
-            }
+            aggregate = window_aggregate(series, now, settings.metric_window)
+            service_window = merge(service_window, aggregate)
+            instances[instance] = {"window_end": now, **summary(aggregate)}
+        # The service's window merges its instances' sketches: exact counts, 1 % quantiles.
+        metrics[metric] = {**summary(service_window), "instances": instances}
     return view.json({"service": service, "window_s": settings.metric_window, "step_s": settings.metric_window_step, "metrics": metrics})
 
 

@@ -87,7 +87,8 @@ def test_spikes_fire_and_resolve_once_short_spikes_stay_quiet_and_anomalies_fire
         for worker in (first, second):  # routed to the owner of "checkout"
             status, windows = worker.get("/metrics/checkout/")
             assert status == 200 and windows["window_s"] == 20
-            cpu = windows["metrics"]["cpu"]["checkout-1"]
+            assert windows["metrics"]["cpu"]["count"] == windows["metrics"]["cpu"]["instances"]["checkout-1"]["count"]
+            cpu = windows["metrics"]["cpu"]["instances"]["checkout-1"]
             assert 15 <= cpu["count"] <= 20 and cpu["window_end"] == T0 + 159
             assert cpu["mean"] == pytest.approx(0.3) and cpu["p99"] == pytest.approx(0.3, rel=0.01)
         alerts = asyncio.run(read_alerts(isolated_broker.bootstrap))
