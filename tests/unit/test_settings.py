@@ -76,3 +76,18 @@ def test_a_worker_with_a_bad_variable_stops_at_start_with_one_line():
     assert result.stderr.strip().splitlines() == [
         "invalid configuration: TOPIC_PARTITIONS='many': Input should be a valid integer, unable to parse string as an integer"
     ]
+
+
+def test_a_worker_with_an_invalid_rules_file_stops_with_the_line_and_reason(tmp_path):
+    rules = tmp_path / "rules.yaml"
+    rules.write_text("rules:\n  - name: HighCPU\n    metric: cpu\n    aggregate: mean\n    window: 60s\n    op: '=>'\n    threshold: 0.9\n")
+
+    result = subprocess.run(
+        [sys.executable, "-c", "import app"], cwd=REPO_ROOT, env=environment_with(ALERT_RULES=str(rules)),
+        capture_output=True, text=True, timeout=60,
+    )
+
+    assert result.returncode == 2
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith("invalid configuration: ALERT_RULES: alert rules file")
+    assert "line 6" in line and "op must be one of" in line
