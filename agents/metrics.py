@@ -35,7 +35,8 @@ from models.metrics import (
 from tables.metrics import alert_states, latest_samples, metric_panes, metric_series
 
 metrics_topic = app.topic(
-    "metrics", key_type=str, value_type=bytes, value_serializer="raw",
+    # Keys arrive as bytes and are decoded in the agent, so a key that is not UTF-8 is dead-lettered.
+    "metrics", key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw",
     partitions=settings.topic_partitions,
     internal=True,  # the worker creates it with TOPIC_PARTITIONS when it does not exist yet
 )
@@ -46,10 +47,25 @@ silences_topic = app.topic("alert-silences", key_type=str, value_type=Silence, p
 def load_alert_rules() -> List[Rule]:
     """The rules of ALERT_RULES; an invalid file stops the worker with the line and the reason."""
     try:
-        return load_rules(settings.alert_rules)
+        rules = load_rules(settings.alert_rules)
+        for rule in rules:
+            check_rule_window(rule)
+        return rules
     except RuleFileError as error:
         print(f"invalid configuration: ALERT_RULES: {error}", file=sys.stderr)
         raise SystemExit(2) from None
+
+
+def check_rule_window(rule: Rule) -> None:
+    """A threshold rule's window must be whole panes of METRIC_WINDOW_STEP, kept for METRIC_WINDOW_EXPIRES."""
+    if not isinstance(rule, ThresholdRule):
+        return
+    panes = rule.window_seconds / settings.metric_window_step
+    if panes < 1 - 1e-9 or abs(panes - round(panes)) > 1e-9 or rule.window_seconds > settings.metric_window_expires:
+        raise RuleFileError(
+            f"rule {rule.name!r}: window {rule.window_seconds:g}s must be a whole number of METRIC_WINDOW_STEP "
+            f"({settings.metric_window_step:g}s) and at most METRIC_WINDOW_EXPIRES ({settings.metric_window_expires:g}s)"
+        )
 
 
 class SilenceCache:
@@ -183,6 +199,16 @@ def observe_service(service: str, samples: List[MetricSample]) -> List[Alert]:
 # --- agents --------------------------------------------------------------------------------------
 
 
+def service_of(key: Optional[bytes]) -> Optional[str]:
+    """The service named by a record key (None for a keyless record)."""
+    if key is None:
+        return None
+    try:
+        return key.decode("utf-8")
+    except UnicodeDecodeError:
+        raise InvalidRecord(f"record key is not UTF-8: {key!r}") from None
+
+
 async def forward_keyed_by_service(samples: Iterable[MetricSample]) -> None:
     """Re-key samples that arrived without a key, so each service's state lives in one partition."""
     by_service: Dict[str, List[Dict[str, Any]]] = {}
@@ -207,14 +233,15 @@ async def record_samples(stream) -> None:
         keyed_samples = []
         for event in events:
             try:
-                samples = parse_samples(event.value, event.key)
+                service = service_of(event.key)
+                samples = parse_samples(event.value, service)
             except InvalidRecord as error:
                 await dead_letter(str(error), event)
                 continue
-            if event.key is None:
+            if service is None:
                 await forward_keyed_by_service(samples)
             else:
-                keyed_samples.append((event, [(event.key, samples)]))
+                keyed_samples.append((event, [(service, samples)]))
         notifications: List[Alert] = []
         for entry in fold_deltas(keyed_samples, combine=operator.add).values():
             enter_partition(stream, entry.last_event)

@@ -30,10 +30,15 @@ def _text_field(data: Mapping[str, Any], name: str, default: Optional[str] = Non
     return value.strip()
 
 
+MAX_MAGNITUDE = 1e150  # beyond it sums and variances overflow to inf
+
+
 def _number_field(data: Mapping[str, Any], name: str, default: Optional[float] = None) -> float:
     value = data.get(name, default)
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         raise InvalidRecord(f"field {name!r} must be a finite number, got {value!r}")
+    if abs(value) > MAX_MAGNITUDE:
+        raise InvalidRecord(f"field {name!r} is beyond +/-{MAX_MAGNITUDE:g}: {value!r}")
     return float(value)
 
 

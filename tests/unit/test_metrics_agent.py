@@ -26,8 +26,8 @@ def sample(**fields) -> bytes:
 
 async def test_samples_update_the_latest_values_of_their_service():
     async with record_samples.test_context() as agent:
-        await agent.put(sample(value=0.5, ts=T0 + 10), key="cart")
-        await agent.put(json.dumps([{"metric": "memory", "value": 0.7, "ts": T0 + 11}, {"metric": "cpu", "instance": "cart-1", "value": 0.6, "ts": T0 + 12}]).encode(), key="cart")
+        await agent.put(sample(value=0.5, ts=T0 + 10), key=b"cart")
+        await agent.put(json.dumps([{"metric": "memory", "value": 0.7, "ts": T0 + 11}, {"metric": "cpu", "instance": "cart-1", "value": 0.6, "ts": T0 + 12}]).encode(), key=b"cart")
 
         state = await batch_written(lambda: latest_samples["cart"])
 

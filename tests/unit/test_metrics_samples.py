@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from agents.metrics import merge_latest
+from agents.metrics import merge_latest, service_of
 from models.metrics import InvalidRecord, MetricSample, parse_samples
 
 
@@ -44,6 +44,7 @@ def test_a_batch_of_samples_is_first_class():
         (b'{"service": "order", "metric": "cpu", "value": 1}', "does not match the record key 'cart'"),
         (b'{"metric": "cpu", "value": 1, "ts": 1732412345000}', "not a plausible event time"),
         (b'{"metric": "cpu", "value": 1, "ts": 12.5}', "not a plausible event time"),
+        (b'{"metric": "cpu", "value": 1e308}', "field 'value' is beyond"),
     ],
 )
 def test_a_bad_record_is_refused_with_a_reason(raw, reason):
@@ -66,3 +67,9 @@ def test_an_older_sample_never_overwrites_a_newer_one():
     state = merge_latest(state, [older])
 
     assert state == {"metrics": {"cpu": {"cart-1": {"value": 0.9, "ts": 200.0}}}, "samples": 2}
+
+
+def test_a_record_key_that_is_not_utf8_is_refused():
+    assert service_of(b"cart") == "cart" and service_of(None) is None
+    with pytest.raises(InvalidRecord, match="not UTF-8"):
+        service_of(b"\xff\xfe")

@@ -91,3 +91,16 @@ def test_a_worker_with_an_invalid_rules_file_stops_with_the_line_and_reason(tmp_
     (line,) = result.stderr.strip().splitlines()
     assert line.startswith("invalid configuration: ALERT_RULES: alert rules file")
     assert "line 6" in line and "op must be one of" in line
+
+
+def test_a_rule_window_that_is_not_whole_panes_stops_the_worker(tmp_path):
+    rules = tmp_path / "rules.yaml"
+    rules.write_text("rules:\n  - {name: Fast, metric: cpu, aggregate: mean, window: 5s, op: '>', threshold: 0.9}\n")
+
+    result = subprocess.run(
+        [sys.executable, "-c", "import app"], cwd=REPO_ROOT, env=environment_with(ALERT_RULES=str(rules)),
+        capture_output=True, text=True, timeout=60,
+    )
+
+    assert result.returncode == 2
+    assert "rule 'Fast': window 5s must be a whole number of METRIC_WINDOW_STEP (10s)" in result.stderr
