@@ -31,7 +31,8 @@ def metric_samples(service: str, instances: int, spike: bool) -> list:
 
 
 async def send_demo_traffic(bootstrap: str, interval: float, duration: float) -> None:
-    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=10)
+    # One record per batch: the local broker's high watermark is wrong for multi-record batches.
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=10, max_batch_size=1)
     await producer.start()
     started = time.monotonic()
     tick = 0

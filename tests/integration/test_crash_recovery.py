@@ -25,10 +25,15 @@ def sample_records(start: int, stop: int):
 
 
 def produce_paced(bootstrap: str, rounds: int = 30) -> None:
-    """Send the samples in rounds over a few seconds, so the crash lands mid-stream."""
+    """Send the samples in rounds over a few seconds, so the crash lands mid-stream.
+
+    One record per producer batch: with multi-record batches the local broker's wrong high
+    watermark left some partitions stalled after the restart (3 runs in 8 failed that way;
+    0 in 5 with one record per batch). A real Kafka has no such bug (README findings).
+    """
     step = SAMPLES_PER_SERVICE // rounds
     for start in range(0, SAMPLES_PER_SERVICE, step):
-        produce_sync(bootstrap, "metrics", sample_records(start, min(start + step, SAMPLES_PER_SERVICE)))
+        produce_sync(bootstrap, "metrics", sample_records(start, min(start + step, SAMPLES_PER_SERVICE)), max_batch_size=1)
         time.sleep(0.15)
 
 
@@ -53,7 +58,7 @@ def test_sigkill_mid_stream_then_restart_loses_nothing_and_overcounts_only_repla
         wait_until_ready([restarted])
         wait_for(
             lambda: all(sample_count(restarted, service) >= SAMPLES_PER_SERVICE for service in SERVICES),
-            timeout=120, message="every sample counted after the restart",
+            timeout=120, message=f"every sample counted after the restart (before: {[sample_count(restarted, s) for s in SERVICES]})",
         )
         time.sleep(3)  # let any replayed tail land before reading the final table
         pages = {service: restarted.get(f"/metrics/services/{service}/")[1] for service in SERVICES}

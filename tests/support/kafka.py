@@ -13,9 +13,9 @@ def encode(value: Any) -> bytes:
     return value if isinstance(value, bytes) else json.dumps(value).encode()
 
 
-async def produce(bootstrap: str, topic: str, records: Iterable[Tuple[Optional[str], Any]]) -> None:
+async def produce(bootstrap: str, topic: str, records: Iterable[Tuple[Optional[str], Any]], max_batch_size: int = 16384) -> None:
     """Send (key, value) pairs; values that are not bytes are sent as JSON."""
-    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=5)
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=5, max_batch_size=max_batch_size)
     await producer.start()
     try:
         sends = [
@@ -27,8 +27,8 @@ async def produce(bootstrap: str, topic: str, records: Iterable[Tuple[Optional[s
         await producer.stop()
 
 
-def produce_sync(bootstrap: str, topic: str, records: Iterable[Tuple[Optional[str], Any]]) -> None:
-    asyncio.run(produce(bootstrap, topic, list(records)))
+def produce_sync(bootstrap: str, topic: str, records: Iterable[Tuple[Optional[str], Any]], max_batch_size: int = 16384) -> None:
+    asyncio.run(produce(bootstrap, topic, list(records), max_batch_size))
 
 
 async def consume(bootstrap: str, topic: str, count: int, timeout: float = 30.0) -> List[ConsumerRecord]:
