@@ -133,26 +133,31 @@ def window_summary(series: str, now: float, window: float) -> Dict[str, Optional
     return summary(window_aggregate(series, now, window))
 
 
-def advance_alert(rule: Rule, service: str, instance: str, holds: bool, value: float, now: float) -> Optional[Alert]:
-    """Move one alert through pending/firing/resolved; returns the notification, if any."""
+async def advance_alert(rule: Rule, service: str, instance: str, holds: bool, value: float, now: float) -> None:
+    """Move one alert through pending/firing/resolved.
+
+    A firing/resolved notification is acknowledged by Kafka before the new state is stored: a crash
+    in between replays the records and notifies again (at-least-once), never stores "firing"
+    for an alert whose notification was lost.
+    """
     fingerprint = alert_fingerprint(rule.name, service, instance)
     previous = alert_states.get(fingerprint)
     state, notification = evaluate(previous, rule, service, instance, holds, value, now)
+    if notification is not None:
+        await publish(notification)
     if state is not None:
         alert_states[fingerprint] = state
     elif previous is not None:
         del alert_states[fingerprint]
-    return notification
 
 
-def observe_series(service: str, instance: str, metric: str, samples: List[MetricSample]) -> List[Alert]:
+async def observe_series(service: str, instance: str, metric: str, samples: List[MetricSample]) -> None:
     """Add a series' samples to its panes pane by pane, evaluating its rules at each pane (event time)."""
     series = series_key(service, instance, metric)
     state = metric_series[series]
     panes = set(state.get("panes", []))
     baselines = {name: Baseline(**data) for name, data in state.get("baselines", {}).items()}
     last_ts = state.get("last_ts", 0.0)
-    notifications: List[Optional[Alert]] = []
     for start, pane_samples in samples_by_pane(samples, settings.metric_window_step):
         key = pane_key(series, start)
         metric_panes[key] = add_values(metric_panes.get(key) or empty_aggregate(), [s.value for s in pane_samples])
@@ -164,7 +169,7 @@ def observe_series(service: str, instance: str, metric: str, samples: List[Metri
                 holds, value = condition_holds(rule, window_summary(series, now, rule.window_seconds))
             else:
                 holds, value, baselines[rule.name] = anomalous_in(pane_samples, baselines.get(rule.name), rule)
-            notifications.append(advance_alert(rule, service, instance, holds, value, now))
+            await advance_alert(rule, service, instance, holds, value, now)
     horizon = pane_start(last_ts, settings.metric_window_step) - settings.metric_window_expires
     for start in [start for start in panes if start <= horizon]:
         metric_panes.pop(pane_key(series, start), None)
@@ -173,7 +178,6 @@ def observe_series(service: str, instance: str, metric: str, samples: List[Metri
         "panes": sorted(panes), "last_ts": last_ts,
         "baselines": {name: baseline.asdict() for name, baseline in baselines.items()},
     }
-    return [alert for alert in notifications if alert is not None]
 
 
 def anomalous_in(samples: List[MetricSample], baseline: Optional[Baseline], rule: AnomalyRule):
@@ -187,13 +191,11 @@ def anomalous_in(samples: List[MetricSample], baseline: Optional[Baseline], rule
     return holds, anomalous_value if holds else samples[-1].value, baseline
 
 
-def observe_service(service: str, samples: List[MetricSample]) -> List[Alert]:
+async def observe_service(service: str, samples: List[MetricSample]) -> None:
     """All of a service's samples of one batch: latest values, panes, baselines, alerts."""
     latest_samples[service] = merge_latest(latest_samples[service], samples)
-    notifications: List[Alert] = []
     for (instance, metric), series_samples in samples_by_series(samples).items():
-        notifications.extend(observe_series(service, instance, metric, series_samples))
-    return notifications
+        await observe_series(service, instance, metric, series_samples)
 
 
 # --- agents --------------------------------------------------------------------------------------
@@ -219,8 +221,10 @@ async def forward_keyed_by_service(samples: Iterable[MetricSample]) -> None:
 
 
 async def publish(alert: Alert) -> None:
-    """Firing/resolved transitions go to ``alerts``; the webhook hears of those not silenced."""
-    await alerts_topic.send(key=alert.fingerprint, value=alert)
+    """Firing/resolved transitions go to ``alerts`` (awaited until acknowledged); the webhook
+    hears of those not silenced."""
+    delivery = await alerts_topic.send(key=alert.fingerprint, value=alert)
+    await delivery
     if webhook is not None and not is_silenced(alert, silences.active(), time.time()):
         webhook.notify(alertmanager_payload([alert], external_url=settings.web_url))
 
@@ -242,13 +246,10 @@ async def record_samples(stream) -> None:
                 await forward_keyed_by_service(samples)
             else:
                 keyed_samples.append((event, [(service, samples)]))
-        notifications: List[Alert] = []
         for entry in fold_deltas(keyed_samples, combine=operator.add).values():
             enter_partition(stream, entry.last_event)
             for service, samples in entry.deltas.items():
-                notifications.extend(observe_service(service, samples))
-        for alert in notifications:
-            await publish(alert)
+                await observe_service(service, samples)
 
 
 @app.task
