@@ -6,7 +6,10 @@ Pages: /metrics/{service}/, /metrics/services/{service}/, /alerts/, /alerts/sile
 """
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
+import logging
 import operator
 import sys
 import time
@@ -14,7 +17,7 @@ import uuid
 from functools import reduce
 from typing import Any, Dict, Iterable, List, Optional
 
-from aiokafka import AIOKafkaConsumer
+from aiokafka import AIOKafkaConsumer, TopicPartition
 from faust import web
 
 from app import app, settings
@@ -74,26 +77,54 @@ class SilenceCache:
 
     def __init__(self) -> None:
         self.silences: Dict[str, Silence] = {}
+        self.caught_up = asyncio.Event()
 
     def active(self) -> List[Silence]:
         return list(self.silences.values())
 
+    async def wait_caught_up(self, timeout: float = 5.0) -> None:
+        """Wait (a bounded time) until the silences that existed at start have been read."""
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self.caught_up.wait(), timeout)
+
     async def follow(self) -> None:
-        """Read ``alert-silences`` from the beginning, then keep reading."""
+        """Read ``alert-silences`` from the beginning, then keep reading; reconnect on errors."""
         await silences_topic.maybe_declare()
+        while True:
+            try:
+                await self._read()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # noqa: BLE001 - the broker may be away; try again
+                log.exception("reading %s failed; retrying", silences_topic.get_topic_name())
+                await asyncio.sleep(1.0)
+
+    async def _read(self) -> None:
+        partition = TopicPartition(silences_topic.get_topic_name(), 0)
         consumer = AIOKafkaConsumer(
-            silences_topic.get_topic_name(), bootstrap_servers=bootstrap_servers(settings.kafka_broker),
+            bootstrap_servers=bootstrap_servers(settings.kafka_broker),
             group_id=None, auto_offset_reset="earliest", fetch_max_wait_ms=settings.consumer_fetch_wait_ms,
         )
         await consumer.start()
         try:
+            consumer.assign([partition])
+            await consumer.seek_to_beginning(partition)
+            end = (await consumer.end_offsets([partition]))[partition]
+            if end == 0:
+                self.caught_up.set()
             async for record in consumer:
-                silence = Silence.loads(record.value)
-                self.silences[silence.id] = silence
+                try:
+                    silence = Silence.loads(record.value)
+                    self.silences[silence.id] = silence
+                except Exception as error:  # noqa: BLE001 - one bad record must not stop the others
+                    log.warning("ignoring a malformed silence at offset %s: %r", record.offset, error)
+                if record.offset + 1 >= end:
+                    self.caught_up.set()
         finally:
             await consumer.stop()
 
 
+log = logging.getLogger(__name__)
 RULES = load_alert_rules()
 webhook = webhook_sender(settings.alert_webhook_url)
 silences = SilenceCache()
@@ -225,7 +256,10 @@ async def publish(alert: Alert) -> None:
     hears of those not silenced."""
     delivery = await alerts_topic.send(key=alert.fingerprint, value=alert)
     await delivery
-    if webhook is not None and not is_silenced(alert, silences.active(), time.time()):
+    if webhook is None:
+        return
+    await silences.wait_caught_up()  # after a restart, know the silences before notifying
+    if not is_silenced(alert, silences.active(), time.time()):
         webhook.notify(alertmanager_payload([alert], external_url=settings.web_url))
 
 
