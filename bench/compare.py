@@ -34,7 +34,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Optional
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Tuple
 
 REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
@@ -297,6 +297,17 @@ async def create_topic(bootstrap: str, topic: str, partitions: int) -> None:
         await admin.close()
 
 
+async def send_all(producer: Any, topic: str, records: Iterable[Tuple[bytes, bytes]], chunk: int = 5000) -> None:
+    """Send (key, value) records, waiting for acknowledgements every ``chunk`` records."""
+    pending = []
+    for key, value in records:
+        pending.append(await producer.send(topic, value, key=key))
+        if len(pending) >= chunk:
+            await asyncio.gather(*pending)
+            pending.clear()
+    await asyncio.gather(*pending)
+
+
 async def produce(bootstrap: str, topic: str, records: int, keys: int) -> float:
     """Produce ``records`` small JSON records keyed ``k0..k{keys-1}``; returns seconds taken."""
     from aiokafka import AIOKafkaProducer
@@ -305,14 +316,10 @@ async def produce(bootstrap: str, topic: str, records: int, keys: int) -> float:
     await producer.start()
     started = time.perf_counter()
     try:
-        pending = []
-        for i in range(records):
-            value = json.dumps({"id": i, "user": f"u{i % keys}", "amount": i % 17}).encode()
-            pending.append(await producer.send(topic, value, key=f"k{i % keys}".encode()))
-            if len(pending) >= 5000:
-                await asyncio.gather(*pending)
-                pending.clear()
-        await asyncio.gather(*pending)
+        await send_all(producer, topic, (
+            (f"k{i % keys}".encode(), json.dumps({"id": i, "user": f"u{i % keys}", "amount": i % 17}).encode())
+            for i in range(records)
+        ))
     finally:
         await producer.stop()
     return time.perf_counter() - started

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
 import os
 import shutil
@@ -62,22 +61,20 @@ def sample(service: str, index: int, now: float, metric: str = "cpu") -> Dict:
     return {"service": service, "instance": f"{service}-{index % 3}", "metric": metric, "value": 0.3 + (index % 7) / 100, "ts": now}
 
 
-async def produce_backlog(bootstrap: str, records: int, per_record: int) -> None:
-    """``records`` records on ``metrics``, each one sample or an array of ``per_record`` samples."""
+async def produce_backlog(bootstrap: str, records_count: int, per_record: int) -> None:
+    """``records_count`` records on ``metrics``, each one sample or an array of ``per_record`` samples."""
     producer = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=20, max_batch_size=1 << 20)
     await producer.start()
     now = time.time() - 60
-    try:
-        pending = []
-        for i in range(records):
+
+    def records():
+        for i in range(records_count):
             service = SERVICES[i % len(SERVICES)]
             batch = [sample(service, i * per_record + j, now + (i * per_record + j) / 1e4) for j in range(per_record)]
-            value = batch[0] if per_record == 1 else batch
-            pending.append(await producer.send("metrics", json.dumps(value).encode(), key=service.encode()))
-            if len(pending) >= 5000:
-                await asyncio.gather(*pending)
-                pending.clear()
-        await asyncio.gather(*pending)
+            yield service.encode(), json.dumps(batch[0] if per_record == 1 else batch).encode()
+
+    try:
+        await compare.send_all(producer, "metrics", records())
     finally:
         await producer.stop()
 

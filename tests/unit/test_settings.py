@@ -62,15 +62,16 @@ def test_an_invalid_value_is_refused_naming_the_variable(monkeypatch, variable, 
     assert "\n" not in line
 
 
-def test_a_worker_with_a_bad_variable_stops_at_start_with_one_line():
-    result = subprocess.run(
-        [sys.executable, "-c", "import app"],
-        cwd=REPO_ROOT,
-        env=environment_with(TOPIC_PARTITIONS="many"),
-        capture_output=True,
-        text=True,
-        timeout=60,
+def import_app_with(**variables: str) -> subprocess.CompletedProcess:
+    """Import the app in a fresh interpreter, as ``faust -A app worker`` does at start."""
+    return subprocess.run(
+        [sys.executable, "-c", "import app"], cwd=REPO_ROOT, env=environment_with(**variables),
+        capture_output=True, text=True, timeout=60,
     )
+
+
+def test_a_worker_with_a_bad_variable_stops_at_start_with_one_line():
+    result = import_app_with(TOPIC_PARTITIONS="many")
 
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
@@ -82,10 +83,7 @@ def test_a_worker_with_an_invalid_rules_file_stops_with_the_line_and_reason(tmp_
     rules = tmp_path / "rules.yaml"
     rules.write_text("rules:\n  - name: HighCPU\n    metric: cpu\n    aggregate: mean\n    window: 60s\n    op: '=>'\n    threshold: 0.9\n")
 
-    result = subprocess.run(
-        [sys.executable, "-c", "import app"], cwd=REPO_ROOT, env=environment_with(ALERT_RULES=str(rules)),
-        capture_output=True, text=True, timeout=60,
-    )
+    result = import_app_with(ALERT_RULES=str(rules))
 
     assert result.returncode == 2
     (line,) = result.stderr.strip().splitlines()
@@ -97,10 +95,7 @@ def test_a_rule_window_that_is_not_whole_panes_stops_the_worker(tmp_path):
     rules = tmp_path / "rules.yaml"
     rules.write_text("rules:\n  - {name: Fast, metric: cpu, aggregate: mean, window: 5s, op: '>', threshold: 0.9}\n")
 
-    result = subprocess.run(
-        [sys.executable, "-c", "import app"], cwd=REPO_ROOT, env=environment_with(ALERT_RULES=str(rules)),
-        capture_output=True, text=True, timeout=60,
-    )
+    result = import_app_with(ALERT_RULES=str(rules))
 
     assert result.returncode == 2
     assert "rule 'Fast': window 5s must be a whole number of METRIC_WINDOW_STEP (10s)" in result.stderr
