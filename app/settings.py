@@ -1,7 +1,9 @@
 """Worker settings: read once from environment variables, validated at start (12-factor)."""
 from __future__ import annotations
 
+import re
 import sys
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Dict, List, Literal, Optional
 
@@ -44,9 +46,23 @@ class Settings(BaseSettings):
     metric_window_step: float = Field(10.0, gt=0, le=3600)
     metric_window_expires: float = Field(3600.0, gt=0, le=7 * 86400)
     elasticsearch_url: Optional[str] = None
+    # Centralized logging (agents/logs.py).
+    log_index_pattern: str = "logs-{service}-{date:%Y.%m.%d}"
+    log_batch_max: int = Field(5000, ge=1, le=30000)
+    log_batch_within: float = Field(0.5, gt=0, le=60)
+    log_stats_window: float = Field(60.0, gt=0, le=86400)
+    log_recent_limit: int = Field(200, ge=1, le=10000)
+    elasticsearch_max_backoff: float = Field(30.0, gt=0, le=3600)
     redis_url: Optional[str] = None
     replica_dsn: Optional[str] = None
     cdc_source_dsn: Optional[str] = None
+    # Change data capture (agents/cdc.py). CDC_TABLES: comma-separated schema.table names.
+    cdc_tables: str = ""
+    cdc_slot: str = Field("streamspine_cdc", pattern=r"^[a-z0-9_]{1,63}$")
+    cdc_publication: str = Field("streamspine_cdc", pattern=r"^[a-z_][a-z0-9_]{0,62}$")
+    cdc_topic_prefix: str = Field("cdc", pattern=r"^[A-Za-z0-9_-]+$")
+    cdc_poll_interval: float = Field(0.1, gt=0, le=60)
+    cdc_max_changes: int = Field(5000, ge=1, le=1_000_000)
 
     @field_validator("kafka_broker")
     @classmethod
@@ -74,6 +90,17 @@ class Settings(BaseSettings):
             raise ValueError("must be an http:// or https:// URL")
         return value
 
+    @field_validator("log_index_pattern")
+    @classmethod
+    def _index_pattern_formats(cls, value: str) -> str:
+        try:
+            name = value.format(service="svc", date=datetime(2024, 1, 31, tzinfo=timezone.utc))
+        except (KeyError, IndexError, ValueError) as error:
+            raise ValueError(f"may use only {{service}} and {{date:<strftime>}}: {error}") from None
+        if name != name.lower() or any(char in name for char in ' \\/*?"<>|,#:'):
+            raise ValueError(f"gives {name!r}, not a valid Elasticsearch index name (lower case, no spaces or \\/*?\"<>|,#:)")
+        return value
+
     @field_validator("redis_url")
     @classmethod
     def _is_redis_url(cls, value: Optional[str]) -> Optional[str]:
@@ -87,6 +114,19 @@ class Settings(BaseSettings):
         if value is not None and not value.startswith(("postgresql://", "postgres://")):
             raise ValueError("must be a postgresql:// connection URL")
         return value
+
+    @field_validator("cdc_tables")
+    @classmethod
+    def _names_schema_tables(cls, value: str) -> str:
+        for name in (part.strip() for part in value.split(",") if part.strip()):
+            if not re.fullmatch(r"[a-z_][a-z0-9_$]*\.[a-z_][a-z0-9_$]*", name):
+                raise ValueError(f"{name!r} must be schema.table (lower-case, unquoted PostgreSQL names)")
+        return value
+
+    @property
+    def cdc_table_names(self) -> List[str]:
+        """CDC_TABLES as a list of ``schema.table``."""
+        return [part.strip() for part in self.cdc_tables.split(",") if part.strip()]
 
     @model_validator(mode="after")
     def _window_is_whole_steps(self) -> "Settings":
@@ -116,9 +156,10 @@ def faust_settings(settings: Settings) -> Dict[str, Any]:
     """The ``faust.App`` settings of a worker (bench/ builds its apps from the same)."""
     return dict(
         broker=settings.kafka_broker,
-        # Consume through app/transport.py (no per-record stall); produce with Faust's stock driver.
+        # Consume and produce through app/transport.py (no per-record stall, true changelog end
+        # offsets, a producer buffer that does not stop the stream every 100 changelog records).
         broker_consumer=consumer_broker_urls(settings.kafka_broker) if settings.fast_consumer else settings.kafka_broker,
-        broker_producer=settings.kafka_broker,
+        broker_producer=consumer_broker_urls(settings.kafka_broker) if settings.fast_consumer else settings.kafka_broker,
         # Deeper fetches and buffers once the per-record cost is low (bench/README.md).
         broker_max_poll_records=4000,
         consumer_max_fetch_size=4 * 1024 * 1024,

@@ -13,7 +13,8 @@ terms, match, ids, exists, range, bool), ``_refresh``.  Writes are visible
 immediately; ``_refresh`` is accepted but is a no-op.
 
 Fault injection: :meth:`ElasticsearchTestServer.fail_next` (reject the next
-``_bulk`` requests, 429 by default), :meth:`set_unavailable` (503 for every
+``_bulk`` requests, 429 by default), :meth:`fail_next_documents` (reject the
+next documents inside ``_bulk`` requests), :meth:`set_unavailable` (503 for every
 request), and any document with a top-level ``"__reject__": "<reason>"``
 field is rejected per item with 400 ``mapper_parsing_exception``.
 
@@ -190,6 +191,7 @@ class ElasticsearchTestServer:
         self.templates: dict[str, dict[str, Any]] = {}
         self.requests: list[tuple[str, str]] = []
         self._fail_bulk: list[int] = []
+        self._fail_items: list[int] = []
         self._unavailable = False
         self._runner: web.AppRunner | None = None
         self._port: int | None = None
@@ -257,6 +259,10 @@ class ElasticsearchTestServer:
         """Answer the next ``n`` ``_bulk`` requests with ``status``."""
         self._fail_bulk.extend([status] * n)
 
+    def fail_next_documents(self, n: int, status: int = 429) -> None:
+        """Answer the next ``n`` documents of ``_bulk`` requests with a per-item ``status``."""
+        self._fail_items.extend([status] * n)
+
     def set_unavailable(self, unavailable: bool = True) -> None:
         """While set, every request is answered with 503."""
         self._unavailable = unavailable
@@ -267,6 +273,7 @@ class ElasticsearchTestServer:
             coll.clear()
         self.requests.clear()
         self._fail_bulk.clear()
+        self._fail_items.clear()
         self._unavailable = False
 
     def docs(self, index: str) -> dict[str, Any]:
@@ -483,6 +490,11 @@ class ElasticsearchTestServer:
             index, doc_id = meta.get("_index", default_index), meta.get("_id")
             if action not in ("index", "create", "update", "delete") or index is None:
                 raise EsError(400, "action_request_validation_exception", f"bad bulk action [{action}]")
+            if self._fail_items:
+                status = self._fail_items.pop(0)
+                items.append({action: {"_index": index, "_id": doc_id, "status": status, "error": {
+                    "type": "es_rejected_execution_exception", "reason": f"injected per-document {status}"}}})
+                continue
             try:
                 status, result = self._write(action, index, doc_id, body, meta)
                 items.append({action: {**result, "status": status}})

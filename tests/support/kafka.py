@@ -13,21 +13,25 @@ def encode(value: Any) -> bytes:
     return value if isinstance(value, bytes) else json.dumps(value).encode()
 
 
-async def produce(bootstrap: str, topic: str, records: Iterable[Tuple[Optional[str], Any]], max_batch_size: int = 16384) -> None:
-    """Send (key, value) pairs; values that are not bytes are sent as JSON."""
+async def produce(bootstrap: str, topic: str, records: Iterable[Tuple[Any, ...]], max_batch_size: int = 16384) -> None:
+    """Send (key, value) or (key, value, headers) tuples; values that are not bytes are sent as
+    JSON; headers is a dict of str to str."""
     producer = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=5, max_batch_size=max_batch_size)
     await producer.start()
     try:
         sends = [
-            await producer.send(topic, encode(value), key=key.encode() if key is not None else None)
-            for key, value in records
+            await producer.send(
+                topic, encode(record[1]), key=record[0].encode() if record[0] is not None else None,
+                headers=[(name, value.encode()) for name, value in record[2].items()] if len(record) > 2 else None,
+            )
+            for record in records
         ]
         await asyncio.gather(*sends)
     finally:
         await producer.stop()
 
 
-def produce_sync(bootstrap: str, topic: str, records: Iterable[Tuple[Optional[str], Any]], max_batch_size: int = 16384) -> None:
+def produce_sync(bootstrap: str, topic: str, records: Iterable[Tuple[Any, ...]], max_batch_size: int = 16384) -> None:
     asyncio.run(produce(bootstrap, topic, list(records), max_batch_size))
 
 

@@ -1,0 +1,321 @@
+"""Centralized logging.
+
+logs -> ship_logs -> Elasticsearch (logs-<service>-YYYY.MM.DD, bulk, retried until stored)
+                  -> log-counts (per service and batch) -> count_log_lines -> log_stats, log_recent
+                                                                           -> metrics (log_error_rate)
+Pages: /logs/stats/{service}/, /logs/recent/{service}/, /logs/status/
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any, Dict, List, Optional, Tuple
+
+from faust import web
+from faust.types import EventT
+
+from agents.metrics import metrics_topic
+from app import app, settings
+from app.dead_letters import dead_letter
+from app.search import BulkWriter, Rejection, optional_writer, put_index_template
+from models.logs import (
+    LEVELS, InvalidRecord, LogCounts, RecordContext, document_id, fold_counts, header_text, index_name,
+    index_template_patterns, is_error, parse_record, window_key, window_start, window_summary, windows_to_close,
+)
+from tables.logs import log_stats, recent_lines
+
+log = logging.getLogger(__name__)
+
+logs_topic = app.topic(
+    # Raw bytes: a record may be JSON, logfmt, plain text or a JSON array; the agent detects which.
+    "logs", key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw",
+    partitions=settings.topic_partitions, internal=True,
+)
+log_counts_topic = app.topic(
+    "log-counts", key_type=bytes, value_type=LogCounts, key_serializer="raw",
+    partitions=settings.topic_partitions, internal=True,
+)
+
+INDEX_TEMPLATE = "streamspine-logs"
+CLOSE_GRACE = 5.0  # seconds past a window's end (wall clock) before a quiet service's window closes
+KEEP_WINDOWS = 10
+LOG_ERROR_RATE = "log_error_rate"
+INDEX_MAPPINGS: Dict[str, Any] = {
+    "dynamic_templates": [
+        {"labels": {"path_match": "labels.*", "mapping": {"type": "keyword", "ignore_above": 1024}}},
+        {"strings_as_keyword": {"match_mapping_type": "string", "mapping": {"type": "keyword", "ignore_above": 1024}}},
+    ],
+    "properties": {
+        "@timestamp": {"type": "date"},
+        "message": {"type": "match_only_text"},
+        "log": {"properties": {"level": {"type": "keyword"}, "logger": {"type": "keyword"}}},
+        "service": {"properties": {"name": {"type": "keyword"}, "environment": {"type": "keyword"}}},
+        "trace": {"properties": {"id": {"type": "keyword"}}},
+        "span": {"properties": {"id": {"type": "keyword"}}},
+        "host": {"properties": {"name": {"type": "keyword"}}},
+        "error": {"properties": {"message": {"type": "match_only_text"}, "stack_trace": {"type": "wildcard"}}},
+        "event": {"properties": {"dataset": {"type": "keyword"}}},
+    },
+}
+
+writer: Optional[BulkWriter] = optional_writer(settings.elasticsearch_url, settings.elasticsearch_max_backoff)
+
+
+@dataclass
+class ShippingCounters:
+    """This worker's shipping totals, for /logs/status/."""
+
+    records: int = 0
+    lines: int = 0
+    indexed: int = 0
+    rejected: int = 0
+    dead_lettered: int = 0
+    last_batch_at: Optional[float] = None
+
+
+counters = ShippingCounters()
+
+
+@dataclass
+class ParsedBatch:
+    """A batch of ``logs`` records: the bulk actions, what each line adds to the statistics, and the
+    records refused at parsing."""
+
+    actions: List[Dict[str, Any]] = field(default_factory=list)
+    origins: Dict[str, Tuple[EventT, int]] = field(default_factory=dict)  # _id -> (record, line)
+    counts: Dict[Tuple[str, int], Dict[Tuple[int, float, str], int]] = field(default_factory=dict)
+    recent: Dict[Tuple[str, int], List[Dict[str, Any]]] = field(default_factory=dict)
+    invalid: List[Tuple[EventT, str]] = field(default_factory=list)
+    lines: int = 0
+
+
+def record_context(event: EventT) -> RecordContext:
+    """Service (record key, else a ``service`` header), host header and record time of a record."""
+    message = event.message
+    key = message.key
+    service = None
+    if key:
+        try:
+            service = key.decode("utf-8").strip() or None
+        except UnicodeDecodeError:
+            raise InvalidRecord(f"record key is not UTF-8: {key!r}") from None
+    headers = message.headers
+    service = service or header_text(headers, "service")
+    moment = datetime.fromtimestamp(message.timestamp or time.time(), tz=timezone.utc)
+    return RecordContext(service, header_text(headers, "host"), moment)
+
+
+def recent_entry(doc_id: str, doc: Dict[str, Any]) -> Dict[str, Any]:
+    """The fields of a line kept in log_recent."""
+    entry = {"id": doc_id, "@timestamp": doc["@timestamp"], "level": doc["log"]["level"], "message": doc["message"]}
+    trace = doc.get("trace")
+    if isinstance(trace, dict) and "id" in trace:
+        entry["trace_id"] = trace["id"]
+    host = doc.get("host")
+    if isinstance(host, dict) and "name" in host:
+        entry["host"] = host["name"]
+    return entry
+
+
+def parse_events(events: List[EventT]) -> ParsedBatch:
+    """Parse every record of a batch; pure apart from reading the events."""
+    batch = ParsedBatch()
+    pattern, window, keep_recent = settings.log_index_pattern, settings.log_stats_window, settings.log_recent_limit
+    for event in events:
+        message = event.message
+        try:
+            docs = parse_record(message.value, record_context(event))
+        except InvalidRecord as error:
+            batch.invalid.append((event, str(error)))
+            continue
+        for line, doc in enumerate(docs):
+            doc_id = document_id(message.topic, message.partition, message.offset, line)
+            service, level, timestamp = doc["service"]["name"], doc["log"]["level"], doc["@timestamp"]
+            batch.actions.append({"_op_type": "index", "_index": index_name(pattern, service, timestamp), "_id": doc_id, "_source": doc})
+            batch.origins[doc_id] = (event, line)
+            series = (service, message.partition)
+            counts = batch.counts.setdefault(series, defaultdict(int))
+            counts[(message.offset, window_start(timestamp, window), level)] += 1
+            recent = batch.recent.setdefault(series, [])
+            recent.append(recent_entry(doc_id, doc))
+            if len(recent) > 2 * keep_recent:
+                del recent[:-keep_recent]
+        batch.lines += len(docs)
+    return batch
+
+
+async def publish_counts(batch: ParsedBatch) -> None:
+    """One LogCounts per service and source partition, acknowledged by Kafka before the batch is."""
+    deliveries = []
+    for (service, partition), counts in batch.counts.items():
+        rows = [[offset, start, level, lines] for (offset, start, level), lines in sorted(counts.items())]
+        value = LogCounts(
+            service=service, source_partition=partition, counts=rows,
+            recent=batch.recent[(service, partition)][-settings.log_recent_limit:],
+        )
+        deliveries.append(await log_counts_topic.send(key=service.encode(), value=value))
+    for delivery in deliveries:
+        await delivery
+
+
+async def dead_letter_rejections(rejections: List[Rejection], batch: ParsedBatch) -> None:
+    """A record with a line Elasticsearch refused goes to the DLQ once, naming the line and why."""
+    reasons: Dict[int, Tuple[EventT, List[str]]] = {}
+    for rejection in rejections:
+        event, line = batch.origins[rejection.action["_id"]]
+        entry = reasons.setdefault(id(event), (event, []))
+        entry[1].append(f"line {line}: Elasticsearch refused it ({rejection.status}): {rejection.reason}")
+    for event, lines in reasons.values():
+        await dead_letter("; ".join(lines), event)
+        counters.dead_lettered += 1
+
+
+@app.agent(logs_topic)
+async def ship_logs(stream) -> None:
+    """Parse each batch of records, count its lines, and bulk-index them into Elasticsearch.
+
+    The batch is acknowledged (its offsets become committable) only after its counts are in Kafka
+    and every line is stored or dead-lettered, so an Elasticsearch outage holds the offsets back
+    and nothing is lost; redelivered records overwrite their own documents (_id from the offset).
+    """
+    if writer is not None:
+        await put_index_template(
+            writer.client, INDEX_TEMPLATE, index_template_patterns(settings.log_index_pattern), INDEX_MAPPINGS,
+            max_backoff=settings.elasticsearch_max_backoff,
+        )
+    async for events in stream.take_events(settings.log_batch_max, within=settings.log_batch_within):
+        batch = parse_events(events)
+        for event, reason in batch.invalid:
+            await dead_letter(reason, event)
+        counters.dead_lettered += len(batch.invalid)
+        await publish_counts(batch)
+        if writer is not None and batch.actions:
+            rejections = await writer.write(batch.actions)
+            await dead_letter_rejections(rejections, batch)
+            counters.indexed += len(batch.actions) - len(rejections)
+            counters.rejected += len(rejections)
+        counters.records += len(events)
+        counters.lines += batch.lines
+        counters.last_batch_at = time.time()
+
+
+# --- statistics ----------------------------------------------------------------------------------
+
+
+def merge_recent(current: List[Dict[str, Any]], new: List[Dict[str, Any]], limit: int) -> List[Dict[str, Any]]:
+    """Newest first, each line once (a redelivered record keeps its place), at most ``limit``."""
+    seen = {entry["id"] for entry in new}
+    merged = list(reversed(new)) + [entry for entry in current if entry["id"] not in seen]
+    merged.sort(key=lambda entry: entry["@timestamp"], reverse=True)
+    return merged[:limit]
+
+
+async def send_error_rate(service: str, start: float, levels: Dict[str, int]) -> None:
+    """A closed window's error ratio as a ``log_error_rate`` sample on ``metrics``."""
+    summary = window_summary(start, settings.log_stats_window, levels)
+    sample = {"service": service, "instance": "logs", "metric": LOG_ERROR_RATE,
+              "value": summary["error_ratio"], "ts": summary["end"]}
+    delivery = await metrics_topic.send(key=service.encode(), value=json.dumps(sample).encode())
+    await delivery
+
+
+async def close_windows(service: str, state: Dict[str, Any], now: float) -> Dict[str, Any]:
+    """Send the sample of every window that ended; returns the state with ``closed_through`` moved."""
+    window = settings.log_stats_window
+    for start in windows_to_close(state, now=now, window=window, grace=CLOSE_GRACE):
+        await send_error_rate(service, start, state["windows"][window_key(start)])
+        state = {**state, "closed_through": start}
+    return state
+
+
+@app.agent(log_counts_topic)
+async def count_log_lines(stream) -> None:
+    """Fold each LogCounts into its service's windows and recent lines; close ended windows."""
+    async for counts in stream:
+        service = counts.service
+        state = fold_counts(log_stats[service], counts, window=settings.log_stats_window, keep=KEEP_WINDOWS)
+        log_stats[service] = await close_windows(service, state, time.time())
+        if counts.recent:
+            recent_lines[service] = merge_recent(recent_lines[service], counts.recent, settings.log_recent_limit)
+
+
+@app.timer(interval=max(1.0, min(settings.log_stats_window / 4, 15.0)))
+async def close_quiet_windows() -> None:
+    """Ask the owner of each quiet service of this worker to close its ended windows: a tick (a
+    LogCounts without rows) through ``log-counts``, so the write happens in that partition."""
+    now = time.time()
+    for key, state in list(log_stats.items()):
+        service = key.decode() if isinstance(key, bytes) else key
+        if windows_to_close(state, now=now, window=settings.log_stats_window, grace=CLOSE_GRACE):
+            await log_counts_topic.send(
+                key=service.encode(), value=LogCounts(service=service, source_partition=-1, counts=[], recent=[]),
+            )
+
+
+# --- pages ---------------------------------------------------------------------------------------
+
+
+def stats_view(service: str, state: Dict[str, Any], now: float) -> Dict[str, Any]:
+    """The current and previous windows (wall clock) of a service, and every window kept."""
+    window = settings.log_stats_window
+    windows = {float(start): levels for start, levels in state.get("windows", {}).items()}
+    current = (now // window) * window
+    return {
+        "service": service,
+        "window_s": window,
+        "current": window_summary(current, window, windows.get(current, {})),
+        "previous": window_summary(current - window, window, windows.get(current - window, {})),
+        "windows": [window_summary(start, window, levels) for start, levels in sorted(windows.items())],
+    }
+
+
+@app.page("/logs/stats/{service}/")
+@app.table_route(table=log_stats, match_info="service")
+async def service_log_stats(view: web.View, request: web.Request, service: str) -> web.Response:
+    """Counts per level and error ratio of the current and previous window of a service."""
+    if service not in log_stats:
+        raise view.NotFound("no log lines seen for this service", service=service)
+    return view.json(stats_view(service, log_stats[service], time.time()))
+
+
+def recent_query(view: web.View, request: web.Request) -> Tuple[Optional[str], int]:
+    """``?level=`` (one of LEVELS) and ``?limit=`` (1..LOG_RECENT_LIMIT, default 50)."""
+    level = request.query.get("level") or None
+    if level is not None and level not in LEVELS:
+        raise view.ValidationError(f"level must be one of {', '.join(LEVELS)}")
+    try:
+        limit = int(request.query.get("limit", "50"))
+    except ValueError:
+        raise view.ValidationError("limit must be an integer") from None
+    if not 1 <= limit <= settings.log_recent_limit:
+        raise view.ValidationError(f"limit must be between 1 and {settings.log_recent_limit}")
+    return level, limit
+
+
+@app.page("/logs/recent/{service}/")
+@app.table_route(table=recent_lines, match_info="service")
+async def service_recent_lines(view: web.View, request: web.Request, service: str) -> web.Response:
+    """The latest lines of a service, newest first, optionally of one level."""
+    level, limit = recent_query(view, request)
+    if service not in recent_lines:
+        raise view.NotFound("no log lines seen for this service", service=service)
+    lines = [entry for entry in recent_lines[service] if level is None or entry["level"] == level]
+    return view.json({"service": service, "level": level, "lines": lines[:limit]})
+
+
+@app.page("/logs/status/")
+async def shipping_status(view: web.View, request: web.Request) -> web.Response:
+    """This worker's shipping totals and whether Elasticsearch is configured."""
+    return view.json({
+        "elasticsearch": settings.elasticsearch_url is not None,
+        "index_pattern": settings.log_index_pattern,
+        "es_retries": writer.retries if writer is not None else 0,
+        **counters.__dict__,
+    })
+
+
+__all__ = ["logs_topic", "log_counts_topic", "ship_logs", "count_log_lines", "is_error"]

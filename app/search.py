@@ -1,0 +1,163 @@
+"""The one Elasticsearch sink: bulk writes through the official async client that never lose a
+document and never give up while the cluster is away.
+
+``BulkWriter.write(actions)`` returns only when every action is either stored or refused for good:
+
+- connection errors, timeouts and whole-request 429/5xx answers are retried with exponential
+  backoff (capped at ELASTICSEARCH_MAX_BACKOFF) for as long as it takes; the caller's events stay
+  unacknowledged meanwhile, so the worker does not commit offsets past unwritten records;
+- per-document 429/5xx answers are retried the same way, only for those documents;
+- per-document refusals (400 mapping errors, 409 version conflicts the caller did not expect...)
+  are returned as ``Rejection``s for the caller to dead-letter.
+
+Actions carry deterministic ``_id``s (and, where ordering matters, external versions), so a retry
+or a redelivered record overwrites instead of duplicating.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any, Collection, Dict, List, Mapping, Optional, Sequence
+
+from elastic_transport import ConnectionError as TransportConnectionError
+from elastic_transport import ConnectionTimeout
+from elasticsearch import ApiError, AsyncElasticsearch
+from elasticsearch.helpers import async_streaming_bulk
+from tenacity import AsyncRetrying, retry_if_exception, stop_never, wait_exponential
+
+log = logging.getLogger(__name__)
+
+RETRYABLE_STATUS = (408, 429, 500, 502, 503, 504)
+CHUNK_SIZE = 2000
+MAX_CHUNK_BYTES = 16 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class Rejection:
+    """A document Elasticsearch refused for good: its action and why."""
+
+    action: Mapping[str, Any]
+    status: Any
+    reason: str
+
+
+class RetryLater(Exception):
+    """Some documents met a transient failure; they are retried after a backoff."""
+
+
+def search_client(url: str) -> AsyncElasticsearch:
+    """An async client whose own retries are off: BulkWriter is the one retry mechanism."""
+    return AsyncElasticsearch(url, max_retries=0, retry_on_timeout=False, request_timeout=30)
+
+
+def failure_reason(info: Mapping[str, Any]) -> str:
+    error = info.get("error")
+    if isinstance(error, Mapping):
+        reason = f"{error.get('type', 'error')}: {error.get('reason', '')}"
+        caused_by = error.get("caused_by")
+        if isinstance(caused_by, Mapping):
+            reason += f" (caused by {caused_by.get('type')}: {caused_by.get('reason')})"
+        return reason
+    return str(error)
+
+
+def is_transient(status: Any) -> bool:
+    """429 and 5xx, and no status at all (the request never got an answer)."""
+    return not isinstance(status, int) or status in RETRYABLE_STATUS
+
+
+def is_transient_error(error: BaseException) -> bool:
+    """Worth retrying: no answer, a timeout, a 429/5xx answer, or documents left to retry."""
+    if isinstance(error, (RetryLater, TransportConnectionError, ConnectionTimeout)):
+        return True
+    return isinstance(error, ApiError) and is_transient(error.meta.status if error.meta else None)
+
+
+class BulkWriter:
+    """Bulk-index, update or delete documents; see the module docstring for the guarantees."""
+
+    def __init__(
+        self, client: AsyncElasticsearch, *, max_backoff: float = 30.0, initial_backoff: float = 0.1,
+        accept_status: Collection[int] = (),
+    ) -> None:
+        self.client = client
+        self.max_backoff = max_backoff
+        self.initial_backoff = initial_backoff
+        self.accept_status = tuple(accept_status)  # e.g. 409 for external-version guards
+        self.retries = 0
+
+    async def write(self, actions: Sequence[Dict[str, Any]]) -> List[Rejection]:
+        """Write every action; returns the ones refused for good."""
+        pending = list(actions)
+        rejections: List[Rejection] = []
+        retrying = AsyncRetrying(
+            retry=retry_if_exception(is_transient_error),
+            wait=wait_exponential(multiplier=self.initial_backoff, max=self.max_backoff),
+            stop=stop_never,
+            before_sleep=self._log_retry,
+            reraise=True,
+        )
+        async for attempt in retrying:
+            with attempt:
+                pending = await self._write_once(pending, rejections)
+                if pending:
+                    raise RetryLater(f"{len(pending)} documents met a transient failure")
+        return rejections
+
+    async def _write_once(self, actions: List[Dict[str, Any]], rejections: List[Rejection]) -> List[Dict[str, Any]]:
+        """One pass over ``actions``; returns those to retry, appends permanent refusals."""
+        by_id = {(action.get("_index"), action.get("_id")): action for action in actions}
+        retry: List[Dict[str, Any]] = []
+        async for ok, item in async_streaming_bulk(
+            self.client, actions, chunk_size=CHUNK_SIZE, max_chunk_bytes=MAX_CHUNK_BYTES,
+            raise_on_error=False, raise_on_exception=False, yield_ok=False,
+            ignore_status=self.accept_status,
+        ):
+            if ok:
+                continue
+            _, info = next(iter(item.items()))
+            status = info.get("status")
+            if isinstance(status, int) and status in self.accept_status:
+                continue
+            action = by_id.get((info.get("_index"), info.get("_id")))
+            if action is None:  # a whole-request failure names no index: match by id alone
+                action = next((a for a in actions if a.get("_id") == info.get("_id")), None)
+            if action is None:
+                continue
+            if is_transient(status):
+                retry.append(action)
+            else:
+                rejections.append(Rejection(action, status, failure_reason(info)))
+        return retry
+
+    def _log_retry(self, state: Any) -> None:
+        self.retries += 1
+        error = state.outcome.exception() if state.outcome else None
+        log.warning(
+            "Elasticsearch write failed (%s); retry %d in %.1fs", error, state.attempt_number,
+            state.next_action.sleep if state.next_action else 0.0,
+        )
+
+    async def close(self) -> None:
+        await self.client.close()
+
+
+async def put_index_template(client: AsyncElasticsearch, name: str, patterns: List[str], mappings: Dict[str, Any],
+                             *, max_backoff: float = 30.0) -> None:
+    """Create or replace an index template, retrying until the cluster answers."""
+    retrying = AsyncRetrying(
+        retry=retry_if_exception(is_transient_error),
+        wait=wait_exponential(multiplier=0.1, max=max_backoff), stop=stop_never, reraise=True,
+        before_sleep=lambda state: log.warning("index template %s not stored yet: %s", name, state.outcome.exception()),
+    )
+    async for attempt in retrying:
+        with attempt:
+            await client.indices.put_index_template(
+                name=name, index_patterns=patterns, priority=200,
+                template={"mappings": mappings}, meta={"managed_by": "streamspine"},
+            )
+
+
+def optional_writer(url: Optional[str], max_backoff: float, **kwargs: Any) -> Optional[BulkWriter]:
+    """A writer for ELASTICSEARCH_URL, or None when the sink is not configured."""
+    return BulkWriter(search_client(url), max_backoff=max_backoff, **kwargs) if url else None

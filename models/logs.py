@@ -1,0 +1,435 @@
+"""Service log lines: detect the format of a record, normalize each line to Elastic Common Schema.
+
+A record on ``logs`` holds one line as JSON, logfmt or plain text, or a JSON array of such lines
+(batching shippers). Parsing is pure: ``parse_record`` turns the record's bytes into ECS documents
+or raises ``InvalidRecord`` with the reason that goes to the dead-letter queue.
+"""
+from __future__ import annotations
+
+import json
+import math
+import re
+import shlex
+from functools import lru_cache
+from datetime import datetime, timezone
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Tuple
+
+import faust
+from dateutil import parser as dateparser
+
+from models.metrics import InvalidRecord
+
+ECS_VERSION = "8.11.0"
+LEVELS = ("trace", "debug", "info", "warn", "error", "fatal")
+ERROR_LEVELS = frozenset({"error", "fatal"})
+
+# Spellings seen in the wild -> the level names of ECS/our statistics.
+LEVEL_ALIASES = {
+    "trace": "trace", "finest": "trace", "verbose": "trace",
+    "debug": "debug", "dbug": "debug", "fine": "debug",
+    "info": "info", "information": "info", "informational": "info", "notice": "info",
+    "warn": "warn", "warning": "warn",
+    "error": "error", "err": "error", "eror": "error", "severe": "error",
+    "fatal": "fatal", "critical": "fatal", "crit": "fatal", "alert": "fatal", "emerg": "fatal", "panic": "fatal",
+}
+SYSLOG_SEVERITIES = {0: "fatal", 1: "fatal", 2: "fatal", 3: "error", 4: "warn", 5: "info", 6: "info", 7: "debug"}
+
+# Shipper field names -> ECS field names (dotted). Anything else that is not already an ECS
+# field is kept under ``labels``.
+FIELD_ALIASES = {
+    "@timestamp": "@timestamp", "ts": "@timestamp", "timestamp": "@timestamp", "time": "@timestamp",
+    "t": "@timestamp", "datetime": "@timestamp",
+    "level": "log.level", "lvl": "log.level", "severity": "log.level", "log.level": "log.level", "loglevel": "log.level",
+    "service": "service.name", "service.name": "service.name", "app": "service.name", "application": "service.name",
+    "message": "message", "msg": "message",
+    "trace_id": "trace.id", "traceid": "trace.id", "traceId": "trace.id", "trace.id": "trace.id",
+    "span_id": "span.id", "spanid": "span.id", "spanId": "span.id", "span.id": "span.id",
+    "transaction_id": "transaction.id", "transaction.id": "transaction.id",
+    "host": "host.name", "hostname": "host.name", "host.name": "host.name",
+    "logger": "log.logger", "logger_name": "log.logger", "log.logger": "log.logger",
+    "error": "error.message", "exc_info": "error.stack_trace", "stack_trace": "error.stack_trace",
+    "error.message": "error.message", "error.type": "error.type", "error.stack_trace": "error.stack_trace",
+    "pid": "process.pid", "process.pid": "process.pid", "thread": "process.thread.name",
+    "environment": "service.environment", "env": "service.environment", "version": "service.version",
+    "user_id": "user.id", "user.id": "user.id",
+}
+# Top-level ECS field sets: a dotted extra field under one of these is kept as it is.
+ECS_ROOTS = frozenset({
+    "agent", "client", "cloud", "container", "destination", "dns", "ecs", "error", "event", "file", "host",
+    "http", "log", "network", "observer", "orchestrator", "organization", "process", "related", "server",
+    "service", "source", "span", "threat", "tls", "trace", "transaction", "url", "user", "user_agent",
+})
+KEY_PATTERN = re.compile(r"^[A-Za-z_@][A-Za-z0-9_.@-]*$")
+LEVEL_MARKER = re.compile(
+    r"\b(TRACE|DEBUG|INFO|NOTICE|WARN|WARNING|ERROR|ERR|SEVERE|FATAL|CRITICAL|CRIT|PANIC)\b|\[(\w+)\]"
+)
+ERROR_MARKER = re.compile(r"Traceback \(most recent call last\)|\bException\b|\bpanic:")
+MAX_LINES_PER_RECORD = 10_000
+
+
+class LogCounts(faust.Record, serializer="json"):
+    """What one batch of one source partition adds to a service's log statistics.
+
+    ``counts`` rows are ``[offset, window_start, level, lines]``: per record offset, so a
+    statistics partition can skip records it already counted (at-least-once redelivery).
+    ``recent`` holds the batch's latest lines of the service (id, @timestamp, level, message, ...).
+    """
+
+    service: str
+    source_partition: int
+    counts: List[List[Any]]
+    recent: List[Dict[str, Any]]
+
+
+def normalize_level(value: Any) -> Optional[str]:
+    """``"WARNING"`` -> ``"warn"``, syslog severity 3 -> ``"error"``; None when unknown."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return SYSLOG_SEVERITIES.get(value)
+    if isinstance(value, str):
+        return LEVEL_ALIASES.get(value.strip().lower())
+    return None
+
+
+def guess_level(text: str) -> str:
+    """The level of a plain-text line from common markers (``ERROR``, ``[warn]``, tracebacks)."""
+    for match in LEVEL_MARKER.finditer(text):
+        level = normalize_level(match.group(1) or match.group(2))
+        if level is not None:
+            return level
+    return "error" if ERROR_MARKER.search(text) else "info"
+
+
+def to_timestamp(value: Any) -> datetime:
+    """Epoch seconds or milliseconds, or an ISO-8601-like string, as an aware UTC datetime."""
+    if isinstance(value, bool):
+        raise InvalidRecord(f"timestamp must be a time, got {value!r}")
+    if isinstance(value, (int, float)):
+        if not math.isfinite(value) or value <= 0:
+            raise InvalidRecord(f"timestamp is not a time: {value!r}")
+        seconds = value / 1000.0 if value > 1e11 else float(value)  # 1e11 s is the year 5138
+        try:
+            return datetime.fromtimestamp(seconds, tz=timezone.utc)
+        except (OverflowError, OSError, ValueError):
+            raise InvalidRecord(f"timestamp is out of range: {value!r}") from None
+    if isinstance(value, str):
+        try:
+            parsed = dateparser.isoparse(value)
+        except ValueError:
+            try:
+                parsed = dateparser.parse(value)
+            except (ValueError, OverflowError):
+                raise InvalidRecord(f"timestamp is not a date: {value!r}") from None
+        return parsed.replace(tzinfo=timezone.utc) if parsed.tzinfo is None else parsed.astimezone(timezone.utc)
+    raise InvalidRecord(f"timestamp must be a number or a string, got {type(value).__name__}")
+
+
+def iso_timestamp(moment: datetime) -> str:
+    """Elasticsearch's ``strict_date_optional_time`` with milliseconds, UTC."""
+    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
+
+
+def parse_logfmt(text: str) -> Optional[Dict[str, str]]:
+    """``level=warn msg="a b"`` -> ``{"level": "warn", "msg": "a b"}``; None when the line is
+    not logfmt (a token without ``key=``, unbalanced quotes, or no ``msg``/``level`` key)."""
+    if "=" not in text:
+        return None
+    try:
+        tokens = shlex.split(text, posix=True)
+    except ValueError:
+        return None
+    fields: Dict[str, str] = {}
+    for token in tokens:
+        key, sep, value = token.partition("=")
+        if not sep or not KEY_PATTERN.match(key):
+            return None
+        fields[key] = value
+    known = {FIELD_ALIASES.get(key) for key in fields}
+    return fields if known & {"message", "log.level"} else None
+
+
+def set_dotted(doc: Dict[str, Any], path: str, value: Any) -> None:
+    """``set_dotted(d, "log.level", "info")`` -> ``d["log"]["level"] = "info"``."""
+    *parents, leaf = path.split(".")
+    node = doc
+    for part in parents:
+        child = node.get(part)
+        if not isinstance(child, dict):
+            child = node[part] = {}
+        node = child
+    node[leaf] = value
+
+
+def label_value(value: Any) -> str:
+    """ECS labels are keywords: scalars as text, anything else as compact JSON."""
+    if isinstance(value, str):
+        return value
+    return json.dumps(value, separators=(",", ":"), default=str)
+
+
+def flatten_ecs_objects(fields: Mapping[str, Any]) -> Dict[str, Any]:
+    """``{"log": {"level": "error"}}`` -> ``{"log.level": "error"}`` for objects under ECS roots,
+    so nested and dotted spellings of the same field map the same way."""
+    flat: Dict[str, Any] = {}
+    for key, value in fields.items():
+        if isinstance(value, dict) and key.split(".", 1)[0] in ECS_ROOTS and key != "labels":
+            for inner_key, inner_value in flatten_ecs_objects(value).items():
+                flat[f"{key}.{inner_key}"] = inner_value
+        else:
+            flat[key] = value
+    return flat
+
+
+def ecs_document(fields: Mapping[str, Any], context: "RecordContext", line: int) -> Dict[str, Any]:
+    """One line's fields (from JSON or logfmt) as an ECS document."""
+    doc: Dict[str, Any] = {}
+    labels: Dict[str, str] = {}
+    found: Dict[str, Any] = {}
+    for key, value in flatten_ecs_objects(fields).items():
+        target = FIELD_ALIASES.get(key)
+        if target is not None:
+            if target not in found:
+                found[target] = value
+        elif key == "labels" and isinstance(value, dict):
+            labels.update({str(k): label_value(v) for k, v in value.items()})
+        elif "." in key and key.split(".", 1)[0] in ECS_ROOTS:
+            set_dotted(doc, key, value)
+        else:
+            labels[key.replace(".", "_")] = label_value(value)
+
+    message = found.pop("message", None)
+    if message is None:
+        message = ""
+    elif not isinstance(message, str):
+        message = label_value(message)
+    raw_level = found.pop("log.level", None)
+    level = normalize_level(raw_level) if raw_level is not None else None
+    if raw_level is not None and level is None:
+        labels["original_level"] = label_value(raw_level)
+    service = found.pop("service.name", None)
+    if service is not None and (not isinstance(service, str) or not service.strip()):
+        raise InvalidRecord(f"line {line}: service must be a non-empty string, got {service!r}")
+    timestamp = found.pop("@timestamp", None)
+    return finish_document(
+        doc, context, line,
+        message=message,
+        level=level or guess_level(message),
+        service=(service or "").strip() or None,
+        moment=to_timestamp(timestamp) if timestamp is not None else None,
+        extra=found, labels=labels,
+    )
+
+
+LEADING_TIMESTAMP = re.compile(
+    r"^\[?(\d{4}-\d{2}-\d{2}[T ]\d{2}:\d{2}:\d{2}(?:[.,]\d+)?(?:Z|[+-]\d{2}:?\d{2})?)\]?\s"
+)
+
+
+def plain_document(text: str, context: "RecordContext", line: int) -> Dict[str, Any]:
+    """A plain-text line: the whole line is the message, the level is guessed from its markers,
+    the time is a leading ISO-8601 timestamp if the line starts with one, else the record's."""
+    match = LEADING_TIMESTAMP.match(text)
+    moment = None
+    if match:
+        try:
+            moment = to_timestamp(match.group(1).replace(",", "."))
+        except InvalidRecord:
+            moment = None
+    return finish_document({}, context, line, message=text, level=guess_level(text), service=None,
+                           moment=moment, extra={}, labels={})
+
+
+def finish_document(
+    doc: Dict[str, Any], context: "RecordContext", line: int, *, message: str, level: str,
+    service: Optional[str], moment: Optional[datetime], extra: Mapping[str, Any], labels: Dict[str, str],
+) -> Dict[str, Any]:
+    """Fill in what every document has: service, time, level, message, ids, enrichment."""
+    service = service or context.service
+    if not service:
+        raise InvalidRecord(f"line {line}: no service: not in the line, the record key or a 'service' header")
+    moment = moment or context.record_time
+    for path, value in extra.items():
+        set_dotted(doc, path, value)
+    doc["@timestamp"] = iso_timestamp(moment)
+    doc["message"] = message
+    set_dotted(doc, "log.level", level)
+    set_dotted(doc, "service.name", service)
+    if context.host and not isinstance(doc.get("host"), dict):
+        set_dotted(doc, "host.name", context.host)
+    if labels:
+        doc["labels"] = labels
+    set_dotted(doc, "event.dataset", f"{service}.log")
+    set_dotted(doc, "ecs.version", ECS_VERSION)
+    return doc
+
+
+class RecordContext:
+    """What the Kafka record tells about its lines: key/header service, host header, record time."""
+
+    __slots__ = ("service", "host", "record_time")
+
+    def __init__(self, service: Optional[str], host: Optional[str], record_time: datetime) -> None:
+        self.service, self.host, self.record_time = service, host, record_time
+
+
+def line_documents(item: Any, context: RecordContext, line: int) -> Dict[str, Any]:
+    """One element of a record (a JSON object, or a string holding logfmt or plain text)."""
+    if isinstance(item, dict):
+        return ecs_document(item, context, line)
+    if isinstance(item, str):
+        text = item.rstrip("\r\n")
+        if text.lstrip().startswith("{"):
+            try:
+                decoded = json.loads(text)
+            except ValueError:
+                raise InvalidRecord(f"line {line}: looks like JSON but does not parse") from None
+            if isinstance(decoded, dict):
+                return ecs_document(decoded, context, line)
+        if not text.strip():
+            raise InvalidRecord(f"line {line}: empty line")
+        fields = parse_logfmt(text)
+        return ecs_document(fields, context, line) if fields is not None else plain_document(text, context, line)
+    raise InvalidRecord(f"line {line}: a line must be a JSON object or a string, got {type(item).__name__}")
+
+
+JSON_ARRAY_START = re.compile(r"^\[\s*([{\"\]]|$)")
+
+
+def record_items(text: str) -> Tuple[List[Any], bool]:
+    """The lines of a record's text: (items, whether it was a JSON array)."""
+    stripped = text.strip()
+    if not stripped:
+        raise InvalidRecord("empty record")
+    if stripped[0] in "[{":
+        try:
+            decoded = json.loads(stripped)
+        except ValueError as error:
+            if stripped[0] == "[" and not JSON_ARRAY_START.match(stripped):
+                return [stripped], False  # a plain line that starts with "[2024-11-01 ...]" or "[INFO]"
+            raise InvalidRecord(f"record looks like JSON but does not parse: {error}") from None
+        if isinstance(decoded, list):
+            if not decoded:
+                raise InvalidRecord("empty JSON array")
+            if len(decoded) > MAX_LINES_PER_RECORD:
+                raise InvalidRecord(f"{len(decoded)} lines in one record, more than {MAX_LINES_PER_RECORD}")
+            return decoded, True
+        if isinstance(decoded, dict):
+            return [decoded], False
+        raise InvalidRecord(f"a JSON record must be an object or an array, got {type(decoded).__name__}")
+    return [stripped], False
+
+
+def parse_record(value: Optional[bytes], context: RecordContext) -> List[Dict[str, Any]]:
+    """A record's bytes as ECS documents, one per line, in order."""
+    if value is None:
+        raise InvalidRecord("record has no value")
+    try:
+        text = value.decode("utf-8")
+    except UnicodeDecodeError:
+        raise InvalidRecord("record value is not UTF-8") from None
+    items, _ = record_items(text)
+    return [line_documents(item, context, line) for line, item in enumerate(items)]
+
+
+def header_text(headers: Optional[Iterable[Tuple[str, bytes]]], name: str) -> Optional[str]:
+    """A header's value as text (the first one named ``name``), or None."""
+    if not headers:
+        return None
+    items = headers.items() if isinstance(headers, Mapping) else headers
+    for key, value in items:
+        if key == name and value:
+            try:
+                return value.decode("utf-8").strip() or None
+            except UnicodeDecodeError:
+                return None
+    return None
+
+
+def document_id(topic: str, partition: int, offset: int, line: int) -> str:
+    """The ``_id`` of a line: the same record redelivered overwrites, never duplicates."""
+    return f"{topic}-{partition}-{offset}-{line}"
+
+
+INDEX_NAME_FORBIDDEN = re.compile(r'[\s\\/*?"<>|,#:]+')
+
+
+def index_name(pattern: str, service: str, timestamp: str) -> str:
+    """``logs-{service}-{date:%Y.%m.%d}`` for the document's service and UTC day."""
+    return _index_name(pattern, service, timestamp[:10])
+
+
+@lru_cache(maxsize=4096)
+def _index_name(pattern: str, service: str, day: str) -> str:
+    safe_service = INDEX_NAME_FORBIDDEN.sub("-", service.lower()).lstrip("-_+.") or "unknown"
+    return pattern.format(service=safe_service, date=datetime.strptime(day, "%Y-%m-%d").replace(tzinfo=timezone.utc))
+
+
+def index_template_patterns(pattern: str) -> List[str]:
+    """The wildcard an index template must match: the literal prefix of the pattern, then ``*``."""
+    return [pattern.split("{", 1)[0] + "*"]
+
+
+def window_start(timestamp: str, window: float) -> float:
+    """The start (epoch seconds) of the tumbling window holding an ISO timestamp."""
+    moment = datetime.fromisoformat(timestamp.replace("Z", "+00:00")).timestamp()
+    return math.floor(moment / window) * window
+
+
+# --- statistics: pure folds over a service's state -------------------------------------------------
+
+
+def fold_counts(state: Mapping[str, Any], counts: LogCounts, *, window: float, keep: int) -> Dict[str, Any]:
+    """Add a LogCounts to a service's statistics; rows at or below the last counted offset of their
+    source partition were counted before (redelivery) and are skipped. Keeps ``keep`` windows."""
+    windows: Dict[str, Dict[str, int]] = {start: dict(levels) for start, levels in state.get("windows", {}).items()}
+    offsets: Dict[str, int] = dict(state.get("offsets", {}))
+    partition = str(counts.source_partition)
+    counted = offsets.get(partition, -1)
+    newest = state.get("newest_window")
+    for offset, start, level, lines in counts.counts:
+        if offset <= counted:
+            continue
+        levels = windows.setdefault(window_key(start), {})
+        levels[level] = levels.get(level, 0) + lines
+        newest = start if newest is None else max(newest, start)
+    if counts.counts and counts.source_partition >= 0:
+        offsets[partition] = max(counted, max(row[0] for row in counts.counts))
+    if newest is not None:
+        horizon = newest - keep * window
+        windows = {start: levels for start, levels in windows.items() if float(start) > horizon}
+    return {**state, "windows": windows, "offsets": offsets, "newest_window": newest}
+
+
+def window_key(start: float) -> str:
+    return f"{start:.3f}"
+
+
+def windows_to_close(state: Mapping[str, Any], *, now: float, window: float, grace: float) -> List[float]:
+    """Starts of the windows that have ended and whose sample was not sent yet, oldest first.
+
+    A window ends when the wall clock is ``grace`` seconds past its end, or, for replayed or
+    delayed data, when lines two windows later have arrived (event time). Lines of a window that
+    arrive after it ended are still counted in its statistics, not in its sample."""
+    closed_through = state.get("closed_through", float("-inf"))
+    newest = state.get("newest_window")
+    starts = sorted(float(start) for start in state.get("windows", {}))
+    return [
+        start for start in starts
+        if start > closed_through and ((newest is not None and start + window < newest) or start + window + grace <= now)
+    ]
+
+
+def window_summary(start: float, window: float, levels: Mapping[str, int]) -> Dict[str, Any]:
+    """One window's counts per level, total, errors and error ratio."""
+    total = sum(levels.values())
+    errors = sum(count for level, count in levels.items() if is_error(level))
+    return {
+        "start": start, "end": start + window,
+        "counts": {level: levels.get(level, 0) for level in LEVELS},
+        "total": total, "errors": errors, "error_ratio": errors / total if total else 0.0,
+    }
+
+
+def is_error(level: str) -> bool:
+    return level in ERROR_LEVELS

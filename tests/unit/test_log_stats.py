@@ -1,0 +1,41 @@
+"""Log statistics folds (models/logs.py): windows, redelivery, closing."""
+from __future__ import annotations
+
+from models.logs import LogCounts, fold_counts, window_summary, windows_to_close
+
+WINDOW = 60.0
+
+
+def counts(partition: int, rows, service: str = "cart") -> LogCounts:
+    return LogCounts(service=service, source_partition=partition, counts=[list(row) for row in rows], recent=[])
+
+
+def test_counts_fold_into_windows_per_level():
+    state = fold_counts({}, counts(0, [(0, 600.0, "info", 3), (1, 600.0, "error", 1), (2, 660.0, "info", 2)]), window=WINDOW, keep=10)
+    assert state["windows"] == {"600.000": {"info": 3, "error": 1}, "660.000": {"info": 2}}
+    assert window_summary(600.0, WINDOW, state["windows"]["600.000"])["error_ratio"] == 0.25
+
+
+def test_redelivered_rows_are_not_counted_twice():
+    first = fold_counts({}, counts(0, [(10, 600.0, "info", 1), (11, 600.0, "info", 1)]), window=WINDOW, keep=10)
+    # A crash replays offsets 10-11 together with the new offset 12, in one bigger batch.
+    replayed = fold_counts(first, counts(0, [(10, 600.0, "info", 1), (11, 600.0, "info", 1), (12, 600.0, "error", 1)]), window=WINDOW, keep=10)
+    assert replayed["windows"]["600.000"] == {"info": 2, "error": 1}
+    # Offsets are tracked per source partition: partition 1's offset 10 is a different record.
+    other = fold_counts(replayed, counts(1, [(10, 600.0, "info", 1)]), window=WINDOW, keep=10)
+    assert other["windows"]["600.000"] == {"info": 3, "error": 1}
+
+
+def test_only_the_newest_windows_are_kept():
+    rows = [(i, 600.0 + i * WINDOW, "info", 1) for i in range(15)]
+    state = fold_counts({}, counts(0, rows), window=WINDOW, keep=10)
+    assert sorted(float(start) for start in state["windows"]) == [600.0 + i * WINDOW for i in range(5, 15)]
+
+
+def test_windows_close_by_wall_clock_or_when_data_two_windows_later_arrives():
+    state = fold_counts({}, counts(0, [(0, 600.0, "info", 1), (1, 660.0, "error", 1)]), window=WINDOW, keep=10)
+    assert windows_to_close(state, now=664.0, window=WINDOW, grace=5.0) == []  # 600-660 closes at 660 + 5 s grace
+    assert windows_to_close(state, now=665.0, window=WINDOW, grace=5.0) == [600.0]
+    later = fold_counts(state, counts(0, [(2, 720.0, "info", 1)]), window=WINDOW, keep=10)
+    assert windows_to_close(later, now=0.0, window=WINDOW, grace=5.0) == [600.0]  # event time: 720 > 600 + 60
+    assert windows_to_close({**later, "closed_through": 600.0}, now=800.0, window=WINDOW, grace=5.0) == [660.0, 720.0]

@@ -1,0 +1,79 @@
+"""app/search.py: the bulk writer through the official async client, against the in-repo
+Elasticsearch-compatible server (real HTTP, real client)."""
+from __future__ import annotations
+
+import asyncio
+
+from app.search import BulkWriter, put_index_template, search_client
+from tests.support.es_server import REJECT_FIELD, ElasticsearchTestServer
+
+
+def actions(count: int, index: str = "logs-cart-2024.11.01", **extra):
+    return [{"_op_type": "index", "_index": index, "_id": f"doc-{i}", "_source": {"n": i, **extra}} for i in range(count)]
+
+
+async def test_writes_every_document_and_overwrites_on_redelivery():
+    async with ElasticsearchTestServer() as server:
+        writer = BulkWriter(search_client(server.url), initial_backoff=0.01)
+        try:
+            assert await writer.write(actions(50)) == []
+            assert await writer.write(actions(50)) == []  # the same ids again
+        finally:
+            await writer.close()
+        docs = server.docs("logs-cart-2024.11.01")
+        assert len(docs) == 50
+        assert {doc["n"] for doc in docs.values()} == set(range(50))
+
+
+async def test_whole_request_and_per_document_rejections_are_retried_until_stored():
+    async with ElasticsearchTestServer() as server:
+        server.fail_next(2, status=429)
+        server.fail_next(1, status=503)
+        server.fail_next_documents(7, status=429)
+        writer = BulkWriter(search_client(server.url), initial_backoff=0.01, max_backoff=0.05)
+        try:
+            assert await writer.write(actions(20)) == []
+        finally:
+            await writer.close()
+        assert len(server.docs("logs-cart-2024.11.01")) == 20
+        assert writer.retries >= 4
+
+
+async def test_an_unavailable_cluster_is_waited_for():
+    async with ElasticsearchTestServer() as server:
+        server.set_unavailable(True)
+        writer = BulkWriter(search_client(server.url), initial_backoff=0.01, max_backoff=0.05)
+        try:
+            write = asyncio.ensure_future(writer.write(actions(5)))
+            await asyncio.sleep(0.5)
+            assert not write.done() and writer.retries > 0  # still waiting, nothing dropped
+            server.set_unavailable(False)
+            assert await asyncio.wait_for(write, 10) == []
+        finally:
+            await writer.close()
+        assert len(server.docs("logs-cart-2024.11.01")) == 5
+
+
+async def test_a_refused_document_is_returned_with_the_reason_and_the_rest_is_stored():
+    async with ElasticsearchTestServer() as server:
+        batch = actions(3)
+        batch[1]["_source"][REJECT_FIELD] = "field [n] of different type"
+        writer = BulkWriter(search_client(server.url), initial_backoff=0.01)
+        try:
+            (rejection,) = await writer.write(batch)
+        finally:
+            await writer.close()
+        assert rejection.action["_id"] == "doc-1"
+        assert rejection.status == 400
+        assert "mapper_parsing_exception" in rejection.reason and "different type" in rejection.reason
+        assert sorted(server.docs("logs-cart-2024.11.01")) == ["doc-0", "doc-2"]
+
+
+async def test_index_template_is_stored():
+    async with ElasticsearchTestServer() as server:
+        client = search_client(server.url)
+        try:
+            await put_index_template(client, "streamspine-logs", ["logs-*"], {"properties": {"@timestamp": {"type": "date"}}})
+        finally:
+            await client.close()
+        assert server.templates["streamspine-logs"]["index_patterns"] == ["logs-*"]
