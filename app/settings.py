@@ -56,6 +56,11 @@ class Settings(BaseSettings):
     redis_url: Optional[str] = None
     replica_dsn: Optional[str] = None
     cdc_source_dsn: Optional[str] = None
+    # Realtime recommendations (agents/recommendations.py).
+    recs_session_timeout: float = Field(1800.0, gt=0, le=7 * 86400)
+    recs_neighbours: int = Field(50, ge=1, le=1000)
+    recs_refit_interval: float = Field(60.0, gt=0, le=86400)
+    recs_embedding_dims: int = Field(32, ge=2, le=256)
     # Change data capture (agents/cdc.py). CDC_TABLES: comma-separated schema.table names.
     cdc_tables: str = ""
     cdc_slot: str = Field("streamspine_cdc", pattern=r"^[a-z0-9_]{1,63}$")
