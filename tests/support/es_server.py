@@ -15,7 +15,7 @@ immediately; ``_refresh`` is accepted but is a no-op.
 Fault injection: :meth:`ElasticsearchTestServer.fail_next` (reject the next
 ``_bulk`` requests, 429 by default), :meth:`fail_next_documents` (reject the
 next documents inside ``_bulk`` requests), :meth:`set_unavailable` (503 for every
-request), and any document with a top-level ``"__reject__": "<reason>"``
+request), and any document with a top-level (or ``labels.``) ``"__reject__": "<reason>"``
 field is rejected per item with 400 ``mapper_parsing_exception``.
 
 Usage::
@@ -65,6 +65,16 @@ class EsError(Exception):
 
     def body(self) -> dict[str, Any]:
         return {"error": {"root_cause": [self.cause()], **self.cause()}, "status": self.status}
+
+
+def rejection_of(doc: Any) -> str | None:
+    """The injected refusal of a document: a top-level ``__reject__`` field, or one under
+    ``labels`` (where an ECS-normalizing client puts unknown fields)."""
+    if not isinstance(doc, dict):
+        return None
+    labels = doc.get("labels")
+    reason = doc.get(REJECT_FIELD, labels.get(REJECT_FIELD) if isinstance(labels, dict) else None)
+    return None if reason is None else str(reason)
 
 
 # --------------------------------------------------------------------- query
@@ -358,8 +368,9 @@ class ElasticsearchTestServer:
         docs, info = self.indices[index], self.index_meta[index]
         doc_id = doc_id or uuid.uuid4().hex[:20]
         checked = (body or {}).get("doc") if action == "update" else body
-        if isinstance(checked, dict) and REJECT_FIELD in checked:
-            raise EsError(400, "mapper_parsing_exception", str(checked[REJECT_FIELD]), index)
+        reject = rejection_of(checked)
+        if reject is not None:
+            raise EsError(400, "mapper_parsing_exception", reject, index)
         existing = docs.get(doc_id)
         current = existing["_version"] if existing else info["tombstones"].get(doc_id)
         self._check_version(doc_id, existing, current, meta, action, index)
