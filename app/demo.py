@@ -1,7 +1,8 @@
 """Demo traffic for every pipeline that exists: ``python -m app.demo`` (started by ``make run``).
 
-Sends metric samples for a few services twice a second, with a CPU spike now and then, and one
-malformed record every 30 s so the dead-letter path can be seen working.
+Sends metric samples for a few services twice a second, with a CPU spike now and then, log lines
+of every form (JSON, logfmt, plain text, JSON arrays) with an error now and then, and one malformed
+record every 30 s so the dead-letter path can be seen working.
 """
 from __future__ import annotations
 
@@ -30,6 +31,18 @@ def metric_samples(service: str, instances: int, spike: bool) -> list:
     return samples
 
 
+def log_records(service: str, tick: int) -> list:
+    """A round of log records of a service, one of each form the logging pipeline accepts."""
+    now = time.time()
+    level = "error" if random.random() < 0.05 else "info"
+    return [
+        {"ts": now, "service": service, "level": level, "message": f"handled request {tick}", "trace_id": f"{tick:016x}"},
+        f'ts={now:.3f} level=warn service={service} msg="slow downstream call: {random.randint(200, 900)} ms"',
+        f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime(now))} INFO {service} cache refreshed",
+        [{"ts": now, "level": "debug", "message": f"batched line {i}"} for i in range(5)],
+    ]
+
+
 async def send_demo_traffic(bootstrap: str, interval: float, duration: float) -> None:
     # One record per batch: the local broker's high watermark is wrong for multi-record batches.
     producer = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=10, max_batch_size=1)
@@ -42,8 +55,12 @@ async def send_demo_traffic(bootstrap: str, interval: float, duration: float) ->
                 spike = service == "cart" and tick % 120 >= 100
                 batch = metric_samples(service, instances, spike)
                 await producer.send("metrics", json.dumps(batch).encode(), key=service.encode())
+                for record in log_records(service, tick):
+                    value = record.encode() if isinstance(record, str) else json.dumps(record).encode()
+                    await producer.send("logs", value, key=service.encode())
             if tick % 60 == 59:
                 await producer.send("metrics", b"{this is not json", key=b"order")
+                await producer.send("logs", b'{"message": "truncated', key=b"order")
             tick += 1
             await asyncio.sleep(interval)
     finally:

@@ -45,6 +45,8 @@ streamspine is running (KAFKA_BROKER={broker_url})
   {web}/metrics/services/cart/       latest metric values of a service
   {web}/table/metrics_latest/cart/   the same, from Faust's built-in table view
   {web}/dead-letters/metrics/        malformed records sent to metrics.dlq
+  {web}/logs/stats/cart/             log lines per level, current and previous minute
+  {web}/logs/recent/cart/?level=warn latest log lines of a service
   {web}/router/                      which worker owns which table partitions
 Ctrl-C stops everything.
 """,

@@ -101,6 +101,9 @@ def guess_level(text: str) -> str:
     return "error" if ERROR_MARKER.search(text) else "info"
 
 
+EPOCH_TEXT = re.compile(r"^\d{9,13}(\.\d+)?$")
+
+
 def to_timestamp(value: Any) -> datetime:
     """Epoch seconds or milliseconds, or an ISO-8601-like string, as an aware UTC datetime."""
     if isinstance(value, bool):
@@ -113,6 +116,8 @@ def to_timestamp(value: Any) -> datetime:
             return datetime.fromtimestamp(seconds, tz=timezone.utc)
         except (OverflowError, OSError, ValueError):
             raise InvalidRecord(f"timestamp is out of range: {value!r}") from None
+    if isinstance(value, str) and EPOCH_TEXT.match(value):
+        return to_timestamp(float(value))  # logfmt carries epoch times as text
     if isinstance(value, str):
         try:
             parsed = dateparser.isoparse(value)

@@ -33,6 +33,8 @@ def test_dev_runner_serves_health_and_demo_data_then_stops_everything_on_ctrl_c(
         assert health["status"] == "ok"
         cart = wait_for(lambda: answers("/metrics/services/cart/"), timeout=60, message="demo traffic processed")
         assert set(cart["metrics"]) >= {"cpu", "memory", "latency_ms", "error_rate"}
+        logs = wait_for(lambda: answers("/logs/recent/cart/?limit=20"), timeout=60, message="demo log lines processed")
+        assert {line["level"] for line in logs["lines"]} >= {"warn", "debug"}
         children = psutil.Process(runner.pid).children(recursive=True)
         assert len(children) >= 3  # broker, worker, demo traffic
     finally:

@@ -202,6 +202,7 @@ class ElasticsearchTestServer:
         self.requests: list[tuple[str, str]] = []
         self._fail_bulk: list[int] = []
         self._fail_items: list[int] = []
+        self.on_write: Callable[[str, str, dict[str, Any]], None] | None = None  # (index, id, doc), benchmarks
         self._unavailable = False
         self._runner: web.AppRunner | None = None
         self._port: int | None = None
@@ -371,6 +372,8 @@ class ElasticsearchTestServer:
         reject = rejection_of(checked)
         if reject is not None:
             raise EsError(400, "mapper_parsing_exception", reject, index)
+        if self.on_write is not None and isinstance(checked, dict):
+            self.on_write(index, doc_id, checked)
         existing = docs.get(doc_id)
         current = existing["_version"] if existing else info["tombstones"].get(doc_id)
         self._check_version(doc_id, existing, current, meta, action, index)

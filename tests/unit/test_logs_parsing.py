@@ -120,3 +120,9 @@ def test_index_names_and_ids_are_deterministic():
     assert index_name("logs-{service}-{date:%Y.%m.%d}", "Cart Service", "2024-11-01T23:59:59.999Z") == "logs-cart-service-2024.11.01"
     assert index_template_patterns("logs-{service}-{date:%Y.%m.%d}") == ["logs-*"]
     assert document_id("logs", 3, 1200, 7) == "logs-3-1200-7"
+
+
+def test_logfmt_epoch_times_are_read_as_epoch_seconds_or_milliseconds():
+    (seconds,) = parse_record(b"ts=1730455200.5 level=info msg=a", context())
+    (millis,) = parse_record(b"ts=1730455200500 level=info msg=a", context())
+    assert seconds["@timestamp"] == millis["@timestamp"] == "2024-11-01T10:00:00.500Z"
