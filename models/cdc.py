@@ -1,0 +1,582 @@
+"""Change data capture: pgoutput decoding, Debezium envelopes and the one internal change form.
+
+Pure functions only (no I/O), unit-tested without PostgreSQL or Kafka:
+
+- ``decode_message``: PostgreSQL's built-in ``pgoutput`` logical decoding protocol, version 1
+  (Begin, Commit, Relation, Insert, Update, Delete, Truncate, Type, Origin).
+- ``wire_value``: a column's text form from the WAL -> the JSON value a Debezium PostgreSQL
+  connector writes for it (psycopg's own loaders parse the text first).
+- ``python_value``: the reverse, a JSON value -> the Python value of a column of a given SQL type.
+- ``change_envelope`` / ``parse_change``: our events are Debezium envelopes; ``parse_change``
+  turns either ours or a real Debezium connector's event (JSON converter, with or without
+  schemas) into one ``Change``, so the apply side does not care which capture produced it.
+
+Wire encoding of values (the Debezium connector with ``decimal.handling.mode=string``, the
+defaults otherwise): numeric as a plain decimal string, ``timestamptz`` as an ISO-8601 UTC string
+ending in ``Z``, ``timestamp`` as epoch microseconds, ``date`` as epoch days, ``time`` as
+microseconds since midnight, json/jsonb as their JSON text, ``bytea`` as base64, arrays as JSON
+arrays of their elements, bigints as exact JSON integers.
+"""
+from __future__ import annotations
+
+import base64
+import json
+import struct
+from dataclasses import dataclass, field
+from datetime import date, datetime, time, timedelta, timezone
+from decimal import Decimal, InvalidOperation
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from uuid import UUID
+
+import psycopg
+from psycopg.adapt import AdaptersMap
+from psycopg.pq import Format
+
+PG_EPOCH = datetime(2000, 1, 1, tzinfo=timezone.utc)
+UNIX_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+UNIX_EPOCH_NAIVE = datetime(1970, 1, 1)
+EPOCH_DATE = date(1970, 1, 1)
+# Debezium's placeholder for an unchanged TOASTed column that the WAL does not carry.
+UNAVAILABLE = "__debezium_unavailable_value"
+OPS = ("c", "u", "d", "r")
+# Types whose PostgreSQL text form is already what Debezium writes (kept as text, no round trip).
+TEXT_KEPT_OIDS = {114, 3802, 1700, 25, 1043, 1042, 2950, 19}  # json, jsonb, numeric, text, varchar, bpchar, uuid, name
+
+
+class ProtocolError(ValueError):
+    """A pgoutput message this decoder cannot read."""
+
+
+class InvalidChange(ValueError):
+    """An event that is not a change this job can apply (the reason goes to the DLQ)."""
+
+
+# --- LSNs ----------------------------------------------------------------------------------------
+
+
+def lsn_to_int(lsn: str) -> int:
+    """``'0/153BB18'`` -> 22264600."""
+    high, _, low = lsn.partition("/")
+    return (int(high, 16) << 32) + int(low, 16)
+
+
+def int_to_lsn(value: int) -> str:
+    """22264600 -> ``'0/153BB18'``."""
+    return f"{value >> 32:X}/{value & 0xFFFFFFFF:X}"
+
+
+# --- pgoutput protocol v1 ------------------------------------------------------------------------
+
+
+class Unchanged:
+    """An unchanged TOASTed column of an update's new tuple ('u' in the protocol)."""
+
+    def __repr__(self) -> str:
+        return "UNCHANGED"
+
+
+UNCHANGED = Unchanged()
+TupleValue = Union[None, str, Unchanged]
+
+
+@dataclass(frozen=True)
+class Column:
+    name: str
+    type_oid: int
+    type_modifier: int
+    is_key: bool
+
+
+@dataclass(frozen=True)
+class Begin:
+    final_lsn: int  # LSN of the transaction's commit record
+    commit_ts_ms: int
+    xid: int
+
+
+@dataclass(frozen=True)
+class Commit:
+    commit_lsn: int
+    end_lsn: int
+    commit_ts_ms: int
+
+
+@dataclass(frozen=True)
+class Relation:
+    oid: int
+    schema: str
+    name: str
+    replica_identity: str
+    columns: Tuple[Column, ...]
+
+
+@dataclass(frozen=True)
+class Insert:
+    relation_oid: int
+    new: Tuple[TupleValue, ...]
+
+
+@dataclass(frozen=True)
+class Update:
+    relation_oid: int
+    old: Optional[Tuple[TupleValue, ...]]  # key columns ('K') or the whole old row ('O'), if sent
+    new: Tuple[TupleValue, ...]
+
+
+@dataclass(frozen=True)
+class Delete:
+    relation_oid: int
+    old: Tuple[TupleValue, ...]
+
+
+@dataclass(frozen=True)
+class Truncate:
+    relation_oids: Tuple[int, ...]
+    cascade: bool
+    restart_identity: bool
+
+
+@dataclass(frozen=True)
+class TypeInfo:
+    oid: int
+    schema: str
+    name: str
+
+
+@dataclass(frozen=True)
+class Origin:
+    lsn: int
+    name: str
+
+
+Message = Union[Begin, Commit, Relation, Insert, Update, Delete, Truncate, TypeInfo, Origin]
+
+
+class _Reader:
+    """Sequential reads of the big-endian fields of one pgoutput message."""
+
+    def __init__(self, data: bytes) -> None:
+        self.data, self.pos = data, 0
+
+    def take(self, fmt: str) -> Any:
+        size = struct.calcsize(fmt)
+        if self.pos + size > len(self.data):
+            raise ProtocolError(f"message truncated at byte {self.pos}")
+        (value,) = struct.unpack_from(fmt, self.data, self.pos)
+        self.pos += size
+        return value
+
+    def byte(self) -> str:
+        return chr(self.take("!B"))
+
+    def string(self) -> str:
+        end = self.data.find(b"\x00", self.pos)
+        if end < 0:
+            raise ProtocolError("unterminated string")
+        value = self.data[self.pos:end].decode("utf-8")
+        self.pos = end + 1
+        return value
+
+    def raw(self, size: int) -> bytes:
+        if self.pos + size > len(self.data):
+            raise ProtocolError(f"value of {size} bytes truncated at byte {self.pos}")
+        value = self.data[self.pos:self.pos + size]
+        self.pos += size
+        return value
+
+    def tuple_data(self) -> Tuple[TupleValue, ...]:
+        values: List[TupleValue] = []
+        for _ in range(self.take("!H")):
+            kind = self.byte()
+            if kind == "n":
+                values.append(None)
+            elif kind == "u":
+                values.append(UNCHANGED)
+            elif kind == "t":
+                values.append(self.raw(self.take("!I")).decode("utf-8"))
+            else:
+                raise ProtocolError(f"unknown tuple value kind {kind!r} (binary mode is not requested)")
+        return tuple(values)
+
+
+def pg_timestamp_ms(microseconds: int) -> int:
+    """PostgreSQL's microseconds since 2000-01-01 -> Unix epoch milliseconds."""
+    return int((PG_EPOCH - UNIX_EPOCH).total_seconds() * 1000) + microseconds // 1000
+
+
+def _decode_relation(reader: _Reader) -> Relation:
+    oid, schema, name = reader.take("!I"), reader.string(), reader.string()
+    identity = reader.byte()
+    columns = []
+    for _ in range(reader.take("!H")):
+        flags, column_name = reader.take("!B"), reader.string()
+        columns.append(Column(column_name, reader.take("!I"), reader.take("!i"), bool(flags & 1)))
+    return Relation(oid, schema or "pg_catalog", name, identity, tuple(columns))
+
+
+def _decode_update(reader: _Reader) -> Update:
+    oid, kind, old = reader.take("!I"), reader.byte(), None
+    if kind in ("K", "O"):
+        old = reader.tuple_data()
+        kind = reader.byte()
+    if kind != "N":
+        raise ProtocolError(f"update without a new tuple (got {kind!r})")
+    return Update(oid, old, reader.tuple_data())
+
+
+def _decode_delete(reader: _Reader) -> Delete:
+    oid, kind = reader.take("!I"), reader.byte()
+    if kind not in ("K", "O"):
+        raise ProtocolError(f"delete without an old tuple (got {kind!r})")
+    return Delete(oid, reader.tuple_data())
+
+
+def _decode_insert(reader: _Reader) -> Insert:
+    oid, kind = reader.take("!I"), reader.byte()
+    if kind != "N":
+        raise ProtocolError(f"insert without a new tuple (got {kind!r})")
+    return Insert(oid, reader.tuple_data())
+
+
+def _decode_truncate(reader: _Reader) -> Truncate:
+    count, options = reader.take("!I"), reader.take("!B")
+    return Truncate(tuple(reader.take("!I") for _ in range(count)), bool(options & 1), bool(options & 2))
+
+
+def decode_message(data: bytes) -> Message:
+    """Decode one pgoutput (protocol version 1) message."""
+    if not data:
+        raise ProtocolError("empty message")
+    reader = _Reader(bytes(data))
+    kind = reader.byte()
+    if kind == "B":
+        return Begin(reader.take("!Q"), pg_timestamp_ms(reader.take("!q")), reader.take("!I"))
+    if kind == "C":
+        reader.take("!B")
+        return Commit(reader.take("!Q"), reader.take("!Q"), pg_timestamp_ms(reader.take("!q")))
+    if kind == "R":
+        return _decode_relation(reader)
+    if kind == "I":
+        return _decode_insert(reader)
+    if kind == "U":
+        return _decode_update(reader)
+    if kind == "D":
+        return _decode_delete(reader)
+    if kind == "T":
+        return _decode_truncate(reader)
+    if kind == "Y":
+        return TypeInfo(reader.take("!I"), reader.string(), reader.string())
+    if kind == "O":
+        return Origin(reader.take("!Q"), reader.string())
+    raise ProtocolError(f"unknown pgoutput message type {kind!r}")
+
+
+# --- values: WAL text -> Debezium JSON -----------------------------------------------------------
+
+_ADAPTERS = AdaptersMap(psycopg.postgres.adapters)
+
+
+def _trimmed_fraction(microseconds: int) -> str:
+    return f".{microseconds:06d}".rstrip("0") if microseconds else ""
+
+
+def debezium_json(value: Any) -> Any:
+    """A Python value (as psycopg loads it) -> the JSON value Debezium writes for it."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, Decimal):
+        return format(value, "f")
+    if isinstance(value, datetime):
+        if value.tzinfo is None:  # timestamp: MicroTimestamp
+            return (value - UNIX_EPOCH_NAIVE) // timedelta(microseconds=1)
+        utc = value.astimezone(timezone.utc)
+        return utc.strftime("%Y-%m-%dT%H:%M:%S") + _trimmed_fraction(utc.microsecond) + "Z"
+    if isinstance(value, date):
+        return (value - EPOCH_DATE).days
+    if isinstance(value, time):
+        if value.tzinfo is not None:
+            return value.isoformat()
+        return ((value.hour * 60 + value.minute) * 60 + value.second) * 1_000_000 + value.microsecond
+    if isinstance(value, timedelta):
+        return value // timedelta(microseconds=1)
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return base64.b64encode(bytes(value)).decode("ascii")
+    if isinstance(value, (list, tuple)):
+        return [debezium_json(item) for item in value]
+    if isinstance(value, dict):
+        return json.dumps(value)
+    if isinstance(value, UUID):
+        return str(value)
+    return str(value)
+
+
+def wire_value(type_oid: int, text: TupleValue) -> Any:
+    """A column value in PostgreSQL's text form (from pgoutput or ``::text``) -> Debezium JSON."""
+    if text is None:
+        return None
+    if isinstance(text, Unchanged):
+        return UNAVAILABLE
+    if type_oid in TEXT_KEPT_OIDS:
+        return text
+    loader_class = _ADAPTERS.get_loader(type_oid, Format.TEXT)
+    if loader_class is None:
+        return text  # an enum, a domain of an unknown type...: its text form
+    try:
+        return debezium_json(loader_class(type_oid, None).load(text.encode("utf-8")))
+    except (psycopg.DataError, ValueError, OverflowError):
+        return text  # 'infinity' timestamps and the like: Debezium's conventions differ, keep the text
+
+
+# --- values: Debezium JSON -> Python, by SQL type -------------------------------------------------
+
+
+def _timestamp(value: Any) -> Any:
+    if isinstance(value, int):
+        return UNIX_EPOCH_NAIVE + timedelta(microseconds=value)
+    return datetime.fromisoformat(value) if isinstance(value, str) else value
+
+
+def _timestamptz(value: Any) -> Any:
+    if isinstance(value, int):  # a connector configured for epoch values
+        return UNIX_EPOCH + timedelta(microseconds=value)
+    return datetime.fromisoformat(value) if isinstance(value, str) else value
+
+
+def _date(value: Any) -> Any:
+    if isinstance(value, int):
+        return EPOCH_DATE + timedelta(days=value)
+    return date.fromisoformat(value) if isinstance(value, str) else value
+
+
+def _time(value: Any) -> Any:
+    if isinstance(value, int):
+        return (datetime.min + timedelta(microseconds=value)).time()
+    return time.fromisoformat(value) if isinstance(value, str) else value
+
+
+def _numeric(value: Any) -> Any:
+    try:
+        return Decimal(str(value))
+    except InvalidOperation:
+        raise InvalidChange(f"not a decimal: {value!r}") from None
+
+
+def _bytea(value: Any) -> Any:
+    return base64.b64decode(value) if isinstance(value, str) else value
+
+
+def _json(value: Any) -> Any:
+    return json.loads(value) if isinstance(value, str) else value
+
+
+_SCALAR_DECODERS = {
+    "timestamp without time zone": _timestamp,
+    "timestamp with time zone": _timestamptz,
+    "date": _date,
+    "time without time zone": _time,
+    "numeric": _numeric,
+    "bytea": _bytea,
+    "json": _json,
+    "jsonb": _json,
+}
+
+
+def base_type(sql_type: str) -> str:
+    """``'numeric(12,2)'`` -> ``'numeric'``, ``'timestamp(3) with time zone'`` -> the same without (3)."""
+    name = sql_type.removesuffix("[]")
+    if "(" in name:
+        head, _, rest = name.partition("(")
+        name = (head + rest.partition(")")[2]).strip()
+    return name
+
+
+def python_value(value: Any, sql_type: str) -> Any:
+    """A Debezium JSON value of a column of ``sql_type`` (as ``format_type`` names it) -> Python."""
+    if value is None:
+        return None
+    decoder = _SCALAR_DECODERS.get(base_type(sql_type))
+    if sql_type.endswith("[]"):
+        if not isinstance(value, list):
+            raise InvalidChange(f"array column of type {sql_type} holds {value!r}")
+        return [python_value(item, sql_type[:-2]) for item in value]
+    try:
+        return decoder(value) if decoder else value
+    except (ValueError, TypeError) as error:
+        raise InvalidChange(f"{value!r} is not a {sql_type}: {error}") from None
+
+
+# --- envelopes and the internal change form -----------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ColumnDef:
+    """A source column as the replica needs it to create the table."""
+
+    name: str
+    sql_type: str
+    is_key: bool
+
+
+@dataclass
+class Change:
+    """One row change, whichever capture produced it."""
+
+    schema: str
+    table: str
+    op: str  # c, u, d, r
+    key: Dict[str, Any]
+    before: Optional[Dict[str, Any]]
+    after: Optional[Dict[str, Any]]
+    lsn: int  # the guard: an older LSN never overwrites a newer one
+    ts_ms: int  # source commit time (snapshot: read time)
+    snapshot: bool = False
+    tx_id: Optional[int] = None
+    columns: Optional[List[ColumnDef]] = None
+    origin: Any = field(default=None, compare=False)  # the Kafka event it came from
+
+    @property
+    def table_name(self) -> str:
+        return f"{self.schema}.{self.table}"
+
+    @property
+    def row_id(self) -> str:
+        return row_id(self.key)
+
+    @property
+    def is_delete(self) -> bool:
+        return self.op == "d"
+
+
+def key_json(key: Mapping[str, Any]) -> bytes:
+    """The Kafka record key: the primary key as compact JSON, in key-column order (as Debezium)."""
+    return json.dumps(dict(key), separators=(",", ":")).encode()
+
+
+def row_id(key: Mapping[str, Any]) -> str:
+    """A row's id in Redis keys and Elasticsearch ``_id``: the key values, ``:``-joined."""
+    return ":".join(value if isinstance(value, str) else json.dumps(value) for value in key.values())
+
+
+def change_envelope(
+    *, op: str, before: Optional[Dict[str, Any]], after: Optional[Dict[str, Any]], lsn: int, tx_id: Optional[int],
+    ts_ms: int, schema: str, table: str, db: str, snapshot: Union[bool, str], now_ms: int,
+    columns: Optional[Sequence[ColumnDef]] = None,
+) -> Dict[str, Any]:
+    """A Debezium change event value; ``source.columns`` (not Debezium's) lets a replica create the table."""
+    source: Dict[str, Any] = {
+        "version": "streamspine", "connector": "postgresql", "name": "streamspine", "db": db,
+        "schema": schema, "table": table, "txId": tx_id, "lsn": lsn, "ts_ms": ts_ms,
+        "snapshot": snapshot if isinstance(snapshot, str) else ("true" if snapshot else "false"),
+    }
+    if columns is not None:
+        source["columns"] = [[column.name, column.sql_type, column.is_key] for column in columns]
+    return {"before": before, "after": after, "source": source, "op": op, "ts_ms": now_ms}
+
+
+def _unwrap(document: Any) -> Any:
+    """A JSON-converter document with ``schemas.enable=true`` -> its payload."""
+    if isinstance(document, dict) and set(document) == {"schema", "payload"}:
+        return document["payload"]
+    return document
+
+
+def _row(value: Any, name: str) -> Optional[Dict[str, Any]]:
+    if value is None or isinstance(value, dict):
+        return value
+    raise InvalidChange(f"{name} must be an object or null")
+
+
+def _snapshot_flag(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    return value in ("true", "first", "last", "first_in_data_collection", "last_in_data_collection", "incremental")
+
+
+def _columns(source: Dict[str, Any]) -> Optional[List[ColumnDef]]:
+    raw = source.get("columns")
+    if raw is None:
+        return None
+    try:
+        return [ColumnDef(str(name), str(sql_type), bool(is_key)) for name, sql_type, is_key in raw]
+    except (TypeError, ValueError):
+        raise InvalidChange("source.columns must be [[name, sql_type, is_key], ...]") from None
+
+
+def _integer(value: Any, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        raise InvalidChange(f"{name} must be an integer, got {value!r}")
+    try:
+        return int(value)
+    except ValueError:
+        raise InvalidChange(f"{name} must be an integer, got {value!r}") from None
+
+
+def _key(raw_key: Optional[bytes], envelope: Dict[str, Any], columns: Optional[List[ColumnDef]]) -> Dict[str, Any]:
+    if raw_key is not None:
+        try:
+            key = _unwrap(json.loads(raw_key))
+        except ValueError:
+            raise InvalidChange("record key is not JSON") from None
+        if isinstance(key, dict) and key:
+            return key
+        raise InvalidChange("record key must be a JSON object naming the primary key columns")
+    row = envelope.get("after") or envelope.get("before")
+    key_names = [column.name for column in columns or [] if column.is_key]
+    if row and key_names and all(name in row for name in key_names):
+        return {name: row[name] for name in key_names}
+    raise InvalidChange("no record key and no primary key columns to derive it from")
+
+
+def parse_change(raw_key: Optional[bytes], raw_value: Optional[bytes]) -> Optional[Change]:
+    """A CDC topic record (ours or a Debezium connector's) -> a Change; None for a tombstone."""
+    if raw_value is None:
+        return None
+    try:
+        envelope = _unwrap(json.loads(raw_value))
+    except ValueError:
+        raise InvalidChange("value is not JSON") from None
+    if envelope is None:
+        return None
+    if not isinstance(envelope, dict) or not isinstance(envelope.get("source"), dict):
+        raise InvalidChange("value is not a Debezium change event (no source block)")
+    op, source = envelope.get("op"), envelope["source"]
+    if op not in OPS:
+        raise InvalidChange(f"op {op!r} is not applied (only c, u, d, r)")
+    schema, table = source.get("schema"), source.get("table")
+    if not isinstance(schema, str) or not isinstance(table, str) or not schema or not table:
+        raise InvalidChange("source.schema and source.table must name the table")
+    if source.get("lsn") is None:
+        raise InvalidChange("source.lsn is missing: it orders the changes of a row")
+    before, after = _row(envelope.get("before"), "before"), _row(envelope.get("after"), "after")
+    if (after is None) != (op == "d"):
+        raise InvalidChange(f"op {op!r} with {'no' if after is None else 'an'} after-image")
+    columns = _columns(source)
+    tx_id = source.get("txId")
+    return Change(
+        schema=schema, table=table, op=op, key=_key(raw_key, envelope, columns), before=before, after=after,
+        lsn=_integer(source["lsn"], "source.lsn"), ts_ms=_integer(source.get("ts_ms", envelope.get("ts_ms", 0)), "source.ts_ms"),
+        snapshot=_snapshot_flag(source.get("snapshot", False)),
+        tx_id=None if tx_id is None else _integer(tx_id, "source.txId"), columns=columns,
+    )
+
+
+# --- folding the changes of a batch --------------------------------------------------------------
+
+
+def fill_unavailable(after: Dict[str, Any], previous: Optional[Dict[str, Any]]) -> Dict[str, Any]:
+    """Replace Debezium's unchanged-TOAST placeholders with the previous row image's values."""
+    missing = [name for name, value in after.items() if value == UNAVAILABLE]
+    if not missing:
+        return after
+    if previous is None or any(name not in previous for name in missing):
+        raise InvalidChange(f"unchanged TOAST columns {missing} and no earlier row image to take them from")
+    return {name: previous[name] if value == UNAVAILABLE else value for name, value in after.items()}
+
+
+def latest_per_row(changes: Sequence[Change]) -> List[Change]:
+    """The last change of each row of a batch (earlier ones are superseded), in batch order."""
+    latest: Dict[Tuple[str, str], Change] = {}
+    for change in changes:
+        latest.pop((change.table_name, change.row_id), None)
+        latest[(change.table_name, change.row_id)] = change
+    return list(latest.values())
