@@ -1,0 +1,578 @@
+"""Realtime recommendations: events, session state, item co-occurrence, scorers and the item model.
+
+Everything here is pure (no Kafka, no Faust tables): the agents (``agents/recommendations.py``)
+and the offline evaluation (``bench/recs_eval.py``) run the same functions.
+
+State is plain JSON-able dicts, because it lives in Faust tables:
+
+- a *session* (per user): ``{"session_id", "last_ts", "offset", "items": [[item, weight, ts, offset], ...]}``,
+  oldest item first, at most ``SESSION_LENGTH`` items;
+- *item stats* (per item): ``{"total": [score, ts], "neighbours": {item: [score, ts]}, "panes": {start: weight},
+  "applied": {source partition: offset}}``: the time-decayed weight of the item, its time-decayed
+  co-occurrence with its top-N neighbours, its popularity per pane of ``TREND_STEP`` seconds (a hopping
+  window of ``TREND_WINDOW`` is the sum of its panes) and the last source offset applied per partition;
+- an *item update* (what one user event adds to one item): ``{"item", "source": [partition, offset],
+  "ts", "weight", "pairs": {neighbour: weight}}``.
+"""
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+
+import faust
+import joblib
+import numpy as np
+from scipy import sparse
+from sklearn.decomposition import TruncatedSVD
+
+
+class InvalidEvent(ValueError):
+    """A record that cannot be decoded or validated; the message is the dead-letter reason."""
+
+
+EVENT_WEIGHTS: Dict[str, float] = {"view": 1.0, "click": 2.0, "add_to_cart": 4.0, "purchase": 8.0}
+
+SESSION_TIMEOUT = 1800.0  # seconds of inactivity (event time) after which a new session starts
+SESSION_LENGTH = 20  # items kept per session
+PAIR_WINDOW = 10  # an event pairs its item with this many of the session's previous items
+BACKWARD_WEIGHT = 0.5  # weight of "a then b" on b's neighbour a, relative to a's neighbour b (order matters)
+MAX_NEIGHBOURS = 50  # neighbours kept per item; pruned when 1.5 x as many
+HALF_LIFE = 7 * 86400.0  # seconds: co-occurrence and item weights halve in a week of event time
+TREND_STEP = 3600.0  # pane of the trending window
+TREND_WINDOW = 24 * 3600.0  # trending = the sum of the panes of the last day (event time)
+MAX_PURCHASES = 500  # purchased items remembered per user
+EARLIEST_TS = 946684800.0  # 2000-01-01: an event time before it is a unit or clock mistake
+MAX_CLOCK_SKEW = 3600.0
+
+
+# --- records ---------------------------------------------------------------------------------------
+
+
+class UserEvent(faust.Record, serializer="json"):
+    """One interaction: ``{"user_id", "item_id", "event", "session_id"?, "ts"}`` on ``user-events``."""
+
+    user_id: str
+    item_id: str
+    event: str
+    ts: float
+    session_id: Optional[str] = None
+
+    @property
+    def weight(self) -> float:
+        return EVENT_WEIGHTS[self.event]
+
+
+class Item(faust.Record, serializer="json"):
+    """Item metadata on ``items``: ``{"item_id", "category", "price", "available"}``."""
+
+    item_id: str
+    category: Optional[str] = None
+    price: Optional[float] = None
+    available: bool = True
+
+
+def _decode_object(raw: Optional[bytes]) -> Dict[str, Any]:
+    if not raw:
+        raise InvalidEvent("empty record")
+    try:
+        data = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise InvalidEvent(f"not JSON: {error}") from None
+    if not isinstance(data, dict):
+        raise InvalidEvent(f"must be a JSON object, got {type(data).__name__}")
+    return data
+
+
+def _text(data: Mapping[str, Any], name: str, required: bool = True) -> Optional[str]:
+    value = data.get(name)
+    if value is None and not required:
+        return None
+    if not isinstance(value, str) or not value.strip() or len(value) > 256:
+        raise InvalidEvent(f"field {name!r} must be a non-empty string of at most 256 characters, got {value!r}")
+    return value.strip()
+
+
+def _event_time(data: Mapping[str, Any], now: float) -> float:
+    ts = data.get("ts", now)
+    if isinstance(ts, bool) or not isinstance(ts, (int, float)) or not math.isfinite(ts):
+        raise InvalidEvent(f"field 'ts' must be a finite number, got {ts!r}")
+    if ts < EARLIEST_TS or ts > now + MAX_CLOCK_SKEW:
+        raise InvalidEvent(f"field 'ts' is not a plausible event time in epoch seconds: {ts!r}")
+    return float(ts)
+
+
+def parse_user_event(raw: Optional[bytes], user_key: Optional[str], now: Optional[float] = None) -> UserEvent:
+    """Validate a ``user-events`` record; the record key, when there is one, must be the user id."""
+    data = _decode_object(raw)
+    user_id = _text(data, "user_id") if "user_id" in data or user_key is None else user_key
+    if user_key is not None and user_id != user_key:
+        raise InvalidEvent(f"user_id {user_id!r} does not match the record key {user_key!r}")
+    event = data.get("event")
+    if event not in EVENT_WEIGHTS:
+        raise InvalidEvent(f"field 'event' must be one of {', '.join(EVENT_WEIGHTS)}, got {event!r}")
+    return UserEvent(
+        user_id=user_id,
+        item_id=_text(data, "item_id"),
+        event=event,
+        ts=_event_time(data, time.time() if now is None else now),
+        session_id=_text(data, "session_id", required=False),
+    )
+
+
+def parse_item(raw: Optional[bytes], item_key: Optional[str]) -> Item:
+    """Validate an ``items`` record; the record key, when there is one, must be the item id."""
+    data = _decode_object(raw)
+    item_id = _text(data, "item_id")
+    if item_key is not None and item_id != item_key:
+        raise InvalidEvent(f"item_id {item_id!r} does not match the record key {item_key!r}")
+    price = data.get("price")
+    if price is not None and (isinstance(price, bool) or not isinstance(price, (int, float)) or not math.isfinite(price)):
+        raise InvalidEvent(f"field 'price' must be a finite number, got {price!r}")
+    available = data.get("available", True)
+    if not isinstance(available, bool):
+        raise InvalidEvent(f"field 'available' must be true or false, got {available!r}")
+    category = data.get("category")
+    return Item(item_id=item_id, category=None if category is None else str(category), price=price, available=available)
+
+
+def parse_item_update(raw: Optional[bytes]) -> Dict[str, Any]:
+    """Decode a ``recs-item-updates`` record (written by this worker; checked all the same)."""
+    data = _decode_object(raw)
+    source = data.get("source")
+    if (
+        not isinstance(data.get("item"), str)
+        or not (isinstance(source, list) and len(source) == 2 and all(isinstance(x, int) for x in source))
+        or not isinstance(data.get("ts"), (int, float))
+        or not isinstance(data.get("weight"), (int, float))
+        or not isinstance(data.get("pairs"), dict)
+    ):
+        raise InvalidEvent("not an item update {item, source: [partition, offset], ts, weight, pairs}")
+    return data
+
+
+# --- sessions --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SessionUpdate:
+    """The user's session after an event, and the session items that came before the event."""
+
+    session: Dict[str, Any]
+    previous_items: List[List[Any]]
+    replayed: bool = False
+
+
+def is_new_session(session: Mapping[str, Any], event: UserEvent, timeout: float = SESSION_TIMEOUT) -> bool:
+    """A new session after ``timeout`` seconds of inactivity or when the event names another session id."""
+    if not session.get("items"):
+        return True
+    if event.session_id is not None and event.session_id != session.get("session_id"):
+        return True
+    return event.ts - session.get("last_ts", event.ts) > timeout
+
+
+def update_session(
+    session: Mapping[str, Any], event: UserEvent, offset: int, timeout: float = SESSION_TIMEOUT,
+) -> SessionUpdate:
+    """Add an event to the user's session; idempotent: an offset already applied changes nothing.
+
+    A replayed event (offset at or below the session's) gets the items that preceded it in the stored
+    session, so the pairs it emits are the ones the first delivery emitted.
+    """
+    if offset <= session.get("offset", -1):
+        earlier = [entry for entry in session.get("items", []) if entry[3] < offset and entry[0] != event.item_id]
+        return SessionUpdate(dict(session), earlier, replayed=True)
+    if is_new_session(session, event, timeout):
+        session_id = event.session_id or f"{event.user_id}@{event.ts:.3f}"
+        items: List[List[Any]] = []
+    else:
+        session_id = session["session_id"]
+        items = [list(entry) for entry in session["items"]]
+    repeats = [entry for entry in items if entry[0] == event.item_id]
+    previous = [entry for entry in items if entry[0] != event.item_id]
+    weight = max([event.weight] + [entry[1] for entry in repeats])
+    items = (previous + [[event.item_id, weight, event.ts, offset]])[-SESSION_LENGTH:]
+    # Pairs are counted the first time an item enters the session; a repeat only raises its weight.
+    paired_with = [] if repeats else previous
+    last_ts = max(entry[2] for entry in items)
+    new_session = {"session_id": session_id, "last_ts": last_ts, "offset": offset, "items": items}
+    return SessionUpdate(new_session, paired_with)
+
+
+def add_purchase(purchased: Mapping[str, Any], item_id: str) -> Dict[str, Any]:
+    """The user's purchased items with one more; idempotent, bounded to the latest ``MAX_PURCHASES``."""
+    items = [item for item in purchased.get("items", []) if item != item_id] + [item_id]
+    return {"items": items[-MAX_PURCHASES:]}
+
+
+# --- co-occurrence ---------------------------------------------------------------------------------
+
+
+def item_updates(event: UserEvent, previous_items: Sequence[Sequence[Any]], source: Tuple[int, int]) -> Dict[str, Dict[str, Any]]:
+    """What one event adds to each item's stats, keyed by item (one record per item on the re-key topic).
+
+    The event's item gains its event weight (popularity) and each of the last ``PAIR_WINDOW`` session
+    items as neighbour; each of those gains the event's item. Pair weight: the geometric mean of the
+    two event weights over their distance in the session (1 = adjacent).
+    """
+    item = event.item_id
+    updates = {item: {"item": item, "source": list(source), "ts": event.ts, "weight": event.weight, "pairs": {}}}
+    recent = list(previous_items)[-PAIR_WINDOW:]
+    for distance, (other, other_weight, *_rest) in enumerate(reversed(recent), start=1):
+        pair = math.sqrt(event.weight * other_weight) / distance
+        updates[item]["pairs"][other] = round(pair * BACKWARD_WEIGHT, 6)
+        updates[other] = {"item": other, "source": list(source), "ts": event.ts, "weight": 0.0, "pairs": {item: round(pair, 6)}}
+    return updates
+
+
+def decay(seconds: float, half_life: float = HALF_LIFE) -> float:
+    """Factor by which a weight shrinks over ``seconds`` of event time."""
+    return 0.5 ** (max(seconds, 0.0) / half_life)
+
+
+def add_decayed(entry: Optional[Sequence[float]], weight: float, ts: float, half_life: float = HALF_LIFE) -> List[float]:
+    """``[score, ts]`` plus ``weight`` at ``ts``; the result does not depend on arrival order."""
+    if entry is None:
+        return [weight, ts]
+    score, at = entry
+    if ts >= at:
+        return [score * decay(ts - at, half_life) + weight, ts]
+    return [score + weight * decay(at - ts, half_life), at]
+
+
+def decayed_value(entry: Optional[Sequence[float]], now: float, half_life: float = HALF_LIFE) -> float:
+    """The score of ``[score, ts]`` at event time ``now``."""
+    return 0.0 if entry is None else entry[0] * decay(now - entry[1], half_life)
+
+
+def prune_neighbours(neighbours: Dict[str, List[float]], now: float, keep: int, half_life: float = HALF_LIFE) -> Dict[str, List[float]]:
+    """The ``keep`` strongest neighbours at ``now`` (ties by item id, so every replica keeps the same)."""
+    ranked = sorted(neighbours.items(), key=lambda kv: (-decayed_value(kv[1], now, half_life), kv[0]))
+    return dict(ranked[:keep])
+
+
+def apply_item_update(
+    stats: Optional[Mapping[str, Any]], update: Mapping[str, Any], *, max_neighbours: int = MAX_NEIGHBOURS,
+    half_life: float = HALF_LIFE, trend_step: float = TREND_STEP, trend_window: float = TREND_WINDOW,
+) -> Optional[Dict[str, Any]]:
+    """The item's stats with ``update`` applied, or None when its source offset was applied already."""
+    stats = stats or {}
+    partition, offset = update["source"]
+    applied = dict(stats.get("applied", {}))
+    if offset <= applied.get(str(partition), -1):
+        return None
+    applied[str(partition)] = offset
+    ts = float(update["ts"])
+    neighbours = dict(stats.get("neighbours", {}))
+    for other, weight in update["pairs"].items():
+        neighbours[other] = add_decayed(neighbours.get(other), float(weight), ts, half_life)
+    total = stats.get("total")
+    if update["weight"] or total is None:
+        total = add_decayed(total, float(update["weight"]), ts, half_life)
+    if len(neighbours) > max_neighbours + max_neighbours // 2:
+        neighbours = prune_neighbours(neighbours, max(ts, total[1]), max_neighbours, half_life)
+    panes = dict(stats.get("panes", {}))
+    if update["weight"]:
+        pane = str(int(math.floor(ts / trend_step) * trend_step))
+        panes[pane] = panes.get(pane, 0.0) + float(update["weight"])
+        newest = max(int(start) for start in panes)
+        panes = {start: weight for start, weight in panes.items() if int(start) > newest - trend_window}
+    return {"total": total, "neighbours": neighbours, "panes": panes, "applied": applied}
+
+
+def windowed_popularity(panes: Mapping[str, float], now: float, window: float = TREND_WINDOW) -> float:
+    """Sum of the panes of the hopping window ending at ``now``."""
+    return sum(weight for start, weight in panes.items() if now - window < int(start) <= now)
+
+
+# --- the in-memory view every worker serves from -----------------------------------------------------
+
+
+class Catalogue:
+    """Every item's stats and metadata (a read replica of the item tables); ranks candidates.
+
+    ``now`` is the latest event time seen, so decays and windows depend only on the data, never on
+    the wall clock: two replicas with the same data give the same scores.
+    """
+
+    def __init__(
+        self, half_life: float = HALF_LIFE, trend_window: float = TREND_WINDOW,
+        clock: Callable[[], float] = time.monotonic, trending_refresh: float = 0.5,
+    ) -> None:
+        self.stats: Dict[str, Dict[str, Any]] = {}
+        self.meta: Dict[str, Dict[str, Any]] = {}
+        self.now = 0.0
+        self.half_life = half_life
+        self.trend_window = trend_window
+        self.clock = clock
+        self.trending_refresh = trending_refresh
+        self._trending: List[Tuple[str, float]] = []
+        self._trending_at: Optional[float] = None
+        self._changed = False
+
+    def put_stats(self, item: str, stats: Optional[Dict[str, Any]]) -> None:
+        if stats is None:
+            self.stats.pop(item, None)
+        else:
+            self.stats[item] = stats
+            self.now = max(self.now, stats.get("total", [0.0, 0.0])[1])
+        self._changed = True
+
+    def put_meta(self, item: str, meta: Optional[Dict[str, Any]]) -> None:
+        if meta is None:
+            self.meta.pop(item, None)
+        else:
+            self.meta[item] = meta
+        self._changed = True
+
+    def snapshot(self) -> "Catalogue":
+        """A copy that later updates do not touch (values are replaced on update, never mutated)."""
+        copy = Catalogue(self.half_life, self.trend_window, self.clock, self.trending_refresh)
+        copy.stats, copy.meta, copy.now = dict(self.stats), dict(self.meta), self.now
+        return copy
+
+    def is_available(self, item: str) -> bool:
+        return bool(self.meta.get(item, {}).get("available", True))
+
+    def weight(self, item: str) -> float:
+        """The item's time-decayed interaction weight."""
+        stats = self.stats.get(item)
+        return decayed_value(stats.get("total"), self.now, self.half_life) if stats else 0.0
+
+    def neighbours(self, item: str) -> Dict[str, float]:
+        """Cosine-normalised, time-decayed co-occurrence of ``item`` with each of its top-N neighbours."""
+        stats = self.stats.get(item)
+        if not stats:
+            return {}
+        own = self.weight(item)
+        if own <= 0:
+            return {}
+        similarities = {}
+        for other, entry in stats.get("neighbours", {}).items():
+            other_weight = self.weight(other)
+            if other_weight > 0:
+                similarities[other] = decayed_value(entry, self.now, self.half_life) / math.sqrt(own * other_weight)
+        return similarities
+
+    def trending(self) -> List[Tuple[str, float]]:
+        """Items by popularity in the trending window, most popular first (recomputed at most every refresh)."""
+        clock = self.clock()
+        if self._trending_at is None or (self._changed and clock - self._trending_at >= self.trending_refresh):
+            scores = ((item, windowed_popularity(stats.get("panes", {}), self.now, self.trend_window)) for item, stats in self.stats.items())
+            self._trending = sorted(((item, score) for item, score in scores if score > 0), key=lambda kv: (-kv[1], kv[0]))
+            self._trending_at, self._changed = clock, False
+        return self._trending
+
+
+# --- scorers -------------------------------------------------------------------------------------
+
+
+def recency_weights(session_items: Sequence[Sequence[Any]]) -> List[Tuple[str, float]]:
+    """V-SKNN's linear decay over the session (the latest item 1, the first 1/n) times the event weight."""
+    n = len(session_items)
+    return [(entry[0], (position / n) * entry[1]) for position, entry in enumerate(session_items, start=1)]
+
+
+def session_knn_scores(session_items: Sequence[Sequence[Any]], catalogue: Catalogue) -> Dict[str, float]:
+    """Sum over the session's items of recency weight x similarity to each of their neighbours."""
+    scores: Dict[str, float] = {}
+    for item, weight in recency_weights(session_items):
+        for other, similarity in catalogue.neighbours(item).items():
+            scores[other] = scores.get(other, 0.0) + weight * similarity
+    return scores
+
+
+@dataclass
+class ItemEmbeddings:
+    """Low-rank item-to-item model: TruncatedSVD of the (normalised) co-occurrence matrix.
+
+    ``row_factors[i] . col_factors[j]`` reconstructs how strongly item j follows item i, also for
+    pairs never seen together (two hops through shared neighbours).
+    """
+
+    version: int
+    fingerprint: str
+    fitted_at: float
+    items: List[str]
+    row_factors: np.ndarray
+    col_factors: np.ndarray
+    explained_variance: float = 0.0
+    index: Dict[str, int] = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.index = {item: position for position, item in enumerate(self.items)}
+
+    def scores(self, session_items: Sequence[Sequence[Any]], limit: int = 200) -> Dict[str, float]:
+        """Predicted affinity of the ``limit`` best items to the recency-weighted session profile."""
+        weighted = [(self.index[item], weight) for item, weight in recency_weights(session_items) if item in self.index]
+        if not weighted:
+            return {}
+        rows, weights = zip(*weighted)
+        profile = np.asarray(weights, dtype=np.float32) @ self.row_factors[list(rows)].astype(np.float32)
+        affinity = self.col_factors.astype(np.float32) @ profile
+        best = np.argpartition(-affinity, min(limit, len(affinity) - 1))[:limit]
+        return {self.items[i]: float(affinity[i]) for i in best if affinity[i] > 0}
+
+
+def fit_item_embeddings(
+    catalogue: Catalogue, version: int, fingerprint: str, dims: int = 32, max_items: int = 3000, seed: int = 0,
+) -> Optional[ItemEmbeddings]:
+    """Fit the model on the ``max_items`` items with the most weight; None while there is too little data."""
+    ranked = sorted(((item, catalogue.weight(item)) for item in catalogue.stats), key=lambda kv: (-kv[1], kv[0]))
+    items = [item for item, weight in ranked[:max_items] if weight > 0]
+    index = {item: position for position, item in enumerate(items)}
+    rows, cols, values = [], [], []
+    for item in items:
+        for other, similarity in catalogue.neighbours(item).items():
+            if other in index:
+                rows.append(index[item])
+                cols.append(index[other])
+                values.append(similarity)
+    if len(items) < 3 or not values:
+        return None
+    matrix = sparse.csr_matrix((values, (rows, cols)), shape=(len(items), len(items)), dtype=np.float64)
+    svd = TruncatedSVD(n_components=min(dims, len(items) - 1), random_state=seed, n_iter=7)
+    # float16 halves the model on the wire (it travels as one Kafka record) and ranks the same.
+    row_factors = svd.fit_transform(matrix).astype(np.float16)
+    return ItemEmbeddings(
+        version=version, fingerprint=fingerprint, fitted_at=time.time(), items=items,
+        row_factors=row_factors, col_factors=svd.components_.T.astype(np.float16),
+        explained_variance=float(svd.explained_variance_ratio_.sum()),
+    )
+
+
+# --- persistence ---------------------------------------------------------------------------------
+
+MODEL_GLOB = "model-*.joblib"
+
+
+def model_path(directory: Path, version: int) -> Path:
+    return directory / f"model-{version:08d}.joblib"
+
+
+def model_to_bytes(model: ItemEmbeddings) -> bytes:
+    buffer = io.BytesIO()
+    joblib.dump(model, buffer, compress=3)
+    return buffer.getvalue()
+
+
+def model_from_bytes(data: bytes) -> ItemEmbeddings:
+    model = joblib.load(io.BytesIO(data))
+    if not isinstance(model, ItemEmbeddings):
+        raise ValueError(f"not an ItemEmbeddings model: {type(model).__name__}")
+    return model
+
+
+def save_model(model: ItemEmbeddings, directory: Path, keep: int = 3) -> Path:
+    """Write the model atomically (temp file + rename), keeping the ``keep`` newest versions."""
+    directory.mkdir(parents=True, exist_ok=True)
+    path = model_path(directory, model.version)
+    temporary = path.with_suffix(".tmp")
+    temporary.write_bytes(model_to_bytes(model))
+    os.replace(temporary, path)
+    for old in sorted(directory.glob(MODEL_GLOB))[:-keep]:
+        old.unlink(missing_ok=True)
+    return path
+
+
+def load_latest_model(directory: Path) -> Optional[ItemEmbeddings]:
+    """The newest readable model under ``directory``, or None."""
+    for path in sorted(directory.glob(MODEL_GLOB), reverse=True):
+        try:
+            return model_from_bytes(path.read_bytes())
+        except Exception:  # noqa: BLE001 - a torn or foreign file: try the previous version
+            continue
+    return None
+
+
+# --- blending ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BlendWeights:
+    """How much each normalised score counts (see README "Recommendations")."""
+
+    session_knn: float = 1.0
+    embeddings: float = 0.5
+    trending: float = 0.05
+
+
+@dataclass(frozen=True)
+class Recommendation:
+    items: List[Tuple[str, float]]
+    strategy: str
+
+
+@dataclass(frozen=True)
+class SessionScores:
+    """Each scorer's scores for one session, each divided by its best score (so in 0..1)."""
+
+    session_knn: Dict[str, float]
+    embeddings: Dict[str, float]
+    trending: Dict[str, float]
+
+
+def _normalised(scores: Mapping[str, float]) -> Dict[str, float]:
+    top = max(scores.values(), default=0.0)
+    return {item: score / top for item, score in scores.items()} if top > 0 else {}
+
+
+def score_session(
+    session_items: Sequence[Sequence[Any]], catalogue: Catalogue, model: Optional[ItemEmbeddings],
+    trending_pool: int = 200, recent: int = PAIR_WINDOW,
+) -> SessionScores:
+    """Run the scorers on the session's ``recent`` latest items."""
+    latest = list(session_items)[-recent:]
+    return SessionScores(
+        session_knn=_normalised(session_knn_scores(latest, catalogue)) if latest else {},
+        embeddings=_normalised(model.scores(latest)) if model is not None and latest else {},
+        trending=_normalised(dict(catalogue.trending()[:trending_pool])),
+    )
+
+
+def blend(scores: SessionScores, weights: BlendWeights) -> Tuple[Dict[str, float], str]:
+    """Weighted sum of the normalised scores, and the strategy that produced it."""
+    if not (scores.session_knn and weights.session_knn) and not (scores.embeddings and weights.embeddings):
+        return dict(scores.trending), "trending"
+    strategy = "blended" if scores.embeddings and weights.embeddings else "session-knn"
+    blended: Dict[str, float] = {}
+    for part, weight in ((scores.session_knn, weights.session_knn), (scores.embeddings, weights.embeddings), (scores.trending, weights.trending)):
+        if weight:
+            for item, score in part.items():
+                blended[item] = blended.get(item, 0.0) + weight * score
+    return blended, strategy
+
+
+def recommend(
+    session_items: Sequence[Sequence[Any]], purchased: Iterable[str], catalogue: Catalogue,
+    model: Optional[ItemEmbeddings], k: int, weights: BlendWeights = BlendWeights(),
+) -> Recommendation:
+    """Top ``k`` items for a session: each scorer's scores divided by its best, weighted and summed.
+
+    Never recommends an item of the session, a purchased item or an unavailable one; a user without a
+    session (cold start) gets trending items, and any shortfall is filled from trending.
+    """
+    scores = score_session(session_items, catalogue, model)
+    blended, strategy = blend(scores, weights)
+    excluded = set(purchased) | {entry[0] for entry in session_items}
+    return Recommendation(top_k(blended, excluded, catalogue, k, fill=scores.trending), strategy)
+
+
+def top_k(scores: Mapping[str, float], excluded: set, catalogue: Catalogue, k: int, fill: Mapping[str, float]) -> List[Tuple[str, float]]:
+    """The ``k`` best allowed items (ties by id), topped up from ``fill`` with lower scores."""
+    def allowed(item: str) -> bool:
+        return item not in excluded and catalogue.is_available(item)
+
+    ranked = sorted(((item, score) for item, score in scores.items() if allowed(item)), key=lambda kv: (-kv[1], kv[0]))[:k]
+    if len(ranked) < k:
+        chosen = {item for item, _ in ranked}
+        floor = min((score for _, score in ranked), default=1.0)
+        extra = [item for item, _ in sorted(fill.items(), key=lambda kv: (-kv[1], kv[0])) if item not in chosen and allowed(item)]
+        ranked += [(item, floor * 0.5 ** (position + 1)) for position, item in enumerate(extra[: k - len(ranked)])]
+    return [(item, round(score, 6)) for item, score in ranked]
