@@ -20,18 +20,19 @@ import asyncio
 import contextlib
 import json
 import logging
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from faust import web
 from faust.types import EventT, TableT
 
 from app import app, settings
+from app.aggregation import BATCH_MAX, enter_partition
 from app.dead_letters import dead_letter
 from app.settings import bootstrap_servers
 from models.recommendations import (
     Catalogue, InvalidEvent, ItemEmbeddings, UserEvent, add_purchase, apply_item_update, fit_item_embeddings,
-    item_updates, load_latest_model, model_from_bytes, model_to_bytes, parse_item, parse_item_update,
+    item_updates, load_latest_model, model_from_bytes, model_to_bytes, parse_item, parse_item_updates,
     parse_user_event, recommend, save_model, update_session,
 )
 from tables.recommendations import recs_item_meta, recs_item_stats, recs_purchased, recs_sessions
@@ -54,6 +55,7 @@ models_topic = raw_topic("recs-models", partitions=1)  # the leader's item model
 
 MODEL_DIR = settings.data_dir / "recommendations"
 MAX_K = 100
+RECS_BATCH_WITHIN = 0.02  # seconds a lone event waits for company: the next request should see it
 
 
 # --- read replicas -------------------------------------------------------------------------------
@@ -174,7 +176,23 @@ def text_key(key: Optional[bytes]) -> Optional[str]:
         raise InvalidEvent(f"record key is not UTF-8: {key!r}") from None
 
 
-async def observe_user_event(event: EventT) -> None:
+class UserBatch:
+    """What a batch of user events changes: sessions and purchases per user (written once per user,
+    under the user's latest event) and the item updates, grouped per item (one record per item)."""
+
+    def __init__(self) -> None:
+        self.sessions: Dict[str, Tuple[EventT, Dict[str, Any]]] = {}
+        self.purchases: Dict[str, Tuple[EventT, Dict[str, Any]]] = {}
+        self.item_updates: Dict[str, List[Dict[str, Any]]] = {}
+
+    def session(self, user: str) -> Dict[str, Any]:
+        return self.sessions[user][1] if user in self.sessions else recs_sessions[user]
+
+    def purchased(self, user: str) -> Dict[str, Any]:
+        return self.purchases[user][1] if user in self.purchases else recs_purchased[user]
+
+
+async def observe_user_event(event: EventT, batch: UserBatch) -> None:
     """One user event: session and purchases (this partition), item updates (re-keyed by item)."""
     user = text_key(event.key)
     parsed: UserEvent = parse_user_event(event.value, user)
@@ -182,19 +200,19 @@ async def observe_user_event(event: EventT) -> None:
         await user_events_topic.send(key=parsed.user_id.encode(), value=event.value)
         return
     message = event.message
-    update = update_session(recs_sessions[user], parsed, message.offset, settings.recs_session_timeout)
+    update = update_session(batch.session(user), parsed, message.offset, settings.recs_session_timeout)
     for item, item_update in item_updates(parsed, update.previous_items, (message.partition, message.offset)).items():
-        await item_updates_topic.send(key=item.encode(), value=json.dumps(item_update).encode())
+        batch.item_updates.setdefault(item, []).append(item_update)
     if not update.replayed:
-        recs_sessions[user] = update.session
+        batch.sessions[user] = (event, update.session)
     if parsed.event == "purchase":
-        recs_purchased[user] = add_purchase(recs_purchased[user], parsed.item_id)
+        batch.purchases[user] = (event, add_purchase(batch.purchased(user), parsed.item_id))
 
 
-async def guarded(event: EventT, handle: Callable[[EventT], Any]) -> None:
+async def guarded(event: EventT, handle: Callable[..., Any], *args: Any) -> None:
     """Run ``handle``; a record it refuses (or fails on) becomes a dead letter, the agent goes on."""
     try:
-        await handle(event)
+        await handle(event, *args)
     except InvalidEvent as error:
         await dead_letter(str(error), event)
     except Exception as error:  # noqa: BLE001 - bad input never kills the agent
@@ -202,27 +220,55 @@ async def guarded(event: EventT, handle: Callable[[EventT], Any]) -> None:
         await dead_letter(f"unexpected error: {error!r}", event)
 
 
+def write_per_key(stream, table: TableT, pending: Dict[str, Tuple[EventT, Any]]) -> None:
+    """``table[key] = value`` once per key, inside the key's latest event (its partition)."""
+    for key, (event, value) in pending.items():
+        enter_partition(stream, event)
+        table[key] = value
+
+
 @app.agent(user_events_topic)
 async def record_user_events(stream) -> None:
-    """user-events -> recs_sessions, recs_purchased; item updates -> recs-item-updates."""
-    async for event in stream.events():
-        await guarded(event, observe_user_event)
+    """user-events -> recs_sessions, recs_purchased; item updates -> recs-item-updates.
+
+    Batched (app/aggregation.py): one record per touched item and one table write per user per batch.
+    Item updates are sent before the sessions are written: a crash in between replays the events,
+    and the item table drops the updates it has (by source offset).
+    """
+    async for events in stream.take_events(BATCH_MAX, within=RECS_BATCH_WITHIN):
+        batch = UserBatch()
+        for event in events:
+            enter_partition(stream, event)
+            await guarded(event, observe_user_event, batch)
+        for item, updates in batch.item_updates.items():
+            await item_updates_topic.send(key=item.encode(), value=json.dumps({"item": item, "updates": updates}).encode())
+        write_per_key(stream, recs_sessions, batch.sessions)
+        write_per_key(stream, recs_purchased, batch.purchases)
 
 
-async def observe_item_update(event: EventT) -> None:
-    update = parse_item_update(event.value)
-    if text_key(event.key) != update["item"]:
-        raise InvalidEvent(f"item update for {update['item']!r} under key {event.key!r}")
-    stats = apply_item_update(recs_item_stats.get(update["item"]), update, max_neighbours=settings.recs_neighbours)
-    if stats is not None:  # None: this source offset was applied before (a replay)
-        recs_item_stats[update["item"]] = stats
+async def observe_item_updates(event: EventT, pending: Dict[str, Tuple[EventT, Dict[str, Any]]]) -> None:
+    """Apply a record's updates to the item's stats; an update whose source offset is in already is dropped."""
+    item = text_key(event.key)
+    updates = parse_item_updates(event.value, item)
+    stats = pending[item][1] if item in pending else recs_item_stats.get(item)
+    changed = False
+    for update in updates:
+        applied = apply_item_update(stats, update, max_neighbours=settings.recs_neighbours)
+        if applied is not None:
+            stats, changed = applied, True
+    if changed:
+        pending[item] = (event, stats)
 
 
 @app.agent(item_updates_topic)
 async def record_item_updates(stream) -> None:
-    """recs-item-updates -> recs_item_stats (co-occurrence, weight, trending panes)."""
-    async for event in stream.events():
-        await guarded(event, observe_item_update)
+    """recs-item-updates -> recs_item_stats (co-occurrence, weight, trending panes), one write per item per batch."""
+    async for events in stream.take_events(BATCH_MAX, within=RECS_BATCH_WITHIN):
+        pending: Dict[str, Tuple[EventT, Dict[str, Any]]] = {}
+        for event in events:
+            enter_partition(stream, event)
+            await guarded(event, observe_item_updates, pending)
+        write_per_key(stream, recs_item_stats, pending)
 
 
 async def observe_item(event: EventT) -> None:

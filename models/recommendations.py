@@ -12,7 +12,8 @@ State is plain JSON-able dicts, because it lives in Faust tables:
   co-occurrence with its top-N neighbours, its popularity per pane of ``TREND_STEP`` seconds (a hopping
   window of ``TREND_WINDOW`` is the sum of its panes) and the last source offset applied per partition;
 - an *item update* (what one user event adds to one item): ``{"item", "source": [partition, offset],
-  "ts", "weight", "pairs": {neighbour: weight}}``.
+  "ts", "weight", "pairs": {neighbour: weight}}``; a ``recs-item-updates`` record carries the updates
+  of a batch of events for one item: ``{"item", "updates": [...]}``.
 """
 from __future__ import annotations
 
@@ -141,19 +142,24 @@ def parse_item(raw: Optional[bytes], item_key: Optional[str]) -> Item:
     return Item(item_id=item_id, category=None if category is None else str(category), price=price, available=available)
 
 
-def parse_item_update(raw: Optional[bytes]) -> Dict[str, Any]:
-    """Decode a ``recs-item-updates`` record (written by this worker; checked all the same)."""
+def _is_item_update(update: Any, item: str) -> bool:
+    source = update.get("source") if isinstance(update, dict) else None
+    return (
+        update.get("item") == item
+        and isinstance(source, list) and len(source) == 2 and all(isinstance(x, int) for x in source)
+        and isinstance(update.get("ts"), (int, float))
+        and isinstance(update.get("weight"), (int, float))
+        and isinstance(update.get("pairs"), dict)
+    )
+
+
+def parse_item_updates(raw: Optional[bytes], item_key: Optional[str]) -> List[Dict[str, Any]]:
+    """Decode a ``recs-item-updates`` record ``{"item", "updates": [...]}`` (written by the worker; checked all the same)."""
     data = _decode_object(raw)
-    source = data.get("source")
-    if (
-        not isinstance(data.get("item"), str)
-        or not (isinstance(source, list) and len(source) == 2 and all(isinstance(x, int) for x in source))
-        or not isinstance(data.get("ts"), (int, float))
-        or not isinstance(data.get("weight"), (int, float))
-        or not isinstance(data.get("pairs"), dict)
-    ):
-        raise InvalidEvent("not an item update {item, source: [partition, offset], ts, weight, pairs}")
-    return data
+    updates = data.get("updates")
+    if data.get("item") != item_key or not isinstance(updates, list) or not all(_is_item_update(u, item_key) for u in updates):
+        raise InvalidEvent(f"not item updates of {item_key!r}: {{item, updates: [{{item, source: [partition, offset], ts, weight, pairs}}]}}")
+    return updates
 
 
 # --- sessions --------------------------------------------------------------------------------------
