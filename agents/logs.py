@@ -23,7 +23,7 @@ from app import app, settings
 from app.dead_letters import dead_letter
 from app.search import BulkWriter, Rejection, optional_writer, put_index_template
 from models.logs import (
-    LEVELS, InvalidRecord, LogCounts, RecordContext, document_id, fold_counts, header_text, index_name,
+    LEVELS, InvalidRecord, LogCounts, RecordContext, document_id, document_origin, fold_counts, header_text, index_name,
     index_template_patterns, is_error, parse_record, window_key, window_start, window_summary, windows_to_close,
 )
 from tables.logs import log_stats, recent_lines
@@ -86,9 +86,9 @@ class ParsedBatch:
     records refused at parsing."""
 
     actions: List[Dict[str, Any]] = field(default_factory=list)
-    origins: Dict[str, Tuple[EventT, int]] = field(default_factory=dict)  # _id -> (record, line)
+    records: Dict[Tuple[int, int], EventT] = field(default_factory=dict)  # (partition, offset) -> record
     counts: Dict[Tuple[str, int], Dict[Tuple[int, float, str], int]] = field(default_factory=dict)
-    recent: Dict[Tuple[str, int], List[Dict[str, Any]]] = field(default_factory=dict)
+    recent: Dict[Tuple[str, int], List[Dict[str, Any]]] = field(default_factory=dict)  # _index actions
     invalid: List[Tuple[EventT, str]] = field(default_factory=list)
     lines: int = 0
 
@@ -121,10 +121,23 @@ def recent_entry(doc_id: str, doc: Dict[str, Any]) -> Dict[str, Any]:
     return entry
 
 
+class WindowStarts(dict):
+    """Window start of an ISO timestamp, computed once per second of the timestamps seen."""
+
+    def __init__(self, window: float) -> None:
+        super().__init__()
+        self.window = window
+
+    def __missing__(self, second: str) -> float:
+        start = self[second] = window_start(second + "Z", self.window)
+        return start
+
+
 def parse_events(events: List[EventT]) -> ParsedBatch:
     """Parse every record of a batch; pure apart from reading the events."""
     batch = ParsedBatch()
-    pattern, window, keep_recent = settings.log_index_pattern, settings.log_stats_window, settings.log_recent_limit
+    pattern, keep_recent = settings.log_index_pattern, settings.log_recent_limit
+    window_starts = WindowStarts(settings.log_stats_window)
     for event in events:
         message = event.message
         try:
@@ -132,16 +145,23 @@ def parse_events(events: List[EventT]) -> ParsedBatch:
         except InvalidRecord as error:
             batch.invalid.append((event, str(error)))
             continue
+        partition, offset = message.partition, message.offset
+        batch.records[(partition, offset)] = event
         for line, doc in enumerate(docs):
-            doc_id = document_id(message.topic, message.partition, message.offset, line)
             service, level, timestamp = doc["service"]["name"], doc["log"]["level"], doc["@timestamp"]
-            batch.actions.append({"_op_type": "index", "_index": index_name(pattern, service, timestamp), "_id": doc_id, "_source": doc})
-            batch.origins[doc_id] = (event, line)
-            series = (service, message.partition)
-            counts = batch.counts.setdefault(series, defaultdict(int))
-            counts[(message.offset, window_start(timestamp, window), level)] += 1
-            recent = batch.recent.setdefault(series, [])
-            recent.append(recent_entry(doc_id, doc))
+            action = {
+                "_op_type": "index", "_index": index_name(pattern, service, timestamp),
+                "_id": document_id(message.topic, partition, offset, line), "_source": doc,
+            }
+            batch.actions.append(action)
+            series = (service, partition)
+            counts = batch.counts.get(series)
+            if counts is None:
+                counts = batch.counts[series] = defaultdict(int)
+                batch.recent[series] = []
+            counts[(offset, window_starts[timestamp[:19]], level)] += 1
+            recent = batch.recent[series]
+            recent.append(action)
             if len(recent) > 2 * keep_recent:
                 del recent[:-keep_recent]
         batch.lines += len(docs)
@@ -155,7 +175,7 @@ async def publish_counts(batch: ParsedBatch) -> None:
         rows = [[offset, start, level, lines] for (offset, start, level), lines in sorted(counts.items())]
         value = LogCounts(
             service=service, source_partition=partition, counts=rows,
-            recent=batch.recent[(service, partition)][-settings.log_recent_limit:],
+            recent=[recent_entry(action["_id"], action["_source"]) for action in batch.recent[(service, partition)][-settings.log_recent_limit:]],
         )
         deliveries.append(await log_counts_topic.send(key=service.encode(), value=value))
     for delivery in deliveries:
@@ -166,7 +186,8 @@ async def dead_letter_rejections(rejections: List[Rejection], batch: ParsedBatch
     """A record with a line Elasticsearch refused goes to the DLQ once, naming the line and why."""
     reasons: Dict[int, Tuple[EventT, List[str]]] = {}
     for rejection in rejections:
-        event, line = batch.origins[rejection.action["_id"]]
+        partition, offset, line = document_origin(rejection.action["_id"])
+        event = batch.records[(partition, offset)]
         entry = reasons.setdefault(id(event), (event, []))
         entry[1].append(f"line {line}: Elasticsearch refused it ({rejection.status}): {rejection.reason}")
     for event, lines in reasons.values():

@@ -21,6 +21,7 @@ from typing import Any, Collection, Dict, List, Mapping, Optional, Sequence
 
 from elastic_transport import ConnectionError as TransportConnectionError
 from elastic_transport import ConnectionTimeout
+from elastic_transport import OrjsonSerializer
 from elasticsearch import ApiError, AsyncElasticsearch
 from elasticsearch.helpers import async_streaming_bulk
 from tenacity import AsyncRetrying, retry_if_exception, stop_never, wait_exponential
@@ -47,7 +48,10 @@ class RetryLater(Exception):
 
 def search_client(url: str) -> AsyncElasticsearch:
     """An async client whose own retries are off: BulkWriter is the one retry mechanism."""
-    return AsyncElasticsearch(url, max_retries=0, retry_on_timeout=False, request_timeout=30)
+    return AsyncElasticsearch(
+        url, max_retries=0, retry_on_timeout=False, request_timeout=30,
+        serializer=OrjsonSerializer(),  # bulk bodies are serialized document by document: orjson is ~5x json
+    )
 
 
 def failure_reason(info: Mapping[str, Any]) -> str:

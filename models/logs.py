@@ -15,6 +15,7 @@ from datetime import datetime, timezone
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Tuple
 
 import faust
+import orjson
 from dateutil import parser as dateparser
 
 from models.metrics import InvalidRecord
@@ -132,7 +133,7 @@ def to_timestamp(value: Any) -> datetime:
 
 def iso_timestamp(moment: datetime) -> str:
     """Elasticsearch's ``strict_date_optional_time`` with milliseconds, UTC."""
-    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
+    return moment.astimezone(timezone.utc).isoformat(timespec="milliseconds")[:-6] + "Z"
 
 
 def parse_logfmt(text: str) -> Optional[Dict[str, str]]:
@@ -154,15 +155,20 @@ def parse_logfmt(text: str) -> Optional[Dict[str, str]]:
     return fields if known & {"message", "log.level"} else None
 
 
+def child(node: Dict[str, Any], name: str) -> Dict[str, Any]:
+    """``node[name]``, made an object if it is not one."""
+    value = node.get(name)
+    if value.__class__ is not dict:
+        value = node[name] = {}
+    return value
+
+
 def set_dotted(doc: Dict[str, Any], path: str, value: Any) -> None:
     """``set_dotted(d, "log.level", "info")`` -> ``d["log"]["level"] = "info"``."""
     *parents, leaf = path.split(".")
     node = doc
     for part in parents:
-        child = node.get(part)
-        if not isinstance(child, dict):
-            child = node[part] = {}
-        node = child
+        node = child(node, part)
     node[leaf] = value
 
 
@@ -191,7 +197,9 @@ def ecs_document(fields: Mapping[str, Any], context: "RecordContext", line: int)
     doc: Dict[str, Any] = {}
     labels: Dict[str, str] = {}
     found: Dict[str, Any] = {}
-    for key, value in flatten_ecs_objects(fields).items():
+    if any(value.__class__ is dict for value in fields.values()):
+        fields = flatten_ecs_objects(fields)
+    for key, value in fields.items():
         target = FIELD_ALIASES.get(key)
         if target is not None:
             if target not in found:
@@ -258,14 +266,14 @@ def finish_document(
         set_dotted(doc, path, value)
     doc["@timestamp"] = iso_timestamp(moment)
     doc["message"] = message
-    set_dotted(doc, "log.level", level)
-    set_dotted(doc, "service.name", service)
-    if context.host and not isinstance(doc.get("host"), dict):
-        set_dotted(doc, "host.name", context.host)
+    child(doc, "log")["level"] = level
+    child(doc, "service")["name"] = service
+    if context.host and "host" not in doc:
+        doc["host"] = {"name": context.host}
     if labels:
         doc["labels"] = labels
-    set_dotted(doc, "event.dataset", f"{service}.log")
-    set_dotted(doc, "ecs.version", ECS_VERSION)
+    child(doc, "event")["dataset"] = f"{service}.log"
+    doc["ecs"] = {"version": ECS_VERSION}
     return doc
 
 
@@ -286,7 +294,7 @@ def line_documents(item: Any, context: RecordContext, line: int) -> Dict[str, An
         text = item.rstrip("\r\n")
         if text.lstrip().startswith("{"):
             try:
-                decoded = json.loads(text)
+                decoded = orjson.loads(text)
             except ValueError:
                 raise InvalidRecord(f"line {line}: looks like JSON but does not parse") from None
             if isinstance(decoded, dict):
@@ -308,7 +316,7 @@ def record_items(text: str) -> Tuple[List[Any], bool]:
         raise InvalidRecord("empty record")
     if stripped[0] in "[{":
         try:
-            decoded = json.loads(stripped)
+            decoded = orjson.loads(stripped)
         except ValueError as error:
             if stripped[0] == "[" and not JSON_ARRAY_START.match(stripped):
                 return [stripped], False  # a plain line that starts with "[2024-11-01 ...]" or "[INFO]"
@@ -354,6 +362,12 @@ def header_text(headers: Optional[Iterable[Tuple[str, bytes]]], name: str) -> Op
 def document_id(topic: str, partition: int, offset: int, line: int) -> str:
     """The ``_id`` of a line: the same record redelivered overwrites, never duplicates."""
     return f"{topic}-{partition}-{offset}-{line}"
+
+
+def document_origin(doc_id: str) -> Tuple[int, int, int]:
+    """(partition, offset, line) of a ``document_id``."""
+    partition, offset, line = doc_id.rsplit("-", 3)[1:]
+    return int(partition), int(offset), int(line)
 
 
 INDEX_NAME_FORBIDDEN = re.compile(r'[\s\\/*?"<>|,#:]+')
