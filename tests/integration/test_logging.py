@@ -158,3 +158,23 @@ def test_closed_windows_emit_log_error_rate_samples_without_elasticsearch(isolat
     assert page["metrics"]["log_error_rate"]["logs"]["value"] == 0.3
     status, stats = worker.get(f"/logs/stats/{service}/")
     assert status == 200 and stats["windows"][0]["error_ratio"] == 0.3
+
+
+def test_every_worker_answers_for_every_service_from_the_owner(isolated_broker, start_workers):
+    workers = start_workers(isolated_broker, 2)
+    services = [new_service(f"svc{i}") for i in range(6)]
+    produce_sync(isolated_broker.bootstrap, "logs", [
+        (service, {"message": f"{service} line {j}", "level": "warn" if j == 0 else "info"})
+        for i, service in enumerate(services) for j in range(i + 1)
+    ], max_batch_size=1)
+
+    def totals(worker, service):
+        status, body = worker.get(f"/logs/stats/{service}/")
+        return status == 200 and sum(window["total"] for window in body["windows"])
+
+    for i, service in enumerate(services):
+        for worker in workers:
+            assert wait_for(lambda: totals(worker, service) == i + 1, message=f"{service} on {worker.port}")
+        answers = [worker.get(f"/logs/recent/{service}/?level=warn") for worker in workers]
+        assert answers[0] == answers[1]
+        assert answers[0][0] == 200 and [line["message"] for line in answers[0][1]["lines"]] == [f"{service} line 0"]
