@@ -1,0 +1,397 @@
+"""Change data capture end to end: a real throwaway PostgreSQL (wal_level=logical) as source and
+replica, a real Redis, the Elasticsearch-compatible test server, the local broker and real
+workers. Every test ends with the replica, Redis and the index equal to the source, row for row."""
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import signal
+import threading
+import time
+import uuid
+from datetime import date, datetime, timedelta, timezone
+from decimal import Decimal
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple
+
+import psycopg
+import pytest
+import redis
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from psycopg.types.json import Json, Jsonb
+
+from models.cdc import python_value
+from tests.support.workers import WorkerProcess, wait_for, wait_until_ready
+
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "cdc"
+
+ITEMS_DDL = """
+CREATE TABLE {schema}.items (
+    id bigint PRIMARY KEY,
+    name text,
+    price numeric(14,4),
+    big bigint,
+    happened timestamptz,
+    local_ts timestamp,
+    day date,
+    doc jsonb,
+    meta json,
+    tags text[],
+    nums integer[],
+    blob bytea,
+    flag boolean,
+    ratio double precision
+);
+ALTER TABLE {schema}.items REPLICA IDENTITY FULL;
+CREATE TABLE {schema}.pairs (a integer, b text, val numeric, note text, PRIMARY KEY (a, b));
+"""
+ITEM_COLUMNS = ["id", "name", "price", "big", "happened", "local_ts", "day", "doc", "meta", "tags", "nums", "blob", "flag", "ratio"]
+
+
+class Scenario:
+    """One test's source database, replica database, Redis database, schema, slot and topics."""
+
+    def __init__(self, postgres, redis_server, es_server, index: int) -> None:
+        suffix = uuid.uuid4().hex[:8]
+        self.schema = f"s_{suffix}"
+        self.source_dsn = postgres.create_database(f"source_{suffix}")
+        self.replica_dsn = postgres.create_database(f"replica_{suffix}")
+        self.redis_url = f"{redis_server.url.rsplit('/', 1)[0]}/{index}"
+        self.es_url = es_server.url
+        self.es_server = es_server
+        self.prefix = f"cdc-{suffix}"
+        self.slot = f"slot_{suffix}"
+        self.tables = [f"{self.schema}.items", f"{self.schema}.pairs"]
+        with psycopg.connect(self.source_dsn, autocommit=True) as conn:
+            conn.execute(f"CREATE SCHEMA {self.schema}")
+            conn.execute(ITEMS_DDL.format(schema=self.schema))
+
+    def env(self, tables: Optional[List[str]] = None) -> Dict[str, str]:
+        return {
+            "CDC_SOURCE_DSN": self.source_dsn, "REPLICA_DSN": self.replica_dsn, "REDIS_URL": self.redis_url,
+            "ELASTICSEARCH_URL": self.es_url, "CDC_TABLES": ",".join(tables or self.tables),
+            "CDC_SLOT": self.slot, "CDC_PUBLICATION": f"pub_{self.slot}", "CDC_TOPIC_PREFIX": self.prefix,
+        }
+
+
+@pytest.fixture
+def scenario(request, postgres_server, redis_server, es_server) -> Scenario:
+    index = 1 + (abs(hash(request.node.name)) % 15)
+    redis.Redis.from_url(f"{redis_server.url.rsplit('/', 1)[0]}/{index}").flushdb()
+    return Scenario(postgres_server, redis_server, es_server, index)
+
+
+# --- a seeded random workload -----------------------------------------------------------------------
+
+
+def random_item(rng: random.Random, item_id: int) -> Dict[str, Any]:
+    """A row of every type, each column NULL now and then."""
+    maybe = lambda value: None if rng.random() < 0.12 else value  # noqa: E731
+    zone = timezone(timedelta(minutes=rng.choice([0, 60, -300, 330])))
+    return {
+        "id": item_id,
+        "name": maybe(rng.choice(["widget", "gadget", "naïve café ☕", "it's \"quoted\"", "", "a,b{c}"]) + str(rng.randint(0, 999))),
+        "price": maybe(Decimal(rng.randint(-10**12, 10**12)) / 10000),
+        "big": maybe(rng.choice([2**53 + rng.randint(1, 10**6), -(2**62) + rng.randint(0, 10**6), 2**63 - 1, rng.randint(-5, 5)])),
+        "happened": maybe(datetime(2020, 1, 1, tzinfo=timezone.utc).astimezone(zone) + timedelta(microseconds=rng.randint(0, 10**14))),
+        "local_ts": maybe(datetime(1999, 12, 31) + timedelta(microseconds=rng.randint(0, 10**14))),
+        "day": maybe(date(1960, 1, 1) + timedelta(days=rng.randint(0, 40000))),
+        "doc": maybe(Jsonb({"k": rng.randint(0, 9), "nested": {"list": [1, "two", None, 3.5]}, "big": 2**60 + rng.randint(0, 99)})),
+        "meta": maybe(Json([rng.random(), {"x": "y"}])),
+        "tags": maybe([rng.choice(["a", "b c", None, "d,e", "{x}"]) for _ in range(rng.randint(0, 4))]),
+        "nums": maybe([rng.choice([1, -2, None, 2**31 - 1]) for _ in range(rng.randint(0, 4))]),
+        "blob": maybe(bytes(rng.getrandbits(8) for _ in range(rng.randint(0, 40)))),
+        "flag": maybe(rng.random() < 0.5),
+        "ratio": maybe(rng.uniform(-1e6, 1e6)),
+    }
+
+
+def insert_item(conn: psycopg.Connection, schema: str, item: Dict[str, Any]) -> None:
+    columns = ", ".join(item)
+    conn.execute(f"INSERT INTO {schema}.items ({columns}) VALUES ({', '.join(['%s'] * len(item))})", list(item.values()))
+
+
+def run_workload(dsn: str, schema: str, seed: int, transactions: int, first_id: int, pause: float = 0.0) -> None:
+    """Inserts, updates (also of the key), deletes in transactions of 1-8 statements, on both tables;
+    ``pause`` seconds between transactions spread the workload over time."""
+    rng = random.Random(seed)
+    with psycopg.connect(dsn, autocommit=True) as conn:  # each conn.transaction() a real transaction
+        ids = [row[0] for row in conn.execute(f"SELECT id FROM {schema}.items").fetchall()]
+        pairs = [tuple(row) for row in conn.execute(f"SELECT a, b FROM {schema}.pairs").fetchall()]
+        next_id = first_id
+        for _ in range(transactions):
+            with conn.transaction():
+                for _ in range(rng.randint(1, 8)):
+                    roll = rng.random()
+                    if roll < 0.4 or not ids:
+                        insert_item(conn, schema, random_item(rng, next_id))
+                        ids.append(next_id)
+                        next_id += 1
+                    elif roll < 0.7:
+                        item = random_item(rng, rng.choice(ids))
+                        changed = {k: v for k, v in item.items() if k == "id" or rng.random() < 0.5}
+                        sets = ", ".join(f"{k} = %s" for k in changed if k != "id")
+                        if sets:
+                            conn.execute(f"UPDATE {schema}.items SET {sets} WHERE id = %s", [v for k, v in changed.items() if k != "id"] + [item["id"]])
+                    elif roll < 0.75:
+                        old = rng.choice(ids)
+                        conn.execute(f"UPDATE {schema}.items SET id = %s WHERE id = %s", (next_id, old))
+                        ids.remove(old)
+                        ids.append(next_id)
+                        next_id += 1
+                    elif roll < 0.9:
+                        victim = rng.choice(ids)
+                        conn.execute(f"DELETE FROM {schema}.items WHERE id = %s", (victim,))
+                        ids.remove(victim)
+                    elif roll < 0.97 or not pairs:
+                        pair = (rng.randint(0, 50), rng.choice(["x", "y", "z"]))
+                        conn.execute(
+                            f"INSERT INTO {schema}.pairs VALUES (%s, %s, %s, %s) ON CONFLICT (a, b) DO UPDATE SET val = EXCLUDED.val, note = EXCLUDED.note",
+                            (*pair, Decimal(rng.randint(0, 10**6)) / 100, rng.choice([None, "n"])))
+                        if pair not in pairs:
+                            pairs.append(pair)
+                    else:
+                        pair = rng.choice(pairs)
+                        conn.execute(f"DELETE FROM {schema}.pairs WHERE a = %s AND b = %s", pair)
+                        pairs.remove(pair)
+            time.sleep(pause)
+
+
+# --- reading every copy --------------------------------------------------------------------------
+
+
+def column_types(dsn: str, table: str) -> Dict[str, str]:
+    with psycopg.connect(dsn) as conn:
+        rows = conn.execute(
+            "SELECT attname, format_type(atttypid, atttypmod) FROM pg_attribute WHERE attrelid = %s::regclass AND attnum > 0 AND NOT attisdropped",
+            (table,)).fetchall()
+    return dict(rows)
+
+
+def key_columns(table: str) -> List[str]:
+    return ["a", "b"] if table.endswith(".pairs") else ["id"]
+
+
+def redis_row_id(key: Tuple[Any, ...]) -> str:
+    return ":".join(v if isinstance(v, str) else json.dumps(v) for v in key)
+
+
+def database_rows(dsn: str, table: str) -> Dict[Tuple[Any, ...], Dict[str, Any]]:
+    with psycopg.connect(dsn) as conn:
+        conn.execute("SET TIME ZONE 'UTC'")
+        cursor = conn.execute(f"SELECT * FROM {table}")
+        names = [d.name for d in cursor.description]
+        rows = [dict(zip(names, row)) for row in cursor.fetchall()]
+    return {tuple(row[k] for k in key_columns(table)): row for row in rows}
+
+
+def decoded(document: Dict[str, Any], types: Dict[str, str]) -> Dict[str, Any]:
+    return {name: python_value(value, types[name]) for name, value in document.items()}
+
+
+def redis_rows(url: str, table: str, types: Dict[str, str]) -> Dict[str, Dict[str, Any]]:
+    client = redis.Redis.from_url(url)
+    rows = {}
+    for key in client.scan_iter(match=f"{table}:*", count=1000):
+        fields = client.hgetall(key)
+        rows[key.decode().split(":", 1)[1]] = decoded({k.decode(): json.loads(v) for k, v in fields.items()}, types)
+    return rows
+
+
+def index_rows(es_server, table: str, types: Dict[str, str]) -> Dict[str, Dict[str, Any]]:
+    return {doc_id: decoded(source, types) for doc_id, source in es_server.docs(table.lower()).items()}
+
+
+def differences(scenario: Scenario, table: str) -> List[str]:
+    """What differs between the source and each copy ([] when all are equal)."""
+    source = database_rows(scenario.source_dsn, table)
+    types = column_types(scenario.source_dsn, table)
+    by_id = {redis_row_id(key): row for key, row in source.items()}
+    problems = []
+    try:
+        replica = database_rows(scenario.replica_dsn, table)
+    except psycopg.errors.UndefinedTable:
+        replica = {}
+    copies = {"replica": ({redis_row_id(k): v for k, v in replica.items()}), "redis": redis_rows(scenario.redis_url, table, types),
+              "index": index_rows(scenario.es_server, table, types)}
+    for name, rows in copies.items():
+        missing, extra = by_id.keys() - rows.keys(), rows.keys() - by_id.keys()
+        wrong = [row_id for row_id in by_id.keys() & rows.keys() if rows[row_id] != by_id[row_id]]
+        if missing or extra or wrong:
+            sample = wrong[0] if wrong else None
+            problems.append(f"{table} {name}: {len(missing)} missing, {len(extra)} extra, {len(wrong)} differ"
+                            + (f" e.g. {rows[sample]} != {by_id[sample]}" if sample else ""))
+    return problems
+
+
+def wait_until_copies_equal(scenario: Scenario, timeout: float = 120.0) -> None:
+    last: List[str] = []
+
+    def equal() -> bool:
+        nonlocal last
+        last = [problem for table in scenario.tables for problem in differences(scenario, table)]
+        return not last
+
+    try:
+        wait_for(equal, timeout=timeout, interval=1.0, message="replica, Redis and index equal to the source")
+    except TimeoutError:
+        raise AssertionError("copies differ from the source: " + "; ".join(last)) from None
+
+
+async def read_topic(bootstrap: str, topic: str) -> List[Any]:
+    """Every record of a topic, up to its end offsets now."""
+    consumer = AIOKafkaConsumer(topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest", group_id=None)
+    await consumer.start()
+    try:
+        partitions = consumer.assignment() or set()
+        while not partitions:
+            await asyncio.sleep(0.1)
+            partitions = consumer.assignment()
+        ends = await consumer.end_offsets(list(partitions))
+        records = []
+        async def behind() -> bool:
+            return any([await consumer.position(tp) < end for tp, end in ends.items()])
+
+        while await behind():
+            for batch in (await consumer.getmany(timeout_ms=500)).values():
+                records.extend(batch)
+        return records
+    finally:
+        await consumer.stop()
+
+
+def seed_items(scenario: Scenario, count: int, seed: int) -> None:
+    rng = random.Random(seed)
+    with psycopg.connect(scenario.source_dsn) as conn:
+        for item_id in range(count):
+            insert_item(conn, scenario.schema, random_item(rng, item_id))
+        conn.execute(f"INSERT INTO {scenario.schema}.pairs VALUES (1, 'x', 1.5, NULL), (2, 'y', NULL, 'note')")
+
+
+# --- tests ---------------------------------------------------------------------------------------
+
+
+def test_snapshot_then_random_workload_ends_with_every_copy_equal_to_the_source(kafka_broker, start_workers, scenario):
+    seed_items(scenario, 300, seed=1)
+    [worker] = start_workers(kafka_broker, **scenario.env())
+    run_workload(scenario.source_dsn, scenario.schema, seed=2, transactions=600, first_id=10_000)
+    wait_until_copies_equal(scenario)
+
+    records = asyncio.run(read_topic(kafka_broker.bootstrap, f"{scenario.prefix}.{scenario.schema}.items"))
+    snapshot_keys = [json.loads(r.key)["id"] for r in records if r.value and json.loads(r.value)["op"] == "r"]
+    assert sorted(snapshot_keys) == list(range(300)), "each pre-existing row arrives via the snapshot exactly once"
+    ops = {json.loads(r.value)["op"] for r in records if r.value}
+    assert ops == {"r", "c", "u", "d"}
+    assert any(r.value is None for r in records), "a tombstone follows each delete"
+
+    status, body = worker.get("/cdc/status/")
+    assert status == 200
+    items = body["tables"][f"{scenario.schema}.items"]
+    assert items["counts"]["r"] == 300 and items["counts"]["c"] > 0
+    assert body["slot"]["slot"] == scenario.slot and body["slot"]["confirmed_lsn"]
+    status, row = worker.get("/cdc/rows/{}.items/id=0/".format(scenario.schema))
+    source_row = database_rows(scenario.source_dsn, f"{scenario.schema}.items").get((0,))
+    if source_row is None:
+        assert status == 404
+    else:
+        assert status == 200 and row["row"]["id"] == 0
+
+
+def applied_changes(worker: WorkerProcess, table: str) -> int:
+    try:
+        status, body = worker.get("/cdc/status/")
+    except OSError:
+        return 0
+    return body["tables"].get(table, {}).get("total", 0) if status == 200 else 0
+
+
+def test_worker_killed_mid_workload_and_restarted_loses_nothing(kafka_broker, scenario, tmp_path, app_id):
+    seed_items(scenario, 100, seed=3)
+    worker = WorkerProcess(kafka_broker.url, tmp_path / "crash", app_id=app_id, env=scenario.env()).start()
+    restarted = None
+    try:
+        wait_until_ready([worker])
+        workload = threading.Thread(target=run_workload, args=(scenario.source_dsn, scenario.schema, 4, 800, 10_000, 0.01))
+        workload.start()
+        wait_for(lambda: applied_changes(worker, f"{scenario.schema}.items") > 400, timeout=60, interval=0.1,
+                 message="the first changes applied")
+        worker.stop(signal.SIGKILL)
+        assert workload.is_alive(), "the crash must land while the workload is still running"
+        workload.join()
+        restarted = WorkerProcess(kafka_broker.url, tmp_path / "crash", app_id=app_id, env=scenario.env(), port=worker.port).start()
+        wait_until_ready([restarted])
+        run_workload(scenario.source_dsn, scenario.schema, seed=6, transactions=100, first_id=30_000)
+        wait_until_copies_equal(scenario)
+    finally:
+        worker.stop()
+        if restarted is not None:
+            restarted.stop()
+
+
+def test_source_database_restart_mid_workload_loses_nothing(kafka_broker, start_workers, scenario, postgres_server):
+    seed_items(scenario, 50, seed=7)
+    start_workers(kafka_broker, **scenario.env())
+    run_workload(scenario.source_dsn, scenario.schema, seed=8, transactions=300, first_id=10_000)
+    postgres_server.restart()
+    run_workload(scenario.source_dsn, scenario.schema, seed=9, transactions=300, first_id=20_000)
+    wait_until_copies_equal(scenario)
+
+
+def debezium_records(schema: str, topic_prefix: str) -> List[Tuple[bytes, Optional[bytes]]]:
+    """The recorded Debezium events (tests/fixtures/cdc), moved to this test's schema as a
+    connector capturing a table there would name it."""
+    records = []
+    for sample in json.loads((FIXTURES / "debezium_items.json").read_text()):
+        value = sample["value"]
+        if value is not None:
+            value.get("payload", value)["source"]["schema"] = schema
+        compact = lambda doc: json.dumps(doc, separators=(",", ":")).encode()  # noqa: E731 - the JSON converter's form
+        records.append((compact(sample["key"]), None if value is None else compact(value)))
+    return records
+
+
+async def produce_records(bootstrap: str, topic: str, records: List[Tuple[bytes, Optional[bytes]]]) -> None:
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, max_batch_size=1)
+    await producer.start()
+    try:
+        for key, value in records:
+            await (await producer.send(topic, value, key=key))
+    finally:
+        await producer.stop()
+
+
+def copies_of(scenario: Scenario, table: str) -> Dict[str, Dict[str, Dict[str, Any]]]:
+    types = column_types(scenario.source_dsn, f"{scenario.schema}.items")
+    return {
+        "replica": {redis_row_id(k): v for k, v in database_rows(scenario.replica_dsn, table).items()},
+        "redis": redis_rows(scenario.redis_url, table, types),
+        "index": index_rows(scenario.es_server, table, types),
+    }
+
+
+def test_debezium_connector_events_apply_like_our_own(kafka_broker, start_workers, scenario):
+    """The same statements, captured here into ``items`` and recorded from a Debezium connector into
+    ``dbz_items``, leave the same rows in the replica, Redis and the index."""
+    schema = scenario.schema
+    before_capture, stream = (FIXTURES / "debezium_items.sql").read_text().format(schema=schema).split("\n-- stream\n")
+    dbz_table = f"{schema}.dbz_items"
+    with psycopg.connect(scenario.source_dsn, autocommit=True) as conn:
+        conn.execute(f"CREATE TABLE {dbz_table} (LIKE {schema}.items INCLUDING ALL)")
+        conn.execute(before_capture)
+    with psycopg.connect(scenario.replica_dsn, autocommit=True) as conn:  # a Debezium event has no column types
+        conn.execute(f"CREATE SCHEMA {schema}")
+        conn.execute(ITEMS_DDL.format(schema=schema).replace(".items", ".dbz_items").split("CREATE TABLE {}.pairs".format(schema))[0])
+    start_workers(kafka_broker, **scenario.env(scenario.tables + [dbz_table]))
+    with psycopg.connect(scenario.source_dsn, autocommit=True) as conn:
+        conn.execute(stream)
+    wait_until_copies_equal(scenario)
+    asyncio.run(produce_records(kafka_broker.bootstrap, f"{scenario.prefix}.{dbz_table}", debezium_records(schema, scenario.prefix)))
+
+    def same_rows() -> Optional[Dict[str, Any]]:
+        ours, theirs = copies_of(scenario, f"{schema}.items"), copies_of(scenario, dbz_table)
+        return ours if ours == theirs else None
+
+    ours = wait_for(same_rows, timeout=60, message="Debezium's events applied like ours")
+    assert set(ours["redis"]) == {"1", "4", "5"}
+    assert ours["replica"]["1"]["price"] == Decimal("-0.0001") and ours["replica"]["5"]["big"] == -(2**63)
