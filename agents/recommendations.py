@@ -61,16 +61,19 @@ RECS_BATCH_WITHIN = 0.02  # seconds a lone event waits for company: the next req
 # --- read replicas -------------------------------------------------------------------------------
 
 
-class ChangelogFollower:
-    """Reads a topic from the beginning (or only its last record), outside the consumer group, and
-    hands each record to ``apply``; reconnects on errors. ``positions`` are the next offsets read."""
+Apply = Callable[[bytes, Optional[bytes]], None]
 
-    def __init__(self, topic_name: Callable[[], str], partitions: int, apply: Callable[[bytes, Optional[bytes]], None], latest_only: bool = False) -> None:
-        self.topic_name = topic_name
-        self.partitions = partitions
-        self.apply = apply
+
+class TopicFollower:
+    """Reads topics from the beginning (or only their last record), outside the consumer group, in
+    one consumer, and hands each record to its topic's ``apply``; reconnects on errors.
+    ``positions`` are the next offsets read per (topic, partition)."""
+
+    def __init__(self, topics: Dict[Callable[[], str], Tuple[int, Apply]], latest_only: bool = False, fetch_wait_ms: Optional[int] = None) -> None:
+        self.topics = topics  # topic name (resolved at start) -> (partitions, apply)
         self.latest_only = latest_only
-        self.positions: Dict[int, int] = {}
+        self.fetch_wait_ms = fetch_wait_ms or settings.consumer_fetch_wait_ms
+        self.positions: Dict[Tuple[str, int], int] = {}
         self.caught_up = asyncio.Event()
 
     async def wait_caught_up(self, timeout: float = 10.0) -> None:
@@ -85,41 +88,42 @@ class ChangelogFollower:
             except asyncio.CancelledError:
                 raise
             except Exception:  # noqa: BLE001 - the broker may be away; try again
-                log.exception("reading %s failed; retrying", self.topic_name())
+                log.exception("following %s failed; retrying", [name() for name in self.topics])
                 await asyncio.sleep(1.0)
 
     async def _read(self) -> None:
-        partitions = [TopicPartition(self.topic_name(), number) for number in range(self.partitions)]
+        applies = {name(): apply for name, (_partitions, apply) in self.topics.items()}
+        partitions = [TopicPartition(name(), number) for name, (count, _apply) in self.topics.items() for number in range(count)]
         consumer = AIOKafkaConsumer(
             bootstrap_servers=bootstrap_servers(settings.kafka_broker), group_id=None, enable_auto_commit=False,
-            auto_offset_reset="earliest", fetch_max_wait_ms=settings.consumer_fetch_wait_ms, max_partition_fetch_bytes=4 * 1024 * 1024,
+            auto_offset_reset="earliest", fetch_max_wait_ms=self.fetch_wait_ms, max_partition_fetch_bytes=4 * 1024 * 1024,
         )
         await consumer.start()
         try:
             consumer.assign(partitions)
             ends = await consumer.end_offsets(partitions)
             for partition in partitions:
-                start = max(ends[partition] - 1, 0) if self.latest_only else 0
-                consumer.seek(partition, start)
+                consumer.seek(partition, max(ends[partition] - 1, 0) if self.latest_only else 0)
             self._check_caught_up(ends)
             while True:
                 batch = await consumer.getmany(timeout_ms=1000)
                 for partition, records in batch.items():
                     for record in records:
-                        self._apply(record)
-                        self.positions[partition.partition] = record.offset + 1
+                        self._apply(applies[partition.topic], record)
+                        self.positions[(partition.topic, partition.partition)] = record.offset + 1
                 self._check_caught_up(ends)
         finally:
             await consumer.stop()
 
-    def _apply(self, record: Any) -> None:
+    @staticmethod
+    def _apply(apply: Apply, record: Any) -> None:
         try:
-            self.apply(record.key, record.value)
+            apply(record.key, record.value)
         except Exception as error:  # noqa: BLE001 - one bad record must not stop the replica
             log.warning("ignoring a malformed record of %s at offset %s: %r", record.topic, record.offset, error)
 
     def _check_caught_up(self, ends: Dict[TopicPartition, int]) -> None:
-        if not self.caught_up.is_set() and all(self.positions.get(partition.partition, 0) >= end for partition, end in ends.items()):
+        if not self.caught_up.is_set() and all(self.positions.get((tp.topic, tp.partition), 0) >= end for tp, end in ends.items()):
             self.caught_up.set()
 
 
@@ -147,20 +151,17 @@ def json_value(value: Optional[bytes]) -> Optional[Dict[str, Any]]:
 
 catalogue = Catalogue()
 model_holder = ModelHolder()
-stats_follower = ChangelogFollower(
-    lambda: recs_item_stats.changelog_topic.get_topic_name(), settings.topic_partitions,
-    lambda key, value: catalogue.put_stats(key.decode(), json_value(value)),
-)
-meta_follower = ChangelogFollower(
-    lambda: recs_item_meta.changelog_topic.get_topic_name(), settings.topic_partitions,
-    lambda key, value: catalogue.put_meta(key.decode(), json_value(value)),
-)
-model_follower = ChangelogFollower(models_topic.get_topic_name, 1, model_holder.receive, latest_only=True)
+item_follower = TopicFollower({
+    recs_item_stats.changelog_topic.get_topic_name: (settings.topic_partitions, lambda key, value: catalogue.put_stats(key.decode(), json_value(value))),
+    recs_item_meta.changelog_topic.get_topic_name: (settings.topic_partitions, lambda key, value: catalogue.put_meta(key.decode(), json_value(value))),
+})
+# Models are rare: a long fetch wait keeps this consumer from polling the broker 50 times a second.
+model_follower = TopicFollower({models_topic.get_topic_name: (1, model_holder.receive)}, latest_only=True, fetch_wait_ms=500)
 
 
 def catalogue_fingerprint() -> str:
     """Which item-table records the replica has read: the same data gives the same fingerprint."""
-    return ",".join(f"{partition}:{offset}" for partition, offset in sorted(stats_follower.positions.items()))
+    return ",".join(f"{topic}:{partition}:{offset}" for (topic, partition), offset in sorted(item_follower.positions.items()))
 
 
 # --- agents --------------------------------------------------------------------------------------
@@ -286,7 +287,7 @@ async def record_items(stream) -> None:
 @app.task
 async def follow_item_tables() -> None:
     """Keep this worker's replica of every item's stats and metadata."""
-    await asyncio.gather(stats_follower.follow(), meta_follower.follow())
+    await item_follower.follow()
 
 
 @app.task
@@ -303,7 +304,7 @@ _published_fingerprint: Optional[str] = None
 async def refit_item_model() -> None:
     """Leader only: refit the item model when the item tables changed, publish it to recs-models."""
     global _published_fingerprint
-    if not stats_follower.caught_up.is_set() or not model_follower.caught_up.is_set():
+    if not item_follower.caught_up.is_set() or not model_follower.caught_up.is_set():
         return
     fingerprint = catalogue_fingerprint()
     current = model_holder.current
@@ -344,7 +345,7 @@ async def recommendations_for_user(view: web.View, request: web.Request, user_id
         k = requested_k(request.query.get("k"))
     except ValueError as error:
         raise view.ValidationError(str(error))
-    await stats_follower.wait_caught_up()
+    await item_follower.wait_caught_up()
     session = recs_sessions.get(user_id) or {}
     purchased = (recs_purchased.get(user_id) or {}).get("items", [])
     model = model_holder.current
