@@ -413,6 +413,16 @@ class ItemEmbeddings:
 
     def __post_init__(self) -> None:
         self.index = {item: position for position, item in enumerate(self.items)}
+        # float16 on the wire and on disk; float32 copies for the arithmetic, rebuilt on load.
+        self._rows32 = self.row_factors.astype(np.float32)
+        self._cols32 = self.col_factors.astype(np.float32)
+
+    def __getstate__(self) -> Dict[str, Any]:
+        return {name: value for name, value in self.__dict__.items() if name not in ("index", "_rows32", "_cols32")}
+
+    def __setstate__(self, state: Dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self.__post_init__()
 
     def scores(self, session_items: Sequence[Sequence[Any]], limit: int = 200) -> Dict[str, float]:
         """Predicted affinity of the ``limit`` best items to the recency-weighted session profile."""
@@ -420,8 +430,8 @@ class ItemEmbeddings:
         if not weighted:
             return {}
         rows, weights = zip(*weighted)
-        profile = np.asarray(weights, dtype=np.float32) @ self.row_factors[list(rows)].astype(np.float32)
-        affinity = self.col_factors.astype(np.float32) @ profile
+        profile = np.asarray(weights, dtype=np.float32) @ self._rows32[list(rows)]
+        affinity = self._cols32 @ profile
         best = np.argpartition(-affinity, min(limit, len(affinity) - 1))[:limit]
         return {self.items[i]: float(affinity[i]) for i in best if affinity[i] > 0}
 
