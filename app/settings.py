@@ -183,6 +183,8 @@ def faust_settings(settings: Settings) -> Dict[str, Any]:
         canonical_url=settings.web_url,
         key_serializer="raw",
         value_serializer="json",
+        # Raw bytes and schemaless JSON decoded without Faust's serializer registry (app/transport.py).
+        Schema="app.transport:FastSchema",
         # The worker creates its topics; the local broker and a development Kafka have one replica.
         topic_replication_factor=1,
     )

@@ -24,17 +24,46 @@ What it changes, with the measurements behind it (bench/README.md has the profil
    0.6, holds it the full wait: 381 ms median latency per hop with 1500, 3 ms with 20) then adds up
    to that wait to every record. Here it is ``CONSUMER_FETCH_WAIT_MS`` (default 20 ms); a real
    Kafka answers early anyway, so the lower wait only costs a few more fetches while idle.
+4. Table recovery asks the broker for each changelog partition's end offset (ListOffsets). Tansu
+   0.6 answers with the base offset of the last record batch + 1 (15 records in batches of 10 and
+   5: 11), while its fetch responses carry the true high watermark (15). With multi-record
+   changelog batches Faust then found the table's persisted offset beyond the "end" and refused to
+   start (``ConsistencyError``), which is why every record used to be its own produce batch
+   (``PRODUCER_MAX_BATCH_SIZE=1``, half the rate of the stateful pattern). Here each end offset is
+   checked with one fetch of the last batch and the larger of the two is used: on a real Kafka
+   they are equal, so the check costs one small fetch per changelog partition at recovery.
+
+The producer (same URL scheme) is Faust's aiokafka producer whose buffer of unsent records stalls
+the consumer only beyond ``PRODUCER_BUFFER_MAX`` records instead of Faust's fixed 100: a flush of
+app/aggregation.py writes hundreds of keys at once, and with 100 the conductor stopped the stream
+for every 100 changelog sends (50-76 stalls, 2.2-4.0 s of a 9-11 s run; bench/README.md). The
+conductor asks that buffer's size once per record; Faust's ``size`` reads a setting through the
+settings registry each time (4.6 % of a bare agent's main thread), this one reads the queue.
+
+``FastSchema`` (the app's ``Schema`` setting, so every topic and channel uses it) decodes raw
+``bytes`` keys/values and schemaless JSON values without Faust's serializer registry, whose
+schemaless path looks up ``data["__faust"]`` and catches a ``KeyError`` for every plain JSON value
+(the whole decode: 23.6 % of a bare agent's main thread, ``_maybe_namespace`` alone 8.3 %). Any
+other type or serializer, and any JSON value that does carry a ``__faust`` model tag, takes
+Faust's own path.
 """
 from __future__ import annotations
 
 import asyncio
-from typing import Any, AsyncIterator, ClassVar, Type, cast
+from typing import Any, AsyncIterator, Callable, ClassVar, Dict, Iterable, List, Mapping, Type, cast
 
+import faust
+from faust.exceptions import ValueDecodeError
 from faust.transport.consumer import CONSUMER_FETCHING
 from faust.transport.drivers import aiokafka
-from faust.types import ConsumerT
+from faust.transport.producer import ProducerBuffer as FaustProducerBuffer
+from faust.types import TP, AppT, ConsumerT, ProducerT
+from faust.types.tuples import Message
+from faust.utils import json as faust_json
 
 GETMANY_TIMEOUT = 0.05
+PRODUCER_BUFFER_MAX = 20_000  # unsent records before the conductor waits (Faust: 100)
+END_OFFSET_CHECK_TIMEOUT = 10.0  # seconds for the fetch that checks the changelog end offsets
 
 
 class ConsumerThread(aiokafka.AIOKafkaConsumerThread):
@@ -48,11 +77,66 @@ class ConsumerThread(aiokafka.AIOKafkaConsumerThread):
         consumer._fetch_max_wait_ms = settings.consumer_fetch_wait_ms
         return consumer
 
+    async def _highwaters(self, partitions: List[TP]) -> Mapping[TP, int]:
+        ends = dict(await super()._highwaters(partitions))
+        if self.consumer.in_transaction:
+            return ends  # last stable offsets come from fetch responses already
+        return await fetched_end_offsets(self._create_client_consumer(self.transport), ends)
+
+
+async def fetched_end_offsets(consumer: Any, ends: Dict[TP, int]) -> Dict[TP, int]:
+    """The end offsets ``ends`` (from ListOffsets), each raised to the high watermark that a fetch
+    of the partition's last batch reports; ``consumer`` is a group-less aiokafka consumer, not yet
+    started, stopped here. A partition the fetch does not answer keeps its ListOffsets value."""
+    probe = [tp for tp, end in ends.items() if end]  # an empty partition has nothing to check
+    if not probe:
+        return ends
+    await consumer.start()
+    try:
+        consumer.assign(probe)
+        for tp in probe:
+            consumer.seek(tp, ends[tp] - 1)  # the last batch starts at or before this offset
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + END_OFFSET_CHECK_TIMEOUT
+        waiting = set(probe)
+        while waiting and loop.time() < deadline:
+            await consumer.getmany(*waiting, timeout_ms=200)
+            for tp in list(waiting):
+                highwater = consumer.highwater(tp)
+                if highwater is not None:
+                    ends[tp] = max(ends[tp], highwater)
+                    waiting.discard(tp)
+    finally:
+        await consumer.stop()
+    return ends
+
 
 class Consumer(aiokafka.Consumer):
-    """aiokafka consumer whose drain loop awaits each record inline and polls in short waits."""
+    """aiokafka consumer whose drain loop awaits each record inline and polls in short waits, and
+    that runs its before-commit callbacks right before it decides which offsets to commit."""
 
     getmany_timeout: ClassVar[float] = GETMANY_TIMEOUT
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self._before_commit: List[Callable[[], None]] = []
+        super().__init__(*args, **kwargs)
+
+    def add_before_commit(self, callback: Callable[[], None]) -> None:
+        """Call ``callback()`` before every offset commit (app/aggregation.py's ``DeltaBuffer``
+        writes the deltas of the records acknowledged so far)."""
+        self._before_commit.append(callback)
+
+    def remove_before_commit(self, callback: Callable[[], None]) -> None:
+        self._before_commit.remove(callback)
+
+    def _filter_committable_offsets(self, tps: Iterable[TP]) -> Dict[TP, int]:
+        # Faust calls this without awaiting anything since the commit began, and computes the
+        # offsets from the acknowledged records right here: nothing is acknowledged in between.
+        # The producer is flushed after this, before the offsets are committed, so what the
+        # callbacks write to tables (changelog records) is in Kafka before the offsets are.
+        for callback in list(self._before_commit):
+            callback()
+        return super()._filter_committable_offsets(tps)
 
     def _new_consumer_thread(self) -> ConsumerThread:
         return ConsumerThread(self, loop=self.loop, beacon=self.beacon)
@@ -115,8 +199,84 @@ class Consumer(aiokafka.Consumer):
             unset_flag(CONSUMER_FETCHING)
 
 
+class ProducerBuffer(FaustProducerBuffer):
+    """Faust's buffer of records waiting to be sent, with a size that costs no settings lookup."""
+
+    max_messages = PRODUCER_BUFFER_MAX
+    threaded = False  # the producer_threaded setting, read once
+
+    @property
+    def size(self) -> int:
+        if self.threaded:  # Faust's own accounting of the producer thread's queue
+            return super().size
+        return self.pending.qsize()
+
+
+class Producer(aiokafka.Producer):
+    """Faust's aiokafka producer with the buffer above (the conductor waits only beyond
+    PRODUCER_BUFFER_MAX unsent records)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        buffer = ProducerBuffer(loop=self.loop, beacon=self.beacon)  # replaces Faust's before it starts
+        buffer.app, buffer.threaded = self.app, bool(self.app.conf.producer_threaded)
+        if buffer.threaded:
+            buffer.threaded_producer = self.threaded_producer
+        self.buffer = buffer
+
+
+class FastSchema(faust.Schema):
+    """Faust's Schema, decoding raw bytes and schemaless JSON without the serializer registry."""
+
+    def compile(self, app: AppT, **kwargs: Any) -> Any:
+        conf = app.conf
+        key_mode = plain_mode(self.key_type, self.key_serializer or conf.key_serializer)
+        value_mode = plain_mode(self.value_type, self.value_serializer or conf.value_serializer)
+        if key_mode != "raw" or value_mode is None:
+            return super().compile(app, **kwargs)
+        on_value_decode_error = kwargs.get("on_value_decode_error")
+        default_propagate = kwargs.get("default_propagate", False)
+        registry_loads = app.serializers.loads_value
+        value_type, value_serializer = self.value_type, self.value_serializer
+        Event = conf.Event
+        loads = faust_json.loads
+        blessed_key = faust.Record._blessed_key
+
+        async def decode(message: Message, *, propagate: bool = default_propagate) -> Any:
+            value = message.value
+            if value is not None and value_mode == "json":
+                try:
+                    value = loads(value)
+                    if type(value) is dict and blessed_key in value:  # a tagged model: Faust's path
+                        value = registry_loads(value_type, message.value, serializer=value_serializer)
+                except ValueDecodeError as exc:
+                    error = exc
+                except Exception as exc:  # noqa: BLE001 - what Faust's registry wraps, too
+                    error = ValueDecodeError(str(exc))
+                else:
+                    return Event(app, message.key, value, message.headers, message)
+                if propagate:
+                    raise error
+                if on_value_decode_error is not None:
+                    await on_value_decode_error(error, message)
+                return None
+            return Event(app, message.key, value, message.headers, message)
+
+        return decode
+
+
+def plain_mode(typ: Any, serializer: Any) -> Any:
+    """``"raw"`` for bytes passed through, ``"json"`` for schemaless JSON, else None (Faust's path)."""
+    if serializer == "raw" and typ in (None, bytes):
+        return "raw"
+    if serializer == "json" and typ is None:
+        return "json"
+    return None
+
+
 class Transport(aiokafka.Transport):
-    """Faust's aiokafka transport with the consumer above (URL scheme ``streamspine://``)."""
+    """Faust's aiokafka transport with the consumer and producer above (URL scheme ``streamspine://``)."""
 
     Consumer: ClassVar[Type[ConsumerT]] = Consumer
+    Producer: ClassVar[Type[ProducerT]] = Producer
 

@@ -8,17 +8,28 @@ from __future__ import annotations
 import asyncio
 from types import SimpleNamespace
 
+import faust
+import pytest
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from faust.exceptions import ValueDecodeError
 from faust.types import TP
+from faust.types.tuples import Message
 
-from app import app, settings
-from app.transport import GETMANY_TIMEOUT, Consumer, Transport
+from app import app, settings, transport
+from faust.transport.drivers.aiokafka import AIOKafkaConsumerThread as aiokafka_thread
+from app.transport import (
+    GETMANY_TIMEOUT, PRODUCER_BUFFER_MAX, Consumer, FastSchema, Producer, ProducerBuffer, Transport,
+    fetched_end_offsets,
+)
 
 
 def test_the_worker_consumes_through_this_projects_transport():
     assert isinstance(app.transport, Transport)
     assert isinstance(app.consumer, Consumer)
     assert str(app.conf.broker_consumer[0]).startswith("streamspine://")
-    assert str(app.conf.broker_producer[0]).startswith("kafka://")
+    assert str(app.conf.broker_producer[0]).startswith("streamspine://")
+    assert isinstance(app.producer, Producer)
 
 
 def new_consumer() -> Consumer:
@@ -84,3 +95,148 @@ async def test_the_fetch_wait_is_the_configured_one_not_fausts_fixed_1500_ms():
     aiokafka_consumer = thread._create_worker_consumer(app.transport)
 
     assert aiokafka_consumer._fetch_max_wait_ms == settings.consumer_fetch_wait_ms == 20
+
+
+# --- the producer's buffer ------------------------------------------------------------------------
+
+
+def test_the_conductor_waits_only_beyond_a_deep_producer_buffer():
+    buffer = app.producer.buffer
+
+    assert isinstance(buffer, ProducerBuffer)
+    assert buffer.max_messages == PRODUCER_BUFFER_MAX >= 10 * 1000  # Faust's fixed 100 stalled every flush
+
+
+async def test_the_producer_buffer_size_is_its_queue_length():
+    buffer = ProducerBuffer()
+    buffer.app = SimpleNamespace()  # no settings to read: the size must not need them
+    for n in range(3):
+        buffer.pending.put_nowait(n)
+
+    assert buffer.size == 3
+
+
+# --- before-commit callbacks ----------------------------------------------------------------------
+
+
+async def test_before_commit_callbacks_run_before_the_offsets_to_commit_are_taken():
+    consumer = new_consumer()
+    tp = TP("metrics", 0)
+    acked = consumer._acked[tp]
+    consumer._acked_index[tp].update([0])
+    acked.append(0)
+
+    def acknowledge_more() -> None:  # what a DeltaBuffer flush stands for: state written up to offset 1
+        consumer._acked_index[tp].add(1)
+        acked.append(1)
+
+    consumer.add_before_commit(acknowledge_more)
+    offsets = consumer._filter_committable_offsets([tp])
+    consumer.remove_before_commit(acknowledge_more)
+
+    assert offsets == {tp: 2}  # offsets are computed after the callback ran
+
+
+# --- decoding without the serializer registry -----------------------------------------------------
+
+
+def message(value, key=b"k") -> Message:
+    return Message("t", 0, 1, 0.0, 0, [], key, value, None)
+
+
+class Reading(faust.Record, serializer="json"):
+    value: float
+
+
+def test_every_topic_decodes_through_fast_schema():
+    assert app.conf.Schema is FastSchema
+    assert isinstance(app.topic("any-topic", key_type=bytes).schema, FastSchema)
+
+
+async def test_fast_schema_decodes_raw_keys_and_plain_json_values_like_faust():
+    schema = FastSchema(key_type=bytes, key_serializer="raw", value_serializer="json")
+
+    event = await schema.decode(app, message(b'{"id": 1, "user": "u1"}'))
+
+    assert event.key == b"k" and event.value == {"id": 1, "user": "u1"}
+    assert event.message.offset == 1 and event.headers == {}
+
+
+async def test_a_json_value_tagged_with_a_faust_model_still_becomes_that_model():
+    schema = FastSchema(key_type=bytes, key_serializer="raw", value_serializer="json")
+
+    event = await schema.decode(app, message(Reading(value=2.5).dumps()))
+
+    assert event.value == Reading(value=2.5)
+
+
+async def test_fast_schema_raises_faust_decode_errors_for_invalid_json():
+    schema = FastSchema(key_type=bytes, key_serializer="raw", value_serializer="json")
+
+    with pytest.raises(ValueDecodeError):
+        await schema.decode(app, message(b"{not json"), propagate=True)
+
+
+async def test_raw_values_pass_through_and_typed_values_take_fausts_path():
+    raw = FastSchema(key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw")
+    typed = FastSchema(key_type=bytes, value_type=Reading, key_serializer="raw", value_serializer="json")
+
+    assert (await raw.decode(app, message(b"\xff\x00"))).value == b"\xff\x00"
+    assert (await typed.decode(app, message(b'{"value": 1.5}'))).value == Reading(value=1.5)
+
+
+# --- changelog end offsets --------------------------------------------------------------------------
+
+
+async def test_end_offsets_are_checked_against_the_high_watermark_of_a_fetch(kafka_broker):
+    bootstrap = kafka_broker.bootstrap
+    topic = f"end-offsets-{asyncio.get_running_loop().time():.0f}-{id(bootstrap)}"
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        await admin.create_topics([NewTopic(topic, 2, 1)])
+    finally:
+        await admin.close()
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=50)
+    await producer.start()
+    try:
+        for size in (10, 5):  # two batches of several records each, on partition 0
+            await asyncio.gather(*[await producer.send(topic, b"v", partition=0) for _ in range(size)])
+    finally:
+        await producer.stop()
+    tps = [TP(topic, 0), TP(topic, 1)]
+    listed = await end_offsets(bootstrap, tps)  # the local broker answers 11 here (its bug)
+
+    ends = await fetched_end_offsets(AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=None), dict(listed))
+
+    assert ends == {TP(topic, 0): 15, TP(topic, 1): 0}
+
+
+async def end_offsets(bootstrap: str, tps):
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=None)
+    await consumer.start()
+    try:
+        return await consumer.end_offsets(tps)
+    finally:
+        await consumer.stop()
+
+
+async def test_table_recovery_reads_end_offsets_through_that_check(monkeypatch):
+    thread = app.consumer._thread
+    seen = {}
+
+    async def listed_by_the_broker(self, partitions):  # Faust's ListOffsets answer
+        return {tp: 11 for tp in partitions}
+
+    async def checked(client, ends):
+        seen.update(client=client, ends=dict(ends))
+        return {tp: end + 4 for tp, end in ends.items()}
+
+    monkeypatch.setattr(aiokafka_thread, "_highwaters", listed_by_the_broker)
+    monkeypatch.setattr(transport, "fetched_end_offsets", checked)
+    monkeypatch.setattr(thread, "_create_client_consumer", lambda transport_: "group-less consumer")
+
+    ends = await thread._highwaters([TP("changelog", 0)])
+
+    assert ends == {TP("changelog", 0): 15}
+    assert seen == {"client": "group-less consumer", "ends": {TP("changelog", 0): 11}}
