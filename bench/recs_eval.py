@@ -3,6 +3,7 @@
     python bench/recs_eval.py                      # the seeded synthetic click-stream (models/clickstream.py)
     python bench/recs_eval.py --csv events.csv     # RetailRocket events.csv or YOOCHOOSE clicks.dat
     python bench/recs_eval.py --sessions 30000 --seed 3
+    python bench/recs_eval.py --seed 3 --blend 1,1,0 --blend 1,0.25,0.05   # other blend weights too
 
 Events are replayed in time order through the same functions the worker runs (models/recommendations.py):
 before each event that continues a session, every strategy predicts its top ``k`` from the state so
@@ -133,7 +134,12 @@ def main() -> None:
     parser.add_argument("--k", type=int, default=20)
     parser.add_argument("--refit-every", type=int, default=5000, help="events between model refits")
     parser.add_argument("--trending-refresh", type=float, default=600.0, help="event-time seconds between trending recomputes")
+    parser.add_argument("--blend", action="append", default=[], metavar="KNN,MODEL,TRENDING",
+                        help="also evaluate these blend weights (repeatable), e.g. --blend 1,1,0")
     args = parser.parse_args()
+    for weights in args.blend:
+        knn, model, trending = (float(part) for part in weights.split(","))
+        STRATEGIES[f"blend {weights}"] = BlendWeights(session_knn=knn, embeddings=model, trending=trending)
 
     started = time.perf_counter()
     if args.csv:
@@ -147,10 +153,11 @@ def main() -> None:
     scores = evaluate(events, args.k, args.refit_every, args.trending_refresh)
     popular = scores["most-popular"].hr
     print(f"next-item predictions: {scores['blended'].cases}")
-    print(f"{'strategy':<14} {'HR@' + str(args.k):>8} {'MRR@' + str(args.k):>8} {'HR x pop':>9}")
+    width = max(len(name) for name in scores)
+    print(f"{'strategy':<{width}} {'HR@' + str(args.k):>8} {'MRR@' + str(args.k):>8} {'HR x pop':>9}")
     for name, score in scores.items():
         ratio = f"{score.hr / popular:.2f}" if popular else "-"
-        print(f"{name:<14} {score.hr:>8.4f} {score.mrr:>8.4f} {ratio:>9}")
+        print(f"{name:<{width}} {score.hr:>8.4f} {score.mrr:>8.4f} {ratio:>9}")
     print(f"took {time.perf_counter() - started:.1f} s")
 
 

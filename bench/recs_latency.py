@@ -37,6 +37,9 @@ from models.clickstream import ClickstreamConfig, synthetic_events  # noqa: E402
 from tests.support.workers import WorkerProcess, http_get, wait_for, wait_until_ready  # noqa: E402
 
 
+PROBE_TIMEOUT = 30.0  # seconds a probe waits for its event to show
+
+
 def percentile(values: List[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(round(q / 100 * (len(ordered) - 1))))]
@@ -57,6 +60,14 @@ async def load(bootstrap: str, events: List[dict]) -> None:
         await compare.send_all(producer, "user-events", ((e["user_id"].encode(), json.dumps(e).encode()) for e in events))
     finally:
         await producer.stop()
+
+
+def items_with_neighbours(events: List[dict]) -> List[str]:
+    """Items that share a session with another item (a session of one item gives no neighbours)."""
+    by_session: dict = {}
+    for event in events:
+        by_session.setdefault(event["session_id"], set()).add(event["item_id"])
+    return sorted({item for items in by_session.values() if len(items) > 1 for item in items})
 
 
 def consumed(workers: List[WorkerProcess], last_users: List[str]) -> bool:
@@ -101,11 +112,13 @@ async def update_delays(bootstrap: str, urls: List[str], items: List[str], probe
                 event = {"user_id": user, "item_id": random.choice(items), "event": "view", "ts": time.time()}
                 started = time.perf_counter()
                 await producer.send("user-events", json.dumps(event).encode(), key=user.encode())
-                while True:
+                while time.perf_counter() - started < PROBE_TIMEOUT:
                     async with session.get(f"{url}/recommendations/{user}/?k=20") as response:
                         if (await response.json())["strategy"] != "trending":
+                            delays.append((time.perf_counter() - started) * 1000)
                             break
-                delays.append((time.perf_counter() - started) * 1000)
+                else:
+                    print(f"probe {user} ({event['item_id']}) not reflected within {PROBE_TIMEOUT:g} s")
     finally:
         await producer.stop()
     return delays
@@ -124,13 +137,13 @@ def main() -> int:
     work_dir = Path(tempfile.mkdtemp(prefix="recs-latency-"))
     events = history(args.sessions)
     users = sorted({event["user_id"] for event in events})
-    recent_items = sorted({event["item_id"] for event in events[-500:]})  # items with neighbours
+    probe_items = items_with_neighbours(events)
     workers: List[WorkerProcess] = []
     with LocalBroker() as broker:
         try:
             app_id = f"recs-latency-{uuid.uuid4().hex[:6]}"
             workers = [WorkerProcess(broker.url, work_dir / f"w{n}", app_id=app_id, env={"RECS_REFIT_INTERVAL": "5"}).start() for n in range(args.workers)]
-            wait_until_ready(workers)
+            wait_until_ready(workers, timeout=300)  # a loaded machine takes a few rebalances
             started = time.perf_counter()
             asyncio.run(load(broker.bootstrap, events))
             last_users = list(dict.fromkeys(event["user_id"] for event in reversed(events)))[:5]
@@ -144,8 +157,8 @@ def main() -> int:
             print(f"GET /recommendations/{{user}}/?k=20, {args.requests} requests, {args.concurrency} concurrent, over {len(urls)} worker(s): "
                   f"p50 {statistics.median(latencies):.1f} ms, p95 {percentile(latencies, 95):.1f} ms, p99 {percentile(latencies, 99):.1f} ms, "
                   f"{rate:.0f} req/s")
-            delays = asyncio.run(update_delays(broker.bootstrap, urls, recent_items, args.probes))
-            print(f"event -> updated recommendation, {args.probes} fresh users: p50 {statistics.median(delays):.1f} ms, "
+            delays = asyncio.run(update_delays(broker.bootstrap, urls, probe_items, args.probes))
+            print(f"event -> updated recommendation, {len(delays)} of {args.probes} fresh users: p50 {statistics.median(delays):.1f} ms, "
                   f"p99 {percentile(delays, 99):.1f} ms, max {max(delays):.1f} ms")
         finally:
             for worker in workers:
