@@ -169,7 +169,7 @@ class Capture:
             await change_topics.maybe_declare()
         await capture_state_topic.maybe_declare()
         self.producer = AIOKafkaProducer(
-            bootstrap_servers=bootstrap_servers(settings.kafka_broker), acks="all", linger_ms=0,
+            bootstrap_servers=bootstrap_servers(settings.kafka_broker), acks="all", linger_ms=5,
             max_batch_size=settings.cdc_producer_batch_size,
         )
         await self.producer.start()
@@ -425,9 +425,10 @@ class ReplicaSink:
             refused = {id(change) for change, _ in rejected}
             ready = [change for change in changes if id(change) not in refused]
             try:
-                async with conn.transaction(), conn.pipeline():
-                    for change in ready:
-                        await self.apply_one(conn, change)
+                async with conn.transaction():
+                    for statement, params in self.grouped_statements(ready):
+                        async with conn.cursor() as cursor:
+                            await cursor.executemany(statement, params)  # pipelined by psycopg
                 return rejected
             except (psycopg.DataError, psycopg.IntegrityError, psycopg.ProgrammingError):
                 return rejected + await self.apply_each(conn, ready)  # find the change the replica refuses
@@ -480,22 +481,34 @@ class ReplicaSink:
         log.info("replica: created %s from the source columns", change.table_name)
 
     async def apply_one(self, conn: psycopg.AsyncConnection, change: Change) -> None:
-        """One guarded statement: the row changes only if its LSN guard moved (pipelined, no round trip)."""
+        """One guarded statement: the row changes only if its LSN guard moved."""
+        await conn.execute(self.statement(change), self.parameters(change))
+
+    def grouped_statements(self, changes: List[Change]) -> List[Tuple[sql.Composed, List[List[Any]]]]:
+        """The changes of a batch grouped by statement (each row at most once: order does not matter)."""
+        groups: Dict[Tuple[str, bool, Tuple[str, ...]], Tuple[sql.Composed, List[List[Any]]]] = {}
+        for change in changes:
+            statement = self.statement(change)
+            groups.setdefault(self.statement_key(change), (statement, []))[1].append(self.parameters(change))
+        return list(groups.values())
+
+    def parameters(self, change: Change) -> List[Any]:
         types, key = self.tables[change.table_name]
         guard = [change.table_name, change.row_id, change.lsn]
         if change.is_delete:
-            values = [replica_value(change.key[name], types[name]) for name in key]
-        else:
-            values = [replica_value(value, types[name]) for name, value in change.after.items()]
-        await conn.execute(self.statement(change), guard + values)
+            return guard + [replica_value(change.key[name], types[name]) for name in key]
+        return guard + [replica_value(value, types[name]) for name, value in change.after.items()]
 
     def statement(self, change: Change) -> sql.Composed:
         """The guarded upsert or delete of a table and column set (cached: built once)."""
-        names = () if change.is_delete else tuple(change.after)
-        cache_key = (change.table_name, change.is_delete, names)
+        cache_key = self.statement_key(change)
         if cache_key not in self.statements:
-            self.statements[cache_key] = self.build_statement(change.table_name, change.is_delete, names)
+            self.statements[cache_key] = self.build_statement(*cache_key)
         return self.statements[cache_key]
+
+    @staticmethod
+    def statement_key(change: Change) -> Tuple[str, bool, Tuple[str, ...]]:
+        return change.table_name, change.is_delete, () if change.is_delete else tuple(change.after)
 
     def build_statement(self, table_name: str, is_delete: bool, names: Tuple[str, ...]) -> sql.Composed:
         types, key = self.tables[table_name]
@@ -659,19 +672,20 @@ def parsed_changes(events: Iterable[EventT]) -> Tuple[List[Change], List[Tuple[E
     return changes, invalid
 
 
-def row_state(change: Change) -> Optional[Dict[str, Any]]:
+def row_state(stream: StreamT, change: Change) -> Optional[Dict[str, Any]]:
     """This table's entry of the row's state (last applied LSN and image), if any."""
+    enter_partition(stream, change.origin)  # Faust reads a RocksDB table in the current event's partition
     return (cdc_rows.get(key_json(change.key)) or {}).get(change.table_name)
 
 
-def complete_images(changes: List[Change]) -> Tuple[List[Change], List[Tuple[Change, str]]]:
+def complete_images(stream: StreamT, changes: List[Change]) -> Tuple[List[Change], List[Tuple[Change, str]]]:
     """Fill unchanged-TOAST placeholders from the row's previous image (this batch's or the state table's)."""
     images: Dict[Tuple[str, str], Optional[Dict[str, Any]]] = {}
     complete, invalid = [], []
     for change in changes:
         ident = (change.table_name, change.row_id)
         if change.after is not None and UNAVAILABLE in change.after.values():
-            previous = images[ident] if ident in images else (row_state(change) or {}).get("row")
+            previous = images[ident] if ident in images else (row_state(stream, change) or {}).get("row")
             try:
                 change.after = fill_unavailable(change.after, previous)
             except InvalidChange as error:
@@ -682,14 +696,12 @@ def complete_images(changes: List[Change]) -> Tuple[List[Change], List[Tuple[Cha
     return complete, invalid
 
 
-def record_state(stream: StreamT, changes: List[Change], rejected_ids: set, now_ms: int) -> None:
-    """Row images and per-table counters, each written under its own event's partition."""
-    stats: Dict[bytes, Tuple[EventT, Dict[str, Any]]] = {}
-    for change in changes:
+def record_rows(stream: StreamT, latest: List[Change], rejected_ids: set) -> None:
+    """The last applied LSN and image of each row (one write per row per batch), under its event's partition."""
+    for change in latest:
         if id(change) in rejected_ids:
             continue
-        event = change.origin
-        enter_partition(stream, event)
+        enter_partition(stream, change.origin)
         key = key_json(change.key)
         current = dict(cdc_rows.get(key) or {})
         previous = current.get(change.table_name)
@@ -697,7 +709,18 @@ def record_state(stream: StreamT, changes: List[Change], rejected_ids: set, now_
             current[change.table_name] = {"lsn": change.lsn, "op": change.op, "ts_ms": change.ts_ms,
                                           "row": change.after, "tx_id": change.tx_id}
             cdc_rows[key] = current
+
+
+def record_counts(stream: StreamT, changes: List[Change], rejected_ids: set, now_ms: int) -> None:
+    """Per table and partition: changes by op, the highest LSN applied, the lag of the newest change."""
+    stats: Dict[bytes, Tuple[EventT, Dict[str, Any]]] = {}
+    for change in changes:
+        if id(change) in rejected_ids:
+            continue
+        event = change.origin
         stats_key = f"{change.table_name}#{event.message.partition}".encode()
+        if stats_key not in stats:
+            enter_partition(stream, event)  # Faust reads a RocksDB table in the current event's partition
         _, entry = stats.get(stats_key) or (event, dict(cdc_table_stats.get(stats_key) or {}))
         counts = dict(entry.get("counts", {}))
         counts[change.op] = counts.get(change.op, 0) + 1
@@ -715,7 +738,7 @@ async def apply_events(stream: StreamT, events: Sequence[EventT]) -> None:
     changes, invalid_events = parsed_changes(events)
     for event, reason in invalid_events:
         await dead_letter(reason, event)
-    changes, incomplete = complete_images(changes)
+    changes, incomplete = complete_images(stream, changes)
     rejected: Dict[int, Tuple[Change, List[str]]] = {id(c): (c, [reason]) for c, reason in incomplete}
     latest = latest_per_row(changes)
     # The sinks are independent: applied side by side, a batch takes as long as the slowest one.
@@ -724,7 +747,8 @@ async def apply_events(stream: StreamT, events: Sequence[EventT]) -> None:
             rejected.setdefault(id(change), (change, []))[1].append(f"{sink.name}: {reason}")
     for change, reasons in rejected.values():
         await dead_letter("; ".join(reasons), change.origin)
-    record_state(stream, changes, set(rejected), int(time.time() * 1000))
+    record_rows(stream, latest, set(rejected))
+    record_counts(stream, changes, set(rejected), int(time.time() * 1000))
 
 
 if change_topics is not None:

@@ -1,0 +1,186 @@
+"""Change data capture throughput and lag on a real worker, in one run.
+
+    python bench/cdc.py [--changes 20000] [--rate 1000] [--seconds 20]
+
+Starts a local broker, a throwaway PostgreSQL (source and replica databases), a throwaway Redis,
+the Elasticsearch-compatible test server and one ``faust -A app worker``, then prints:
+1. captured and applied changes/s for a backlog of ``--changes`` row changes (transactions of 10
+   updates and inserts), written as fast as one connection can;
+2. p50/p99 lag from a change's source commit to visible in Redis and in the replica, while a
+   steady ``--rate`` changes/s flows (a probe row is updated every 50 ms and watched).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Dict, List, Tuple
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(REPO)]
+
+import psycopg  # noqa: E402
+import redis  # noqa: E402
+
+from app.local_broker import LocalBroker  # noqa: E402
+from tests.support.es_server import ElasticsearchTestServer  # noqa: E402
+from tests.support.postgres import ThrowawayPostgres  # noqa: E402
+from tests.support.redis_server import ThrowawayRedis  # noqa: E402
+from tests.support.workers import WorkerProcess, wait_for, wait_until_ready  # noqa: E402
+
+TABLE = "bench.items"
+DDL = """
+CREATE SCHEMA bench;
+CREATE TABLE bench.items (id bigint PRIMARY KEY, seq bigint, price numeric(12,2), note text, at timestamptz DEFAULT now(), doc jsonb);
+"""
+
+
+def write_backlog(dsn: str, changes: int, first_id: int) -> None:
+    """``changes`` row changes in transactions of 10: inserts of new rows, then updates of them."""
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        for start in range(0, changes, 10):
+            with conn.transaction():
+                for i in range(start, min(start + 10, changes)):
+                    row = first_id + i // 2
+                    if i % 2 == 0:
+                        conn.execute("INSERT INTO bench.items (id, seq, price, note, doc) VALUES (%s, 0, 1.5, 'x', '{\"k\": 1}')", (row,))
+                    else:
+                        conn.execute("UPDATE bench.items SET seq = seq + 1, price = price + 1 WHERE id = %s", (row,))
+
+
+def applied_total(worker: WorkerProcess) -> int:
+    status, body = worker.get("/cdc/status/")
+    return body["tables"].get(TABLE, {}).get("total", 0) if status == 200 else 0
+
+
+def confirmed_lsn(dsn: str, slot: str) -> int:
+    with psycopg.connect(dsn) as conn:
+        row = conn.execute("SELECT confirmed_flush_lsn - '0/0'::pg_lsn, pg_current_wal_lsn() - '0/0'::pg_lsn FROM pg_replication_slots WHERE slot_name = %s", (slot,)).fetchone()
+    return row
+
+
+def backlog_rates(worker: WorkerProcess, dsn: str, slot: str, changes: int) -> Tuple[float, float, float]:
+    """(written/s, captured/s, applied/s) for ``changes`` changes written as fast as possible."""
+    before = applied_total(worker)
+    began = time.monotonic()
+    write_backlog(dsn, changes, first_id=1_000_000)
+    written = time.monotonic()
+    with psycopg.connect(dsn) as conn:
+        target = conn.execute("SELECT pg_current_wal_lsn() - '0/0'::pg_lsn").fetchone()[0]
+    wait_for(lambda: confirmed_lsn(dsn, slot)[0] >= target, timeout=600, interval=0.05, message="slot confirmed past the backlog")
+    captured = time.monotonic()
+    wait_for(lambda: applied_total(worker) >= before + changes, timeout=600, interval=0.1, message="backlog applied")
+    applied = time.monotonic()
+    return changes / (written - began), changes / (captured - began), changes / (applied - began)
+
+
+def steady_load(dsn: str, rate: int, stop: threading.Event) -> None:
+    """``rate`` changes/s: a transaction of 10 updates every 10 ms (scaled), on 1000 rows."""
+    per_tick, tick = 10, 10 / rate
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("INSERT INTO bench.items (id, seq) SELECT g, 0 FROM generate_series(1, 1000) g ON CONFLICT DO NOTHING")
+        n, next_at = 0, time.monotonic()
+        while not stop.is_set():
+            with conn.transaction():
+                for _ in range(per_tick):
+                    n += 1
+                    conn.execute("UPDATE bench.items SET seq = %s, note = 'load' WHERE id = %s", (n, 1 + n % 1000))
+            next_at += tick
+            time.sleep(max(0.0, next_at - time.monotonic()))
+
+
+def probe_lags(dsn: str, replica_dsn: str, redis_url: str, seconds: float) -> Tuple[List[float], List[float]]:
+    """Update a probe row every 50 ms; watch Redis and the replica for each new value."""
+    commits: Dict[int, float] = {}
+    redis_lag: Dict[int, float] = {}
+    replica_lag: Dict[int, float] = {}
+    stop = threading.Event()
+    client = redis.Redis.from_url(redis_url)
+
+    def watch_redis() -> None:
+        while not stop.is_set():
+            value = client.hget(f"{TABLE}:0", "seq")
+            seen = time.time()
+            if value is not None:
+                seq = json.loads(value)
+                if seq in commits and seq not in redis_lag:
+                    redis_lag[seq] = seen - commits[seq]
+            time.sleep(0.001)
+
+    def watch_replica() -> None:
+        with psycopg.connect(replica_dsn, autocommit=True) as conn:
+            while not stop.is_set():
+                row = conn.execute("SELECT seq FROM bench.items WHERE id = 0").fetchone()
+                seen = time.time()
+                if row and row[0] in commits and row[0] not in replica_lag:
+                    replica_lag[row[0]] = seen - commits[row[0]]
+                time.sleep(0.002)
+
+    watchers = [threading.Thread(target=watch_redis), threading.Thread(target=watch_replica)]
+    for watcher in watchers:
+        watcher.start()
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("INSERT INTO bench.items (id, seq) VALUES (0, 0) ON CONFLICT DO NOTHING")
+        end, seq = time.monotonic() + seconds, 0
+        while time.monotonic() < end:
+            seq += 1
+            conn.execute("UPDATE bench.items SET seq = %s WHERE id = 0", (seq,))
+            commits[seq] = time.time()
+            time.sleep(0.05)
+    time.sleep(3)  # the last probes land
+    stop.set()
+    for watcher in watchers:
+        watcher.join()
+    return list(redis_lag.values()), list(replica_lag.values())
+
+
+def percentiles(lags: List[float]) -> str:
+    if len(lags) < 2:
+        return f"{len(lags)} probes seen"
+    ms = sorted(lag * 1000 for lag in lags)
+    p99 = ms[min(len(ms) - 1, int(round(0.99 * (len(ms) - 1))))]
+    return f"p50 {statistics.median(ms):.0f} ms, p99 {p99:.0f} ms ({len(ms)} probes)"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--changes", type=int, default=20000)
+    parser.add_argument("--rate", type=int, default=1000)
+    parser.add_argument("--seconds", type=float, default=20.0)
+    args = parser.parse_args()
+    suffix = uuid.uuid4().hex[:8]
+    with LocalBroker() as broker, ThrowawayPostgres() as pg, ThrowawayRedis() as rds, ElasticsearchTestServer.in_thread() as es:
+        source, replica = pg.create_database("bench_source"), pg.create_database("bench_replica")
+        with psycopg.connect(source, autocommit=True) as conn:
+            conn.execute(DDL)
+        slot = f"bench_{suffix}"
+        env = {"CDC_SOURCE_DSN": source, "REPLICA_DSN": replica, "REDIS_URL": rds.url, "ELASTICSEARCH_URL": es.url,
+               "CDC_TABLES": TABLE, "CDC_SLOT": slot, "LOG_LEVEL": "warning"}
+        worker = WorkerProcess(broker.url, Path(tempfile.mkdtemp(prefix="bench-cdc-")), app_id=f"bench-cdc-{suffix}", env=env).start()
+        try:
+            wait_until_ready([worker])
+            wait_for(lambda: confirmed_lsn(source, slot) is not None, timeout=60, message="capture started")
+            written, captured, applied = backlog_rates(worker, source, slot, args.changes)
+            print(f"backlog of {args.changes} changes: written {written:,.0f}/s, captured {captured:,.0f}/s, "
+                  f"applied to replica + Redis + index {applied:,.0f}/s")
+            stop = threading.Event()
+            load = threading.Thread(target=steady_load, args=(source, args.rate, stop))
+            load.start()
+            try:
+                redis_lags, replica_lags = probe_lags(source, replica, rds.url, args.seconds)
+            finally:
+                stop.set()
+                load.join()
+            print(f"commit -> visible at {args.rate} changes/s: Redis {percentiles(redis_lags)}; replica {percentiles(replica_lags)}")
+        finally:
+            worker.stop()
+
+
+if __name__ == "__main__":
+    main()
