@@ -254,13 +254,13 @@ class FastSchema(faust.Schema):
                 except Exception as exc:  # noqa: BLE001 - what Faust's registry wraps, too
                     error = ValueDecodeError(str(exc))
                 else:
-                    return Event(app, message.key, value, message.headers, message)
+                    return Event(app, message.key, value, message.headers or {}, message)  # Event copies a non-dict into a dict
                 if propagate:
                     raise error
                 if on_value_decode_error is not None:
                     await on_value_decode_error(error, message)
                 return None
-            return Event(app, message.key, value, message.headers, message)
+            return Event(app, message.key, value, message.headers or {}, message)
 
         return decode
 

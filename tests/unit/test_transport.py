@@ -240,3 +240,10 @@ async def test_table_recovery_reads_end_offsets_through_that_check(monkeypatch):
 
     assert ends == {TP("changelog", 0): 15}
     assert seen == {"client": "group-less consumer", "ends": {TP("changelog", 0): 11}}
+
+
+def test_the_worker_batches_its_changelog_records_now_that_end_offsets_are_checked():
+    # One record per produce batch was only needed for Tansu's wrong ListOffsets answer
+    # (the check above); test_crash_recovery.py restarts workers on batched changelogs.
+    assert settings.producer_max_batch_size == 16384
+    assert app.conf.producer_max_batch_size == 16384
