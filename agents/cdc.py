@@ -198,6 +198,7 @@ class Capture:
             "SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = %s", (settings.cdc_slot,))).fetchone()
         if slot is not None and await self.snapshot_completed():
             self.confirmed_lsn = lsn_to_int(slot[0]) if slot[0] else None
+            log.info("CDC capturing from slot %s at %s", settings.cdc_slot, slot[0])
             return
         if slot is not None:
             log.warning("CDC slot %s has no completed snapshot: dropping it and snapshotting again", settings.cdc_slot)

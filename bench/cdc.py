@@ -1,6 +1,6 @@
 """Change data capture throughput and lag on a real worker, in one run.
 
-    python bench/cdc.py [--changes 20000] [--rate 1000] [--seconds 20]
+    python bench/cdc.py [--changes 20000] [--rate 1000] [--seconds 20] [--producer-batch-size N]
 
 Starts a local broker, a throwaway PostgreSQL (source and replica databases), a throwaway Redis,
 the Elasticsearch-compatible test server and one ``faust -A app worker``, then prints:
@@ -153,6 +153,7 @@ def main() -> None:
     parser.add_argument("--changes", type=int, default=20000)
     parser.add_argument("--rate", type=int, default=1000)
     parser.add_argument("--seconds", type=float, default=20.0)
+    parser.add_argument("--producer-batch-size", type=int, default=None, help="the worker's PRODUCER_MAX_BATCH_SIZE (default: its own)")
     args = parser.parse_args()
     suffix = uuid.uuid4().hex[:8]
     with LocalBroker() as broker, ThrowawayPostgres() as pg, ThrowawayRedis() as rds, ElasticsearchTestServer.in_thread() as es:
@@ -162,6 +163,8 @@ def main() -> None:
         slot = f"bench_{suffix}"
         env = {"CDC_SOURCE_DSN": source, "REPLICA_DSN": replica, "REDIS_URL": rds.url, "ELASTICSEARCH_URL": es.url,
                "CDC_TABLES": TABLE, "CDC_SLOT": slot, "LOG_LEVEL": "warning"}
+        if args.producer_batch_size:
+            env["PRODUCER_MAX_BATCH_SIZE"] = str(args.producer_batch_size)
         worker = WorkerProcess(broker.url, Path(tempfile.mkdtemp(prefix="bench-cdc-")), app_id=f"bench-cdc-{suffix}", env=env).start()
         try:
             wait_until_ready([worker])

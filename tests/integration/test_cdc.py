@@ -345,6 +345,34 @@ def test_worker_killed_mid_workload_and_restarted_loses_nothing(kafka_broker, sc
             restarted.stop()
 
 
+def capturing_workers(workers: List[WorkerProcess]) -> List[WorkerProcess]:
+    return [worker for worker in workers if worker.get("/cdc/status/local/")[1]["capturing"]]
+
+
+def test_two_workers_capture_once_and_the_other_takes_over_when_the_capturer_dies(kafka_broker, start_workers, scenario, app_id):
+    """The capture lock moves to the surviving worker; a replacement takes the dead worker's
+    partitions (the local broker does not expire a killed member's session, so it is replaced)."""
+    seed_items(scenario, 50, seed=12)
+    workers = start_workers(kafka_broker, count=2, **scenario.env())
+    [capturer] = wait_for(lambda: capturing_workers(workers), timeout=30, message="a capturing worker")
+    assert len(capturing_workers(workers)) == 1, "exactly one worker captures"
+    run_workload(scenario.source_dsn, scenario.schema, seed=13, transactions=200, first_id=10_000)
+    capturer.stop(signal.SIGKILL)
+    [survivor] = [worker for worker in workers if worker is not capturer]
+    wait_for(lambda: capturing_workers([survivor]), timeout=30, message="the surviving worker capturing")
+    run_workload(scenario.source_dsn, scenario.schema, seed=14, transactions=200, first_id=20_000)
+    replacement = WorkerProcess(kafka_broker.url, capturer.work_dir, app_id=app_id, env=scenario.env(), port=capturer.port).start()
+    try:
+        wait_until_ready([survivor, replacement], timeout=120)
+        assert capturing_workers([survivor, replacement]) == [survivor], "the lock stays with one worker"
+        wait_until_copies_equal(scenario)
+    finally:
+        replacement.stop()
+    records = asyncio.run(read_topic(kafka_broker.bootstrap, f"{scenario.prefix}.{scenario.schema}.items"))
+    snapshot_keys = [json.loads(r.key)["id"] for r in records if r.value and json.loads(r.value)["op"] == "r"]
+    assert sorted(snapshot_keys) == list(range(50)), "one snapshot, however many workers"
+
+
 def test_source_database_restart_mid_workload_loses_nothing(kafka_broker, start_workers, scenario, postgres_server):
     seed_items(scenario, 50, seed=7)
     start_workers(kafka_broker, **scenario.env())
