@@ -54,6 +54,12 @@ class Settings(BaseSettings):
     log_stats_window: int = Field(60, ge=1, le=86400)  # whole seconds
     log_recent_limit: int = Field(200, ge=1, le=10000)
     elasticsearch_max_backoff: float = Field(30.0, gt=0, le=3600)
+    # Zero-downtime migration (agents/migration.py).
+    migration_compare_window: float = Field(30.0, gt=0, le=86400)
+    migration_reconcile_grace: float = Field(60.0, gt=0, le=7 * 86400)
+    migration_ignore_fields: str = "source_version,event_id,processed_at"
+    migration_tolerance: float = Field(0.005, ge=0)
+    migration_samples: int = Field(20, ge=1, le=1000)
     redis_url: Optional[str] = None
     replica_dsn: Optional[str] = None
     cdc_source_dsn: Optional[str] = None
@@ -69,6 +75,9 @@ class Settings(BaseSettings):
     cdc_topic_prefix: str = Field("cdc", pattern=r"^[A-Za-z0-9_-]+$")
     cdc_poll_interval: float = Field(0.1, gt=0, le=60)
     cdc_max_changes: int = Field(5000, ge=1, le=1_000_000)
+    # Bytes per produce batch of the capture. Multi-record batches: one record per batch (as
+    # PRODUCER_MAX_BATCH_SIZE=1) published ~150 changes/s to the local broker.
+    cdc_producer_batch_size: int = Field(65536, ge=1, le=64 * 1024 * 1024)
 
     @field_validator("kafka_broker")
     @classmethod
@@ -158,6 +167,11 @@ def consumer_broker_urls(kafka_broker: str) -> str:
     return ";".join("streamspine://" + url.strip().split("://", 1)[1] for url in kafka_broker.split(";") if url.strip())
 
 
+def store_url(store: str) -> str:
+    """``rocksdb://`` -> ``streamspine-rocksdb://`` (app/stores.py: no full GC per table per rebalance)."""
+    return "streamspine-rocksdb://" + store.split("://", 1)[1] if store.startswith("rocksdb://") else store
+
+
 def faust_settings(settings: Settings) -> Dict[str, Any]:
     """The ``faust.App`` settings of a worker (bench/ builds its apps from the same)."""
     return dict(
@@ -172,7 +186,7 @@ def faust_settings(settings: Settings) -> Dict[str, Any]:
         stream_buffer_maxsize=32768,
         producer_linger=0.01,
         producer_max_batch_size=settings.producer_max_batch_size,
-        store=settings.store,
+        store=store_url(settings.store),
         datadir=str(settings.data_dir),
         topic_partitions=settings.topic_partitions,
         processing_guarantee=settings.processing_guarantee,
