@@ -11,6 +11,6 @@ app = faust.App(settings.app_id, **faust_settings(settings))
 
 # Register the platform pages and every job's agents, tables and pages.
 from app import web  # noqa: E402,F401
-from agents import dead_letters, logs, metrics, recommendations  # noqa: E402,F401
+from agents import cdc, dead_letters, logs, metrics, migration, recommendations  # noqa: E402,F401
 
 __all__ = ["app", "settings"]
