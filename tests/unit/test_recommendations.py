@@ -281,3 +281,26 @@ def test_csv_layouts_of_retailrocket_and_yoochoose_are_read(tmp_path):
     yoochoose.write_text("1,2014-04-07T10:51:09.277Z,214536502,0\n1,2014-04-07T10:54:09.868Z,214536500,0\n")
     events = read_csv_events(yoochoose)
     assert [(e["session_id"], e["item_id"]) for e in events] == [("1", "214536502"), ("1", "214536500")]
+
+
+def test_table_keys_are_the_raw_topic_keys_so_table_routes_find_the_owner():
+    from tables.recommendations import recs_item_meta, recs_item_stats, recs_purchased, recs_sessions
+
+    # A str key would be JSON-encoded ('"u42"') and hash to another partition than the record key.
+    for table in (recs_sessions, recs_purchased, recs_item_stats, recs_item_meta):
+        assert table.changelog_topic.prepare_key("u42", None)[0] == b"u42", table.name
+
+
+@pytest.mark.parametrize("raw, k", [(None, 10), ("1", 1), ("100", 100)])
+def test_k_defaults_to_ten_and_accepts_1_to_100(raw, k):
+    from agents.recommendations import requested_k
+
+    assert requested_k(raw) == k
+
+
+@pytest.mark.parametrize("raw", ["0", "101", "-3", "ten", "2.5"])
+def test_k_outside_1_to_100_is_refused(raw):
+    from agents.recommendations import requested_k
+
+    with pytest.raises(ValueError, match="k must be an integer in 1..100"):
+        requested_k(raw)
