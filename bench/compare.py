@@ -46,11 +46,11 @@ VARIANTS: Dict[str, str] = {
     "faust-bare": "stock Faust (kafka://, default settings): agent only iterates",
     "faust-table": "stock Faust: RocksDB table, table[key] += 1 per record",
     "streamspine-bare": "faust_settings() + streamspine:// transport: agent only iterates",
-    "streamspine-batch": "same app: RocksDB table, take_events + fold_deltas/write_deltas",
-    "streamspine-batch-kafka": "the same with PRODUCER_MAX_BATCH_SIZE=16384, as on a real Kafka (not Tansu-safe)",
+    "streamspine-batch": "same app: RocksDB table, DeltaBuffer (one write per key per flush/commit), events one by one",
+    "streamspine-perbatch": "same app: RocksDB table, take_events + fold_deltas/write_deltas (one write per key per batch)",
 }
 BASELINE = "quix"
-STATEFUL = {"quix", "faust-table", "streamspine-batch", "streamspine-batch-kafka"}
+STATEFUL = {"quix", "faust-table", "streamspine-batch", "streamspine-perbatch"}
 RETENTION = {"retention.ms": "604800000", "retention.bytes": "-1"}  # Tansu needs both for Quix
 
 
@@ -173,10 +173,12 @@ def faust_app(args: argparse.Namespace) -> Any:
         settings = Settings(
             kafka_broker=f"kafka://{args.bootstrap}", app_id=app_id, data_dir=data_dir, web_port=free_port(),
             topic_partitions=args.partitions, store="rocksdb://", fast_consumer=True,
-            # The default of 1 record per batch keeps Tansu's high watermark true (README findings).
-            producer_max_batch_size=16384 if args.variant == "streamspine-batch-kafka" else 1,
+            # Anything else (e.g. PRODUCER_MAX_BATCH_SIZE) from the environment, as the worker does.
         )
-        return faust.App(app_id, **{**faust_settings(settings), "web_enabled": False})
+        conf = {**faust_settings(settings), "web_enabled": False}
+        if args.commit_every:  # experiment: Faust's inline commit every N acknowledged records
+            conf["broker_commit_every"] = args.commit_every
+        return faust.App(app_id, **conf)
     return faust.App(
         app_id, broker=f"kafka://{args.bootstrap}", datadir=str(data_dir), web_enabled=False,
         topic_partitions=args.partitions, store="rocksdb://" if args.variant == "faust-table" else "memory://",
@@ -195,10 +197,10 @@ def add_iterating_agent(app: Any, topic: Any, meter: Meter) -> None:
 
 def add_counting_agent(app: Any, topic: Any, meter: Meter, args: argparse.Namespace) -> None:
     """Variants d and f: per-key counts in a RocksDB table, naive or with the project's batch pattern."""
-    from app.aggregation import BATCH_MAX, BATCH_WITHIN, fold_deltas, write_deltas
+    from app.aggregation import BATCH_MAX, BATCH_WITHIN, FLUSH_INTERVAL, DeltaBuffer, fold_deltas, write_deltas
 
     counts = app.Table("counts", default=int, partitions=args.partitions, key_type=bytes, value_type=int)
-    if args.producer_buffer_max:  # experiment: Faust's conductor stalls while > 100 changelog sends wait
+    if args.producer_buffer_max:  # experiment: the conductor stalls while more changelog sends than this wait
         app.producer.buffer.max_messages = args.producer_buffer_max
 
     async def flush_and_finish(**extra: int) -> None:
@@ -216,6 +218,21 @@ def add_counting_agent(app: Any, topic: Any, meter: Meter, args: argparse.Namesp
 
     batch_max, within = args.batch_max or BATCH_MAX, args.batch_within or BATCH_WITHIN
     tally = {"batches": 0, "writes": 0}
+
+    if args.variant == "streamspine-batch":
+        @app.agent(topic)
+        async def count_buffered(stream: Any) -> None:
+            buffer = DeltaBuffer(stream, counts, combine=operator.add, apply=operator.add,
+                                 interval=args.flush_interval or FLUSH_INTERVAL)
+            async with buffer.flushing():
+                async for event in stream.events():
+                    buffer.add(event, ((event.key, 1),))
+                    if buffer.due():
+                        buffer.flush()
+                    if meter.add(1):
+                        buffer.flush()
+                        await flush_and_finish(writes=buffer.writes, batches=buffer.flushes)
+        return
 
     @app.agent(topic)
     async def count_batched(stream: Any) -> None:
@@ -248,7 +265,7 @@ RUNNERS: Dict[str, Callable[[argparse.Namespace, Meter], None]] = {
     "faust-table": run_faust,
     "streamspine-bare": run_faust,
     "streamspine-batch": run_faust,
-    "streamspine-batch-kafka": run_faust,
+    "streamspine-perbatch": run_faust,
 }
 
 
@@ -355,7 +372,8 @@ def measure(variant: str, repeat: int, args: argparse.Namespace, bootstrap: str,
                "--bootstrap", bootstrap, "--records", str(args.records), "--partitions", str(args.partitions),
                "--work-dir", str(run_dir), "--result", str(result_path),
                "--batch-max", str(args.batch_max), "--batch-within", str(args.batch_within),
-               "--producer-buffer-max", str(args.producer_buffer_max)]
+               "--producer-buffer-max", str(args.producer_buffer_max), "--flush-interval", str(args.flush_interval),
+               "--commit-every", str(args.commit_every)]
     timeout = args.timeout or 60 + args.records / 1000
     with open(log_path, "wb") as log:
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=REPO)
@@ -378,7 +396,8 @@ def check_text(result: Result, records: int) -> str:
         return "-"
     mark = "OK" if total == records else "WRONG"
     writes = result.data.get("writes")
-    batches = f", {writes:,} writes in {result.data['batches']} batches" if writes is not None else ""
+    unit = "flushes" if result.variant == "streamspine-batch" else "batches"
+    batches = f", {writes:,} writes in {result.data['batches']} {unit}" if writes is not None else ""
     return f"sum={total} {mark}{batches}"
 
 
@@ -386,7 +405,7 @@ def format_table(results: List[Result], records: int) -> str:
     """A plain-text table: one row per variant and repeat, ratios to Quix of the same repeat."""
     baseline = {r.repeat: r.rate for r in results if r.variant == BASELINE and r.rate}
     header = f"{'variant':<23} {'rep':>3} {'records/s':>10} {'x Quix':>7} {'to Nth/s':>9} {'flush s':>7} " \
-             f"{'startup s':>9} {'cpu %':>5}  check"
+             f"{'startup s':>9} {'cpu %':>5} {'cpu us/rec':>10}  check"
     rows = [header, "-" * len(header)]
     for r in results:
         if r.error:
@@ -395,8 +414,15 @@ def format_table(results: List[Result], records: int) -> str:
         d, base = r.data, baseline.get(r.repeat)
         ratio = f"{d['rate'] / base:.2f}" if base else "-"
         rows.append(f"{r.variant:<23} {r.repeat:>3} {d['rate']:>10,.0f} {ratio:>7} {d['rate_to_nth']:>9,.0f} "
-                    f"{d['flush']:>7.3f} {d['startup']:>9.1f} {100 * d['cpu']:>5.0f}  {check_text(r, records)}")
+                    f"{d['flush']:>7.3f} {d['startup']:>9.1f} {100 * d['cpu']:>5.0f} {cpu_per_record(d):>10.1f}  "
+                    f"{check_text(r, records)}")
     return "\n".join(rows)
+
+
+def cpu_per_record(data: Dict[str, Any]) -> float:
+    """Process CPU time (all threads) per record, in microseconds: steadier than records/s when
+    other jobs share the cores, but blind to waiting."""
+    return 1e6 * data["cpu"] * data["elapsed"] / data["records"]
 
 
 def format_medians(results: List[Result], variants: List[str]) -> str:
@@ -404,9 +430,11 @@ def format_medians(results: List[Result], variants: List[str]) -> str:
     medians = {v: statistics.median(rates) for v in variants
                if (rates := [r.rate for r in results if r.variant == v and r.rate])}
     base = medians.get(BASELINE)
-    lines = [f"{'variant':<23} {'median rec/s':>12} {'x Quix':>7}"]
+    cpu = {v: statistics.median(cpu_per_record(r.data) for r in results if r.variant == v and r.rate)
+           for v in medians}
+    lines = [f"{'variant':<23} {'median rec/s':>12} {'x Quix':>7} {'median cpu us/rec':>17}"]
     for variant, rate in medians.items():
-        lines.append(f"{variant:<23} {rate:>12,.0f} {(f'{rate / base:.2f}' if base else '-'):>7}")
+        lines.append(f"{variant:<23} {rate:>12,.0f} {(f'{rate / base:.2f}' if base else '-'):>7} {cpu[variant]:>17.1f}")
     return "\n".join(lines)
 
 
@@ -463,7 +491,7 @@ def compare(args: argparse.Namespace) -> int:
     print("command: " + " ".join(shlex.quote(a) for a in ["python", *sys.argv]))
     print(machine_note(load_before))
     print("records/s: first record -> Nth record, plus (stateful) the flush/commit of the state; "
-          "'to Nth/s' excludes that flush.")
+          "'to Nth/s' excludes that flush. cpu us/rec: process CPU time (all threads) per record.")
     print()
     print(format_table(results, args.records))
     if args.repeat > 1:
@@ -486,11 +514,15 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser.add_argument("--bootstrap", help="host:port of an existing broker (default: start a local one)")
     parser.add_argument("--variants", help=f"comma-separated subset of: {', '.join(VARIANTS)}")
     parser.add_argument("--timeout", type=float, default=0, help="seconds per variant (default 60 + N/1000)")
-    tuning = parser.add_argument_group("experiments (streamspine-batch only; default: the project's values)")
+    tuning = parser.add_argument_group("experiments (streamspine-batch/-perbatch; default: the project's values)")
     tuning.add_argument("--batch-max", type=int, default=0, help="take_events size (default app BATCH_MAX)")
     tuning.add_argument("--batch-within", type=float, default=0, help="take_events within= seconds")
     tuning.add_argument("--producer-buffer-max", type=int, default=0,
-                        help="Faust ProducerBuffer.max_messages (default 100)")
+                        help="ProducerBuffer.max_messages (default app/transport.py PRODUCER_BUFFER_MAX)")
+    tuning.add_argument("--flush-interval", type=float, default=0,
+                        help="DeltaBuffer interval, seconds (default app/aggregation.py FLUSH_INTERVAL)")
+    tuning.add_argument("--commit-every", type=int, default=0,
+                        help="broker_commit_every of the streamspine apps (default app/settings.py)")
     child = parser.add_argument_group("subprocess mode (used by the parent)")
     child.add_argument("--variant", choices=list(VARIANTS))
     child.add_argument("--topic")
