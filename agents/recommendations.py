@@ -55,6 +55,7 @@ models_topic = raw_topic("recs-models", partitions=1)  # the leader's item model
 
 MODEL_DIR = settings.data_dir / "recommendations"
 MAX_K = 100
+MODEL_BYTES_BUDGET = 800_000  # Kafka's default largest record is 1 MB
 RECS_BATCH_WITHIN = 0.02  # seconds a lone event waits for company: the next request should see it
 
 
@@ -312,10 +313,13 @@ async def refit_item_model() -> None:
         return
     snapshot = catalogue.snapshot()
     version = (current.version if current else 0) + 1
-    model = await asyncio.to_thread(fit_item_embeddings, snapshot, version, fingerprint, settings.recs_embedding_dims)
+    dims = settings.recs_embedding_dims
+    # The model travels as one record: row and column factors of float16 stay under ~800 KB.
+    max_items = min(3000, MODEL_BYTES_BUDGET // (dims * 2 * 2))
+    model = await asyncio.to_thread(fit_item_embeddings, snapshot, version, fingerprint, dims, max_items)
     if model is None:
         return
-    delivery = await models_topic.send(key=b"model", value=model_to_bytes(model))
+    delivery = await models_topic.send(key=b"model", value=await asyncio.to_thread(model_to_bytes, model))
     await delivery
     _published_fingerprint = fingerprint
     log.info("published item model version %s (%s items)", version, len(model.items))
