@@ -392,6 +392,10 @@ class TransientSinkError(Exception):
     """The sink could not take the batch now (connection, overload): the batch is retried."""
 
 
+# What the replica refuses because of the data (not the connection): the change is dead-lettered.
+REPLICA_REFUSALS = (psycopg.DataError, psycopg.IntegrityError, psycopg.ProgrammingError, psycopg.NotSupportedError)
+
+
 class ReplicaSink:
     """A PostgreSQL replica: tables created from the source columns if absent, upsert/delete by
     primary key. The guard is the side table ``_cdc_versions`` (table, row id, LSN): a change is
@@ -424,28 +428,38 @@ class ReplicaSink:
             conn = await self.connection()
             rejected = [(change, reason) for change in changes if (reason := await self.check_table(conn, change))]
             refused = {id(change) for change, _ in rejected}
-            ready = [change for change in changes if id(change) not in refused]
+            ready, invalid = self.with_parameters([change for change in changes if id(change) not in refused])
             try:
                 async with conn.transaction():
                     for statement, params in self.grouped_statements(ready):
                         async with conn.cursor() as cursor:
                             await cursor.executemany(statement, params)  # pipelined by psycopg
-                return rejected
-            except (psycopg.DataError, psycopg.IntegrityError, psycopg.ProgrammingError):
-                return rejected + await self.apply_each(conn, ready)  # find the change the replica refuses
+                return rejected + invalid
+            except REPLICA_REFUSALS:
+                return rejected + invalid + await self.apply_each(conn, ready)  # find the change the replica refuses
         except (psycopg.OperationalError, psycopg.InterfaceError) as error:
             await self.close()
             raise TransientSinkError(f"replica: {error}") from error
 
-    async def apply_each(self, conn: psycopg.AsyncConnection, changes: List[Change]) -> Rejected:
+    async def apply_each(self, conn: psycopg.AsyncConnection, changes: List[Tuple[Change, List[Any]]]) -> Rejected:
         rejected = []
-        for change in changes:
+        for change, params in changes:
             try:
                 async with conn.transaction():
-                    await self.apply_one(conn, change)
-            except (psycopg.DataError, psycopg.IntegrityError, psycopg.ProgrammingError) as error:
+                    await conn.execute(self.statement(change), params)
+            except REPLICA_REFUSALS as error:
                 rejected.append((change, f"replica refused it: {error}".strip()))
         return rejected
+
+    def with_parameters(self, changes: List[Change]) -> Tuple[List[Tuple[Change, List[Any]]], Rejected]:
+        """Each change with its statement parameters; a value that is not of its column's type is refused."""
+        ready, invalid = [], []
+        for change in changes:
+            try:
+                ready.append((change, self.parameters(change)))
+            except InvalidChange as error:
+                invalid.append((change, str(error)))
+        return ready, invalid
 
     async def check_table(self, conn: psycopg.AsyncConnection, change: Change) -> Optional[str]:
         """None when the replica table exists (creating it if possible), else the reason."""
@@ -481,16 +495,11 @@ class ReplicaSink:
             quoted(change.table_name), sql.SQL(", ").join(columns), key))
         log.info("replica: created %s from the source columns", change.table_name)
 
-    async def apply_one(self, conn: psycopg.AsyncConnection, change: Change) -> None:
-        """One guarded statement: the row changes only if its LSN guard moved."""
-        await conn.execute(self.statement(change), self.parameters(change))
-
-    def grouped_statements(self, changes: List[Change]) -> List[Tuple[sql.Composed, List[List[Any]]]]:
-        """The changes of a batch grouped by statement (each row at most once: order does not matter)."""
+    def grouped_statements(self, changes: List[Tuple[Change, List[Any]]]) -> List[Tuple[sql.Composed, List[List[Any]]]]:
+        """The guarded statements of a batch, grouped (each row at most once: order does not matter)."""
         groups: Dict[Tuple[str, bool, Tuple[str, ...]], Tuple[sql.Composed, List[List[Any]]]] = {}
-        for change in changes:
-            statement = self.statement(change)
-            groups.setdefault(self.statement_key(change), (statement, []))[1].append(self.parameters(change))
+        for change, params in changes:
+            groups.setdefault(self.statement_key(change), (self.statement(change), []))[1].append(params)
         return list(groups.values())
 
     def parameters(self, change: Change) -> List[Any]:

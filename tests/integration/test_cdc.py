@@ -203,17 +203,19 @@ def decoded(document: Dict[str, Any], types: Dict[str, str]) -> Dict[str, Any]:
     return {name: python_value(value, types[name]) for name, value in document.items()}
 
 
-def redis_rows(url: str, table: str, types: Dict[str, str]) -> Dict[str, Dict[str, Any]]:
+def redis_rows(url: str, table: str, types: Dict[str, str], skip: Tuple[str, ...] = ()) -> Dict[str, Dict[str, Any]]:
     client = redis.Redis.from_url(url)
     rows = {}
     for key in client.scan_iter(match=f"{table}:*", count=1000):
+        if key.decode().split(":", 1)[1] in skip:
+            continue
         fields = client.hgetall(key)
         rows[key.decode().split(":", 1)[1]] = decoded({k.decode(): json.loads(v) for k, v in fields.items()}, types)
     return rows
 
 
-def index_rows(es_server, table: str, types: Dict[str, str]) -> Dict[str, Dict[str, Any]]:
-    return {doc_id: decoded(source, types) for doc_id, source in es_server.docs(table.lower()).items()}
+def index_rows(es_server, table: str, types: Dict[str, str], skip: Tuple[str, ...] = ()) -> Dict[str, Dict[str, Any]]:
+    return {doc_id: decoded(source, types) for doc_id, source in es_server.docs(table.lower()).items() if doc_id not in skip}
 
 
 def differences(scenario: Scenario, table: str) -> List[str]:
@@ -258,9 +260,13 @@ async def read_topic(bootstrap: str, topic: str) -> List[Any]:
     await consumer.start()
     try:
         partitions = consumer.assignment() or set()
-        while not partitions:
+        for _ in range(50):  # the topic may not exist yet
+            if partitions:
+                break
             await asyncio.sleep(0.1)
             partitions = consumer.assignment()
+        if not partitions:
+            return []
         ends = await consumer.end_offsets(list(partitions))
         records = []
         async def behind() -> bool:
@@ -366,6 +372,11 @@ def test_two_workers_capture_once_and_the_other_takes_over_when_the_capturer_die
         wait_until_ready([survivor, replacement], timeout=120)
         assert capturing_workers([survivor, replacement]) == [survivor], "the lock stays with one worker"
         wait_until_copies_equal(scenario)
+        source = database_rows(scenario.source_dsn, f"{scenario.schema}.items")
+        for worker in (survivor, replacement):  # each answers for every row: routed to the key's owner
+            for (item_id,) in sorted(source)[:10]:
+                status, body = worker.get(f"/cdc/rows/{scenario.schema}.items/id={item_id}/")
+                assert status == 200 and body["row"]["id"] == item_id, (status, body)
     finally:
         replacement.stop()
     records = asyncio.run(read_topic(kafka_broker.bootstrap, f"{scenario.prefix}.{scenario.schema}.items"))
@@ -405,12 +416,12 @@ async def produce_records(bootstrap: str, topic: str, records: List[Tuple[bytes,
         await producer.stop()
 
 
-def copies_of(scenario: Scenario, table: str) -> Dict[str, Dict[str, Dict[str, Any]]]:
+def copies_of(scenario: Scenario, table: str, skip: Tuple[str, ...] = ()) -> Dict[str, Dict[str, Dict[str, Any]]]:
     types = column_types(scenario.source_dsn, f"{scenario.schema}.items")
     return {
-        "replica": {redis_row_id(k): v for k, v in database_rows(scenario.replica_dsn, table).items()},
-        "redis": redis_rows(scenario.redis_url, table, types),
-        "index": index_rows(scenario.es_server, table, types),
+        "replica": {redis_row_id(k): v for k, v in database_rows(scenario.replica_dsn, table).items() if redis_row_id(k) not in skip},
+        "redis": redis_rows(scenario.redis_url, table, types, skip),
+        "index": index_rows(scenario.es_server, table, types, skip),
     }
 
 
@@ -430,12 +441,39 @@ def test_debezium_connector_events_apply_like_our_own(kafka_broker, start_worker
     with psycopg.connect(scenario.source_dsn, autocommit=True) as conn:
         conn.execute(stream)
     wait_until_copies_equal(scenario)
-    asyncio.run(produce_records(kafka_broker.bootstrap, f"{scenario.prefix}.{dbz_table}", debezium_records(schema, scenario.prefix)))
+    topic = f"{scenario.prefix}.{dbz_table}"
+    asyncio.run(produce_records(kafka_broker.bootstrap, topic, bad_records(schema) + debezium_records(schema, scenario.prefix)))
+
+    compared: Dict[str, Any] = {}
 
     def same_rows() -> Optional[Dict[str, Any]]:
-        ours, theirs = copies_of(scenario, f"{schema}.items"), copies_of(scenario, dbz_table)
-        return ours if ours == theirs else None
+        compared["ours"] = copies_of(scenario, f"{schema}.items")
+        compared["theirs"] = copies_of(scenario, dbz_table, skip=("99",))  # the row only the replica refused
+        return compared["ours"] if compared["ours"] == compared["theirs"] else None
 
-    ours = wait_for(same_rows, timeout=60, message="Debezium's events applied like ours")
+    try:
+        ours = wait_for(same_rows, timeout=60, message="Debezium's events applied like ours")
+    except TimeoutError:
+        raise AssertionError(f"ours {compared['ours']} != Debezium's {compared['theirs']}") from None
     assert set(ours["redis"]) == {"1", "4", "5"}
     assert ours["replica"]["1"]["price"] == Decimal("-0.0001") and ours["replica"]["5"]["big"] == -(2**63)
+
+    dead = wait_for(lambda: (lambda d: len(d) >= 3 and d)(asyncio.run(read_topic(kafka_broker.bootstrap, topic + ".dlq"))),
+                    timeout=30, message="three dead letters")
+    reasons = sorted(dict(r.headers)["dlq.reason"].decode() for r in dead)
+    assert len(reasons) == 3, reasons
+    assert any("value is not JSON" in r for r in reasons)
+    assert any("op 't' is not applied" in r for r in reasons)
+    assert any(r.startswith("replica: ") and "'abc'" in r for r in reasons)
+
+
+def bad_records(schema: str) -> List[Tuple[bytes, Optional[bytes]]]:
+    """Not JSON, a truncate, and a row whose price the replica cannot take (Redis and the index can)."""
+    source = {"version": "2.5.0.Final", "connector": "postgresql", "name": "shop", "db": "shop", "schema": schema,
+              "table": "dbz_items", "ts_ms": 1709288100000, "snapshot": "false", "txId": 700, "lsn": 23000000}
+    bad_row = {"id": 99, "name": "bad", "price": "abc"}
+    return [
+        (b'{"id":98}', b"not json"),
+        (None, json.dumps({"before": None, "after": None, "source": source, "op": "t", "ts_ms": 1709288100001}).encode()),
+        (b'{"id":99}', json.dumps({"before": None, "after": bad_row, "source": source, "op": "c", "ts_ms": 1709288100002}).encode()),
+    ]
