@@ -1,8 +1,9 @@
 """Demo traffic for every pipeline that exists: ``python -m app.demo`` (started by ``make run``).
 
 Sends metric samples for a few services twice a second, with a CPU spike now and then, log lines
-of every form (JSON, logfmt, plain text, JSON arrays) with an error now and then, and one malformed
-record every 30 s so the dead-letter path can be seen working.
+of every form (JSON, logfmt, plain text, JSON arrays) with an error now and then, shoppers' views,
+clicks and purchases for the recommendations, and one malformed record every 30 s so the
+dead-letter path can be seen working.
 """
 from __future__ import annotations
 
@@ -43,6 +44,18 @@ def log_records(service: str, tick: int) -> list:
     ]
 
 
+DEMO_ITEMS = [f"sku-{i}" for i in range(40)]
+EVENT_KINDS = ["view"] * 6 + ["click"] * 3 + ["add_to_cart", "purchase"]
+
+
+def user_event(tick: int) -> dict:
+    """A shopper's next event: items of a user's 'taste' (neighbouring skus) are seen together."""
+    user = f"u{random.randint(1, 25)}"
+    taste = int(user[1:]) % 8 * 5
+    item = DEMO_ITEMS[(taste + min(int(random.expovariate(0.5)), 9)) % len(DEMO_ITEMS)]
+    return {"user_id": user, "item_id": item, "event": random.choice(EVENT_KINDS), "ts": time.time()}
+
+
 async def send_demo_traffic(bootstrap: str, interval: float, duration: float) -> None:
     # One record per batch: the local broker's high watermark is wrong for multi-record batches.
     producer = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=10, max_batch_size=1)
@@ -58,6 +71,9 @@ async def send_demo_traffic(bootstrap: str, interval: float, duration: float) ->
                 for record in log_records(service, tick):
                     value = record.encode() if isinstance(record, str) else json.dumps(record).encode()
                     await producer.send("logs", value, key=service.encode())
+            for _ in range(4):
+                event = user_event(tick)
+                await producer.send("user-events", json.dumps(event).encode(), key=event["user_id"].encode())
             if tick % 60 == 59:
                 await producer.send("metrics", b"{this is not json", key=b"order")
                 await producer.send("logs", b'{"message": "truncated', key=b"order")

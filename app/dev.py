@@ -47,6 +47,8 @@ streamspine is running (KAFKA_BROKER={broker_url})
   {web}/dead-letters/metrics/        malformed records sent to metrics.dlq
   {web}/logs/stats/cart/             log lines per level, current and previous minute
   {web}/logs/recent/cart/?level=warn latest log lines of a service
+  {web}/recommendations/u7/?k=5      recommendations for a demo shopper
+  {web}/migration/status/            the V1 -> V2 migration's phase, comparison and bridge
   {web}/router/                      which worker owns which table partitions
 Ctrl-C stops everything.
 """,

@@ -35,6 +35,8 @@ def test_dev_runner_serves_health_and_demo_data_then_stops_everything_on_ctrl_c(
         assert set(cart["metrics"]) >= {"cpu", "memory", "latency_ms", "error_rate"}
         logs = wait_for(lambda: answers("/logs/recent/cart/?limit=20"), timeout=60, message="demo log lines processed")
         assert {line["level"] for line in logs["lines"]} >= {"warn", "debug"}
+        recommended = wait_for(lambda: (lambda r: r and r["items"] and r)(answers("/recommendations/u7/?k=5")), timeout=60, message="demo recommendations")
+        assert all(item["item_id"].startswith("sku-") for item in recommended["items"])
         children = psutil.Process(runner.pid).children(recursive=True)
         assert len(children) >= 3  # broker, worker, demo traffic
     finally:
