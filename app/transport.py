@@ -62,6 +62,7 @@ from faust.types.tuples import Message
 from faust.utils import json as faust_json
 
 GETMANY_TIMEOUT = 0.05
+SEEK_PARK_TIMEOUT = 10.0  # seconds perform_seek waits for the drain loop to stop delivering
 PRODUCER_BUFFER_MAX = 20_000  # unsent records before the conductor waits (Faust: 100)
 END_OFFSET_CHECK_TIMEOUT = 10.0  # seconds for the fetch that checks the changelog end offsets
 
@@ -119,7 +120,51 @@ class Consumer(aiokafka.Consumer):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         self._before_commit: List[Callable[[], None]] = []
+        # Seek fence (see perform_seek): bumped when a seek starts and when it ends.
+        self._seek_epoch = 0
+        self._seeking = 0
+        self._seek_done = asyncio.Event()
+        self._seek_done.set()
+        self._drain_parked = asyncio.Event()
+        self._drain_task: Any = None
         super().__init__(*args, **kwargs)
+
+    async def perform_seek(self) -> None:
+        """Faust's seek of every partition to its committed offset, fenced off from the drain loop.
+
+        After a rebalance Faust's Recovery resumes the flow and the stream partitions *before* this
+        seek (``_restart_recovery`` -> ``on_recovery_completed``), and calls
+        ``app.flow_control.resume()`` after it, which empties every stream queue. So records fetched
+        from the committed offset C are delivered (read offset -> X) while the seek runs, the seek
+        sets the read offset back to C, the queues are cleared, and the drain loop then delivers the
+        rest of the batch it fetched *before* the seek (offset X+1 > C + 1): Faust records a gap
+        [C+1, X] and moves the read offset to X+1, so the records C+1..X that aiokafka fetches again
+        after the seek are dropped as "already delivered" although the cleared queues never
+        processed them. The gap is then folded into the acked offsets (``_new_offset``) and
+        committed: those records are lost. The same offsets also sit twice in the acked list
+        (processed once, plus the gap), and ``consecutive_numbers`` then yields runs of two, so the
+        committed offset of the partition advances one record per commit (2.8 s): the partition
+        looks stalled and the next rebalance replays it from there (faust-streaming #221, #629).
+
+        Here the drain loop parks (delivers nothing, has no fetch in flight) for the whole seek, and
+        drops what is left of any batch fetched before the seek: the seek repositions those
+        partitions, so aiokafka fetches those records again from the committed offset."""
+        self._seek_epoch += 1
+        self._seeking += 1
+        self._seek_done.clear()
+        try:
+            drain_task = self._drain_task
+            if drain_task is not None and not drain_task.done() and drain_task is not asyncio.current_task():
+                try:
+                    await asyncio.wait_for(self._drain_parked.wait(), timeout=SEEK_PARK_TIMEOUT)
+                except asyncio.TimeoutError:
+                    self.log.warning("Seeking while the drain loop still delivers (not parked in %ss)", SEEK_PARK_TIMEOUT)
+            await super().perform_seek()
+        finally:
+            self._seeking -= 1
+            self._seek_epoch += 1
+            if not self._seeking:
+                self._seek_done.set()
 
     def add_before_commit(self, callback: Callable[[], None]) -> None:
         """Call ``callback()`` before every offset commit (app/aggregation.py's ``DeltaBuffer``
@@ -155,14 +200,24 @@ class Consumer(aiokafka.Consumer):
         acks_enabled_for = self.app.topics.acks_enabled_for
         yield_every = 100
         num_since_yield = 0
+        self._drain_task = asyncio.current_task()
+        self._drain_parked.clear()
         try:
             while not (consumer_should_stop() or fetcher_should_stop()):
+                if self._seeking:  # perform_seek: deliver nothing and fetch nothing until it is done
+                    self._drain_parked.set()
+                    await self._seek_done.wait()
+                    self._drain_parked.clear()
+                    continue
+                epoch = self._seek_epoch
                 set_flag(CONSUMER_FETCHING)
                 records = cast(AsyncIterator, getmany(timeout=self.getmany_timeout))
                 await self.sleep(0)
                 if self.should_stop:
                     continue
                 async for tp, message in records:
+                    if self._seek_epoch != epoch:
+                        break  # fetched before a seek, which repositions the partition: fetched again
                     num_since_yield += 1
                     if num_since_yield > yield_every:
                         await asyncio.sleep(0)
@@ -180,7 +235,11 @@ class Consumer(aiokafka.Consumer):
                         await self.wait_first(callback(message), self.suspend_flow.wait())
                     else:
                         await callback(message)
+                    if self._seek_epoch != epoch:
+                        break  # a seek began during the hand-off: keep the read offset it sets
                     set_read_offset(tp, offset)
+                if hasattr(records, "aclose"):
+                    await records.aclose()
                 unset_flag(CONSUMER_FETCHING)
         except self.consumer_stopped_errors:
             if self.transport.app.should_stop:
@@ -196,6 +255,7 @@ class Consumer(aiokafka.Consumer):
             self.log.exception("Drain messages raised: %r", exc)
             raise
         finally:
+            self._drain_parked.set()  # a seek never waits for a loop that has ended
             unset_flag(CONSUMER_FETCHING)
 
 
