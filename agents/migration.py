@@ -19,6 +19,7 @@ from faust import web
 from faust.types import EventT
 
 from app import app, settings
+from app.aggregation import BATCH_MAX, BATCH_WITHIN, enter_partition
 from app.dead_letters import dead_letter
 from app.web import require_admin_token
 from models.migration import (
@@ -103,29 +104,43 @@ def note_seen(key: bytes, side: str, event_id: str, now: float) -> None:
 
 @app.agent(orders_v1)
 async def translate_v1_orders(stream) -> None:
-    """Translate each V1 event to V2 once (by event id); invalid events go to the DLQ."""
-    async for event in stream.events():
-        partition = event.message.partition
-        try:
-            order = translate(decode_json(event.value))
-            key = order_key_of(event, order)
-        except InvalidRecord as error:
-            await dead_letter(str(error), event)
-            bump("bridge", partition, dead_lettered=1)
-            continue
-        state = order_events[key]
-        seen = state.get("ids", [])
-        if order.event_id in seen:
-            bump("bridge", partition, duplicates=1)
-            continue
-        # Acknowledged before the id is stored: a crash in between translates again (a duplicate
-        # V2 event with the same event_id), never marks as done an event that was not sent.
-        await (await orders_v2.send(key=key, value=order))
-        order_events[key] = {**state, "ids": (seen + [order.event_id])[-BRIDGE_IDS_PER_ORDER:]}
-        note_seen(key, "v1", order.event_id, time.time())
-        stats = bump("bridge", partition, translated=1)
-        lag_ms = max(0.0, time.time() * 1000 - event.message.timestamp * 1000) if event.message.timestamp else 0.0
-        partition_state[stats_key("bridge", partition)] = {**stats, "lag_ms": round(lag_ms, 1), "at": time.time()}
+    """Translate each V1 event to V2 once (by event id); invalid events go to the DLQ.
+
+    A batch's V2 events are sent together and acknowledged by Kafka before their ids are stored:
+    a crash in between translates them again (duplicates with the same event_id), never marks as
+    done an event that was not sent.
+    """
+    async for events in stream.take_events(BATCH_MAX, within=BATCH_WITHIN):
+        accepted: List[Tuple[EventT, bytes, OrderV2]] = []
+        in_batch = set()
+        for event in events:
+            enter_partition(stream, event)
+            partition = event.message.partition
+            try:
+                order = translate(decode_json(event.value))
+                key = order_key_of(event, order)
+            except InvalidRecord as error:
+                await dead_letter(str(error), event)
+                enter_partition(stream, event)
+                bump("bridge", partition, dead_lettered=1)
+                continue
+            if order.event_id in order_events[key].get("ids", []) or (key, order.event_id) in in_batch:
+                bump("bridge", partition, duplicates=1)
+                continue
+            in_batch.add((key, order.event_id))
+            accepted.append((event, key, order))
+        deliveries = [await orders_v2.send(key=key, value=order) for _, key, order in accepted]
+        for delivery in deliveries:
+            await delivery
+        now = time.time()
+        for event, key, order in accepted:
+            enter_partition(stream, event)
+            state = order_events[key]
+            order_events[key] = {**state, "ids": (state.get("ids", []) + [order.event_id])[-BRIDGE_IDS_PER_ORDER:]}
+            note_seen(key, "v1", order.event_id, now)
+            stats = bump("bridge", event.message.partition, translated=1)
+            lag_ms = max(0.0, now - event.message.timestamp) * 1000 if event.message.timestamp else 0.0
+            partition_state[stats_key("bridge", event.message.partition)] = {**stats, "lag_ms": round(lag_ms, 1), "at": now}
 
 
 @app.agent(orders_v2)

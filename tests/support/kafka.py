@@ -35,8 +35,9 @@ def produce_sync(bootstrap: str, topic: str, records: Iterable[Tuple[Any, ...]],
     asyncio.run(produce(bootstrap, topic, list(records), max_batch_size))
 
 
-async def consume(bootstrap: str, topic: str, count: int, timeout: float = 30.0) -> List[ConsumerRecord]:
-    """Read ``count`` records of ``topic`` from the beginning (no consumer group)."""
+async def consume(bootstrap: str, topic: str, count: int, timeout: float = 30.0, *, exact: bool = True) -> List[ConsumerRecord]:
+    """Read ``count`` records of ``topic`` from the beginning (no consumer group); with
+    ``exact=False`` return what arrived within ``timeout`` instead of raising."""
     consumer = AIOKafkaConsumer(topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest", group_id=None)
     await consumer.start()
     records: List[ConsumerRecord] = []
@@ -49,10 +50,10 @@ async def consume(bootstrap: str, topic: str, count: int, timeout: float = 30.0)
                 records.extend(partition_records)
     finally:
         await consumer.stop()
-    if len(records) < count:
+    if len(records) < count and exact:
         raise TimeoutError(f"read {len(records)} of {count} records from {topic} within {timeout}s")
     return records
 
 
-def consume_sync(bootstrap: str, topic: str, count: int, timeout: float = 30.0) -> List[ConsumerRecord]:
-    return asyncio.run(consume(bootstrap, topic, count, timeout))
+def consume_sync(bootstrap: str, topic: str, count: int, timeout: float = 30.0, *, exact: bool = True) -> List[ConsumerRecord]:
+    return asyncio.run(consume(bootstrap, topic, count, timeout, exact=exact))
