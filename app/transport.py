@@ -80,8 +80,8 @@ class ConsumerThread(aiokafka.AIOKafkaConsumerThread):
 
     async def _highwaters(self, partitions: List[TP]) -> Mapping[TP, int]:
         ends = dict(await super()._highwaters(partitions))
-        if self.consumer.in_transaction:
-            return ends  # last stable offsets come from fetch responses already
+        if self.consumer.in_transaction or not any(ends.values()):
+            return ends  # last stable offsets come from fetch responses; empty partitions need no check
         return await fetched_end_offsets(self._create_client_consumer(self.transport), ends)
 
 

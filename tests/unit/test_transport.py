@@ -247,3 +247,18 @@ def test_the_worker_batches_its_changelog_records_now_that_end_offsets_are_check
     # (the check above); test_crash_recovery.py restarts workers on batched changelogs.
     assert settings.producer_max_batch_size == 16384
     assert app.conf.producer_max_batch_size == 16384
+
+
+async def test_empty_changelogs_need_no_check_and_no_extra_consumer(monkeypatch):
+    thread = app.consumer._thread
+
+    async def listed_by_the_broker(self, partitions):
+        return {tp: 0 for tp in partitions}
+
+    def no_consumer(transport_):
+        raise AssertionError("no group-less consumer for empty partitions")
+
+    monkeypatch.setattr(aiokafka_thread, "_highwaters", listed_by_the_broker)
+    monkeypatch.setattr(thread, "_create_client_consumer", no_consumer)
+
+    assert await thread._highwaters([TP("changelog", 0)]) == {TP("changelog", 0): 0}
