@@ -68,12 +68,18 @@ class Scenario:
             conn.execute(f"CREATE SCHEMA {self.schema}")
             conn.execute(ITEMS_DDL.format(schema=self.schema))
 
-    def env(self, tables: Optional[List[str]] = None) -> Dict[str, str]:
-        return {
+    def env(self, tables: Optional[List[str]] = None, restarts: bool = False) -> Dict[str, str]:
+        """The workers' settings. ``restarts``: one change record per produce batch, as the other
+        crash/restart tests send their source records: on the local broker, source partitions written
+        in multi-record batches stalled after a worker restart now and then (README findings)."""
+        env = {
             "CDC_SOURCE_DSN": self.source_dsn, "REPLICA_DSN": self.replica_dsn, "REDIS_URL": self.redis_url,
             "ELASTICSEARCH_URL": self.es_url, "CDC_TABLES": ",".join(tables or self.tables),
             "CDC_SLOT": self.slot, "CDC_PUBLICATION": f"pub_{self.slot}", "CDC_TOPIC_PREFIX": self.prefix,
         }
+        if restarts:
+            env["CDC_PRODUCER_BATCH_SIZE"] = "1"
+        return env
 
 
 @pytest.fixture
@@ -330,7 +336,7 @@ def applied_changes(worker: WorkerProcess, table: str) -> int:
 
 def test_worker_killed_mid_workload_and_restarted_loses_nothing(kafka_broker, scenario, tmp_path, app_id):
     seed_items(scenario, 100, seed=3)
-    worker = WorkerProcess(kafka_broker.url, tmp_path / "crash", app_id=app_id, env=scenario.env()).start()
+    worker = WorkerProcess(kafka_broker.url, tmp_path / "crash", app_id=app_id, env=scenario.env(restarts=True)).start()
     restarted = None
     try:
         wait_until_ready([worker])
@@ -341,7 +347,7 @@ def test_worker_killed_mid_workload_and_restarted_loses_nothing(kafka_broker, sc
         worker.stop(signal.SIGKILL)
         assert workload.is_alive(), "the crash must land while the workload is still running"
         workload.join()
-        restarted = WorkerProcess(kafka_broker.url, tmp_path / "crash", app_id=app_id, env=scenario.env(), port=worker.port).start()
+        restarted = WorkerProcess(kafka_broker.url, tmp_path / "crash", app_id=app_id, env=scenario.env(restarts=True), port=worker.port).start()
         wait_until_ready([restarted])
         run_workload(scenario.source_dsn, scenario.schema, seed=6, transactions=100, first_id=30_000)
         wait_until_copies_equal(scenario)
@@ -359,7 +365,7 @@ def test_two_workers_capture_once_and_the_other_takes_over_when_the_capturer_die
     """The capture lock moves to the surviving worker; a replacement takes the dead worker's
     partitions (the local broker does not expire a killed member's session, so it is replaced)."""
     seed_items(scenario, 50, seed=12)
-    workers = start_workers(kafka_broker, count=2, **scenario.env())
+    workers = start_workers(kafka_broker, count=2, **scenario.env(restarts=True))
     [capturer] = wait_for(lambda: capturing_workers(workers), timeout=30, message="a capturing worker")
     assert len(capturing_workers(workers)) == 1, "exactly one worker captures"
     run_workload(scenario.source_dsn, scenario.schema, seed=13, transactions=200, first_id=10_000)
@@ -367,7 +373,7 @@ def test_two_workers_capture_once_and_the_other_takes_over_when_the_capturer_die
     [survivor] = [worker for worker in workers if worker is not capturer]
     wait_for(lambda: capturing_workers([survivor]), timeout=30, message="the surviving worker capturing")
     run_workload(scenario.source_dsn, scenario.schema, seed=14, transactions=200, first_id=20_000)
-    replacement = WorkerProcess(kafka_broker.url, capturer.work_dir, app_id=app_id, env=scenario.env(), port=capturer.port).start()
+    replacement = WorkerProcess(kafka_broker.url, capturer.work_dir, app_id=app_id, env=scenario.env(restarts=True), port=capturer.port).start()
     try:
         wait_until_ready([survivor, replacement], timeout=120)
         assert capturing_workers([survivor, replacement]) == [survivor], "the lock stays with one worker"
