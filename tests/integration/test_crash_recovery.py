@@ -159,8 +159,9 @@ def test_delta_buffer_counts_survive_sigkill_and_restart_within_the_at_least_onc
 
     restarted = CountingWorker(isolated_broker.url, tmp_path / "worker", app_id=app_id, port=worker.port).start()
     try:
-        wait_for(lambda: restarted.assert_alive() or sum(restarted.counts().values()) >= COUNTED_TOTAL,
-                 timeout=120, message=f"every record counted after the restart\n{restarted.log_tail()}")
+        counted = lambda: restarted.assert_alive() or sum(restarted.counts().values())  # noqa: E731
+        wait_for(lambda: counted() >= COUNTED_TOTAL, timeout=240,
+                 message=f"all {COUNTED_TOTAL} records counted after the restart (log: {restarted.log_path})")
         time.sleep(4)  # a replayed tail and the last flush land before the table is read
         counts = restarted.counts()
     finally:
