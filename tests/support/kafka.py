@@ -5,7 +5,7 @@ import asyncio
 import json
 from typing import Any, Iterable, List, Optional, Tuple
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.structs import ConsumerRecord
 
 
@@ -57,3 +57,32 @@ async def consume(bootstrap: str, topic: str, count: int, timeout: float = 30.0,
 
 def consume_sync(bootstrap: str, topic: str, count: int, timeout: float = 30.0, *, exact: bool = True) -> List[ConsumerRecord]:
     return asyncio.run(consume(bootstrap, topic, count, timeout, exact=exact))
+
+
+async def consume_to_end(bootstrap: str, topic: str, timeout: float = 30.0) -> List[ConsumerRecord]:
+    """Every record of ``topic`` up to the end offsets it has when the call starts."""
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, auto_offset_reset="earliest", group_id=None)
+    await consumer.start()
+    records: List[ConsumerRecord] = []
+    try:
+        await consumer.topics()  # fetches the cluster metadata
+        partitions = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or ())]
+        consumer.assign(partitions)
+        await consumer.seek_to_beginning(*partitions)
+        ends = await consumer.end_offsets(partitions)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+
+        async def behind() -> bool:
+            return any([await consumer.position(tp) < end for tp, end in ends.items()])
+
+        while await behind() and loop.time() < deadline:
+            for partition_records in (await consumer.getmany(timeout_ms=500)).values():
+                records.extend(partition_records)
+    finally:
+        await consumer.stop()
+    return records
+
+
+def consume_to_end_sync(bootstrap: str, topic: str, timeout: float = 30.0) -> List[ConsumerRecord]:
+    return asyncio.run(consume_to_end(bootstrap, topic, timeout))
