@@ -75,6 +75,34 @@ def bump(kind: str, partition: int, **counts: int) -> Dict[str, Any]:
     return stats
 
 
+class BatchCounters:
+    """Counters of a batch, per kind and source partition, written once per batch: one table
+    write per partition instead of one per record."""
+
+    def __init__(self) -> None:
+        self.pending: Dict[Tuple[str, int], Tuple[EventT, Dict[str, Any]]] = {}
+
+    def add(self, kind: str, event: EventT, **counters: Any) -> None:
+        key = (kind, event.message.partition)
+        _, total = self.pending.get(key, (event, {}))
+        add_counters(total, counters)
+        self.pending[key] = (event, total)
+
+    def write(self, stream) -> None:
+        for (kind, partition), (event, counters) in self.pending.items():
+            enter_partition(stream, event)
+            key = stats_key(kind, partition)
+            stats = dict(partition_state[key])
+            add_counters(stats, counters)
+            for latest in ("lag_ms", "at"):  # the latest batch's, not the largest ever
+                if latest in counters:
+                    stats[latest] = counters[latest]
+            if "samples" in stats:
+                stats["samples"] = stats["samples"][-settings.migration_samples:]
+            partition_state[key] = stats
+        self.pending.clear()
+
+
 # --- bridge ---------------------------------------------------------------------------------------
 
 
@@ -89,8 +117,12 @@ def order_key_of(event: EventT, order: OrderV2) -> bytes:
 
 def note_seen(key: bytes, side: str, event_id: str, now: float) -> None:
     """Reconciliation: an event id seen on one side clears the same id waiting on the other."""
+    order_events[key] = seen_on(order_events[key], side, event_id, now)
+
+
+def seen_on(state: Dict[str, Any], side: str, event_id: str, now: float) -> Dict[str, Any]:
+    """An order's reconciliation state after ``event_id`` was seen on ``side``."""
     other = "v2" if side == "v1" else "v1"
-    state = order_events[key]
     waiting = dict(state.get(other, {}))
     if event_id in waiting:
         del waiting[event_id]
@@ -99,7 +131,7 @@ def note_seen(key: bytes, side: str, event_id: str, now: float) -> None:
         mine = dict(state.get(side, {}))
         mine.setdefault(event_id, now)
         state = {**state, side: mine}
-    order_events[key] = state
+    return state
 
 
 @app.agent(orders_v1)
@@ -113,19 +145,18 @@ async def translate_v1_orders(stream) -> None:
     async for events in stream.take_events(BATCH_MAX, within=BATCH_WITHIN):
         accepted: List[Tuple[EventT, bytes, OrderV2]] = []
         in_batch = set()
+        counters = BatchCounters()
         for event in events:
             enter_partition(stream, event)
-            partition = event.message.partition
             try:
                 order = translate(decode_json(event.value))
                 key = order_key_of(event, order)
             except InvalidRecord as error:
                 await dead_letter(str(error), event)
-                enter_partition(stream, event)
-                bump("bridge", partition, dead_lettered=1)
+                counters.add("bridge", event, dead_lettered=1)
                 continue
             if order.event_id in order_events[key].get("ids", []) or (key, order.event_id) in in_batch:
-                bump("bridge", partition, duplicates=1)
+                counters.add("bridge", event, duplicates=1)
                 continue
             in_batch.add((key, order.event_id))
             accepted.append((event, key, order))
@@ -135,12 +166,11 @@ async def translate_v1_orders(stream) -> None:
         now = time.time()
         for event, key, order in accepted:
             enter_partition(stream, event)
-            state = order_events[key]
+            state = seen_on(order_events[key], "v1", order.event_id, now)
             order_events[key] = {**state, "ids": (state.get("ids", []) + [order.event_id])[-BRIDGE_IDS_PER_ORDER:]}
-            note_seen(key, "v1", order.event_id, now)
-            stats = bump("bridge", event.message.partition, translated=1)
             lag_ms = max(0.0, now - event.message.timestamp) * 1000 if event.message.timestamp else 0.0
-            partition_state[stats_key("bridge", event.message.partition)] = {**stats, "lag_ms": round(lag_ms, 1), "at": now}
+            counters.add("bridge", event, translated=1, lag_ms=round(lag_ms, 1), at=now)
+        counters.write(stream)
 
 
 @app.agent(orders_v2)
@@ -201,22 +231,13 @@ async def route_commands(stream) -> None:
 # --- comparison -----------------------------------------------------------------------------------
 
 
-def record_comparison(partition: int, key: bytes, diffs: Dict[str, Tuple[Any, Any]]) -> None:
-    stats_id = stats_key("compare", partition)
-    stats = dict(partition_state[stats_id])
-    stats["compared"] = stats.get("compared", 0) + 1
-    if diffs:
-        stats["mismatched"] = stats.get("mismatched", 0) + 1
-        fields = dict(stats.get("field_mismatches", {}))
-        for field in diffs:
-            fields[field] = fields.get(field, 0) + 1
-        stats["field_mismatches"] = fields
-        sample = {"key": key.decode(errors="replace"), "at": time.time(),
-                  "diff": {field: {"v1": v1, "v2": v2} for field, (v1, v2) in diffs.items()}}
-        stats["samples"] = (stats.get("samples", []) + [sample])[-settings.migration_samples:]
-    else:
-        stats["matched"] = stats.get("matched", 0) + 1
-    partition_state[stats_id] = stats
+def comparison_counters(key: bytes, diffs: Dict[str, Tuple[Any, Any]], now: float) -> Dict[str, Any]:
+    """What one comparison adds to the counters: matched, or mismatched with fields and a sample."""
+    if not diffs:
+        return {"compared": 1, "matched": 1}
+    sample = {"key": key.decode(errors="replace"), "at": now,
+              "diff": {field: {"v1": v1, "v2": v2} for field, (v1, v2) in diffs.items()}}
+    return {"compared": 1, "mismatched": 1, "field_mismatches": {field: 1 for field in diffs}, "samples": [sample]}
 
 
 def expire_results(partition: int, now: float) -> None:
@@ -238,28 +259,33 @@ def expire_results(partition: int, now: float) -> None:
 @app.agent(results)
 async def compare_results_of_both_systems(stream) -> None:
     """Pair each request's V1 and V2 results by key and compare them after normalisation."""
-    async for event in stream.events():
-        partition, now = event.message.partition, time.time()
-        side = "v1" if event.message.topic == V1_RESULTS else "v2"
-        try:
-            if event.key is None:
-                raise InvalidRecord("a result must be keyed by its request id")
-            result = decode_json(event.value)
-            if not isinstance(result, dict):
-                raise InvalidRecord(f"a result must be a JSON object, got {type(result).__name__}")
-        except InvalidRecord as error:
-            await dead_letter(str(error), event)
-            bump("compare", partition, dead_lettered=1)
-            continue
-        pending = pending_results[event.key]  # {} when the table has nothing for the key
-        if not pending:
-            pending_results[event.key] = {"side": side, "result": result, "at": now, "partition": partition}
-        elif pending.get("done") or pending["side"] == side:
-            bump("compare", partition, duplicates=1)  # a replayed or repeated result
-        else:
-            v1, v2 = (pending["result"], result) if side == "v2" else (result, pending["result"])
-            record_comparison(partition, event.key, compare_results(v1, v2, RULES))
-            pending_results[event.key] = {"done": True, "at": now, "partition": partition}
+    async for events in stream.take_events(BATCH_MAX, within=BATCH_WITHIN):
+        counters = BatchCounters()
+        now = time.time()
+        for event in events:
+            enter_partition(stream, event)
+            partition = event.message.partition
+            side = "v1" if event.message.topic == V1_RESULTS else "v2"
+            try:
+                if event.key is None:
+                    raise InvalidRecord("a result must be keyed by its request id")
+                result = decode_json(event.value)
+                if not isinstance(result, dict):
+                    raise InvalidRecord(f"a result must be a JSON object, got {type(result).__name__}")
+            except InvalidRecord as error:
+                await dead_letter(str(error), event)
+                counters.add("compare", event, dead_lettered=1)
+                continue
+            pending = pending_results[event.key]  # {} when the table has nothing for the key
+            if not pending:
+                pending_results[event.key] = {"side": side, "result": result, "at": now, "partition": partition}
+            elif pending.get("done") or pending["side"] == side:
+                counters.add("compare", event, duplicates=1)  # a replayed or repeated result
+            else:
+                v1, v2 = (pending["result"], result) if side == "v2" else (result, pending["result"])
+                counters.add("compare", event, **comparison_counters(event.key, compare_results(v1, v2, RULES), now))
+                pending_results[event.key] = {"done": True, "at": now, "partition": partition}
+        counters.write(stream)
 
 
 def is_overdue(pending: Dict[str, Any], now: float) -> bool:
