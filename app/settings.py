@@ -50,7 +50,7 @@ class Settings(BaseSettings):
     # Centralized logging (agents/logs.py).
     log_index_pattern: str = "logs-{service}-{date:%Y.%m.%d}"
     log_batch_max: int = Field(5000, ge=1, le=30000)
-    log_batch_within: float = Field(0.5, gt=0, le=60)
+    log_batch_within: float = Field(0.2, gt=0, le=60)
     log_stats_window: int = Field(60, ge=1, le=86400)  # whole seconds
     log_recent_limit: int = Field(200, ge=1, le=10000)
     elasticsearch_max_backoff: float = Field(30.0, gt=0, le=3600)

@@ -37,6 +37,7 @@ import threading
 import uuid
 from typing import Any, Awaitable, Callable, Iterator
 
+import orjson
 from aiohttp import web
 
 __all__ = ["ElasticsearchTestServer", "REJECT_FIELD"]
@@ -324,7 +325,7 @@ class ElasticsearchTestServer:
     def _reply(request: web.Request, status: int, body: Any = None) -> web.Response:
         accept = request.headers.get("Accept", "")
         ctype = COMPAT_JSON if "vnd.elasticsearch" in accept else "application/json"
-        data = b"" if body is None or request.method == "HEAD" else json.dumps(body).encode()
+        data = b"" if body is None or request.method == "HEAD" else orjson.dumps(body)
         headers = {"Content-Type": ctype, "X-Elastic-Product": "Elasticsearch"}
         return web.Response(status=status, body=data, headers=headers)
 
@@ -496,8 +497,8 @@ class ElasticsearchTestServer:
         items, pos = [], 0
         while pos < len(lines):
             try:
-                (action, meta), = json.loads(lines[pos]).items()
-                body = json.loads(lines[pos + 1]) if action != "delete" else None
+                (action, meta), = orjson.loads(lines[pos]).items()
+                body = orjson.loads(lines[pos + 1]) if action != "delete" else None
             except (ValueError, IndexError) as exc:
                 raise EsError(400, "illegal_argument_exception", f"malformed bulk line {pos + 1}: {exc}")
             pos += 1 if action == "delete" else 2
