@@ -19,6 +19,7 @@ from faust import web
 from faust.types import EventT
 
 from agents.metrics import metrics_topic
+from models.metrics import key_text
 from app import app, settings
 from app.dead_letters import dead_letter
 from app.search import BulkWriter, Rejection, optional_writer, put_index_template
@@ -96,13 +97,7 @@ class ParsedBatch:
 def record_context(event: EventT) -> RecordContext:
     """Service (record key, else a ``service`` header), host header and record time of a record."""
     message = event.message
-    key = message.key
-    service = None
-    if key:
-        try:
-            service = key.decode("utf-8").strip() or None
-        except UnicodeDecodeError:
-            raise InvalidRecord(f"record key is not UTF-8: {key!r}") from None
+    service = (key_text(message.key) or "").strip() or None
     headers = message.headers
     service = service or header_text(headers, "service")
     moment = datetime.fromtimestamp(message.timestamp or time.time(), tz=timezone.utc)

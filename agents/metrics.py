@@ -32,7 +32,7 @@ from models.alerts import (
 )
 from models.metric_stats import Baseline, WindowAggregate, add_values, empty_aggregate, is_anomalous, merge, summary, update_baseline
 from models.metrics import (
-    InvalidRecord, MetricSample, pane_key, pane_start, parse_samples, samples_by_pane, samples_by_series,
+    InvalidRecord, MetricSample, key_text, pane_key, pane_start, parse_samples, samples_by_pane, samples_by_series,
     series_key, window_pane_starts,
 )
 from tables.metrics import alert_states, latest_samples, metric_panes, metric_series
@@ -232,16 +232,6 @@ async def observe_service(service: str, samples: List[MetricSample]) -> None:
 # --- agents --------------------------------------------------------------------------------------
 
 
-def service_of(key: Optional[bytes]) -> Optional[str]:
-    """The service named by a record key (None for a keyless record)."""
-    if key is None:
-        return None
-    try:
-        return key.decode("utf-8")
-    except UnicodeDecodeError:
-        raise InvalidRecord(f"record key is not UTF-8: {key!r}") from None
-
-
 async def forward_keyed_by_service(samples: Iterable[MetricSample]) -> None:
     """Re-key samples that arrived without a key, so each service's state lives in one partition."""
     by_service: Dict[str, List[Dict[str, Any]]] = {}
@@ -271,7 +261,7 @@ async def record_samples(stream) -> None:
         keyed_samples = []
         for event in events:
             try:
-                service = service_of(event.key)
+                service = key_text(event.key)
                 samples = parse_samples(event.value, service)
             except InvalidRecord as error:
                 await dead_letter(str(error), event)

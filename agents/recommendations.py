@@ -31,10 +31,11 @@ from app.aggregation import BATCH_MAX, enter_partition
 from app.dead_letters import dead_letter
 from app.settings import bootstrap_servers
 from models.recommendations import (
-    Catalogue, InvalidEvent, ItemEmbeddings, UserEvent, add_purchase, apply_item_update, fit_item_embeddings,
+    Catalogue, ItemEmbeddings, UserEvent, add_purchase, apply_item_update, fit_item_embeddings,
     item_updates, load_latest_model, model_from_bytes, model_to_bytes, parse_item, parse_item_updates,
     parse_user_event, recommend, save_model, update_session,
 )
+from models.metrics import InvalidRecord, key_text
 from tables.recommendations import recs_item_meta, recs_item_stats, recs_purchased, recs_sessions
 
 log = logging.getLogger(__name__)
@@ -168,16 +169,6 @@ def catalogue_fingerprint() -> str:
 # --- agents --------------------------------------------------------------------------------------
 
 
-def text_key(key: Optional[bytes]) -> Optional[str]:
-    """A record key as text (None for a keyless record)."""
-    if key is None:
-        return None
-    try:
-        return key.decode("utf-8")
-    except UnicodeDecodeError:
-        raise InvalidEvent(f"record key is not UTF-8: {key!r}") from None
-
-
 class UserBatch:
     """What a batch of user events changes: sessions and purchases per user (written once per user,
     under the user's latest event) and the item updates, grouped per item (one record per item)."""
@@ -196,7 +187,7 @@ class UserBatch:
 
 async def observe_user_event(event: EventT, batch: UserBatch) -> None:
     """One user event: session and purchases (this partition), item updates (re-keyed by item)."""
-    user = text_key(event.key)
+    user = key_text(event.key)
     parsed: UserEvent = parse_user_event(event.value, user)
     if user is None:  # keyless: re-key by user, so the user's state lives in one partition
         await user_events_topic.send(key=parsed.user_id.encode(), value=event.value)
@@ -215,7 +206,7 @@ async def guarded(event: EventT, handle: Callable[..., Any], *args: Any) -> None
     """Run ``handle``; a record it refuses (or fails on) becomes a dead letter, the agent goes on."""
     try:
         await handle(event, *args)
-    except InvalidEvent as error:
+    except InvalidRecord as error:
         await dead_letter(str(error), event)
     except Exception as error:  # noqa: BLE001 - bad input never kills the agent
         log.exception("failed on %s[%s]@%s", event.message.topic, event.message.partition, event.message.offset)
@@ -250,7 +241,7 @@ async def record_user_events(stream) -> None:
 
 async def observe_item_updates(event: EventT, pending: Dict[str, Tuple[EventT, Dict[str, Any]]]) -> None:
     """Apply a record's updates to the item's stats; an update whose source offset is in already is dropped."""
-    item = text_key(event.key)
+    item = key_text(event.key)
     updates = parse_item_updates(event.value, item)
     stats = pending[item][1] if item in pending else recs_item_stats.get(item)
     changed = False
@@ -274,7 +265,7 @@ async def record_item_updates(stream) -> None:
 
 
 async def observe_item(event: EventT) -> None:
-    item = parse_item(event.value, text_key(event.key))
+    item = parse_item(event.value, key_text(event.key))
     recs_item_meta[item.item_id] = {"category": item.category, "price": item.price, "available": item.available}
 
 

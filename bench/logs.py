@@ -32,7 +32,7 @@ sys.path[:0] = [str(REPO), str(REPO / "bench")]
 
 import compare  # noqa: E402
 from aiokafka import AIOKafkaProducer  # noqa: E402
-from metrics import Worker, bare_ceiling, percentile  # noqa: E402
+from metrics import Worker, bare_ceiling, percentile, rate_until  # noqa: E402
 
 from app.local_broker import LocalBroker  # noqa: E402
 from tests.support.es_server import ElasticsearchTestServer  # noqa: E402
@@ -82,20 +82,9 @@ class IndexedCounter:
                 self.probe_arrivals.setdefault(probe, time.monotonic())
 
 
-def drain_rate(counter: IndexedCounter, target: int, worker: Worker, timeout: float = 900) -> float:
+def drain_rate(counter: IndexedCounter, target: int, worker: Worker) -> float:
     """Lines/s from the first document stored to the ``target``-th."""
-    deadline = time.monotonic() + timeout
-    first: Optional[Tuple[float, int]] = None
-    while time.monotonic() < deadline:
-        count = counter.count
-        if count and first is None:
-            first = (time.perf_counter(), count)
-        if count >= target and first is not None:
-            return (count - first[1]) / (time.perf_counter() - first[0])
-        if worker.process.poll() is not None:
-            raise RuntimeError(f"worker exited:\n{compare.log_tail(worker.log)}")
-        time.sleep(0.02)
-    raise TimeoutError(f"only {counter.count} of {target} lines indexed")
+    return rate_until(worker, lambda: counter.count, target, "lines indexed", poll=0.02)
 
 
 async def delays(bootstrap: str, counter: IndexedCounter, rate: float, probes: int) -> List[float]:

@@ -26,7 +26,7 @@ import time
 import urllib.request
 import uuid
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(REPO), str(REPO / "bench")]
@@ -115,18 +115,27 @@ class Worker:
         compare.stop_process_group(self.process)
 
 
+def rate_until(worker: Worker, count: Callable[[], int], target: int, what: str,
+               timeout: float = 900, poll: float = 0.05) -> float:
+    """Items/s from the first item ``count()`` sees to the ``target``-th; fails if the worker exits."""
+    deadline = time.monotonic() + timeout
+    first: Optional[Tuple[float, int]] = None
+    done = 0
+    while time.monotonic() < deadline:
+        done = count()
+        if done and first is None:
+            first = (time.perf_counter(), done)
+        if done >= target and first is not None:
+            return (done - first[1]) / (time.perf_counter() - first[0])
+        if worker.process.poll() is not None:
+            raise RuntimeError(f"worker exited:\n{compare.log_tail(worker.log)}")
+        time.sleep(poll)
+    raise TimeoutError(f"only {done} of {target} {what}")
+
+
 def drain_rate(worker: Worker, target: int, timeout: float = 600) -> float:
     """Samples/s from the first sample seen to ``target`` samples, polling the worker's pages."""
-    deadline = time.monotonic() + timeout
-    first: Optional[float] = None
-    while time.monotonic() < deadline:
-        seen = worker.samples_seen()
-        if seen and first is None:
-            first, first_seen = time.perf_counter(), seen
-        if seen >= target:
-            return (seen - first_seen) / (time.perf_counter() - first)
-        time.sleep(0.05)
-    raise TimeoutError(f"only {worker.samples_seen()} of {target} samples processed")
+    return rate_until(worker, worker.samples_seen, target, "samples processed", timeout)
 
 
 async def alert_latencies(bootstrap: str, rate: float, spikes: int) -> List[float]:

@@ -17,16 +17,15 @@ import os
 import shutil
 import sys
 import tempfile
-import time
 from pathlib import Path
-from typing import Iterator, Optional, Tuple
+from typing import Callable, Iterator, Optional, Tuple
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(REPO), str(REPO / "bench")]
 
 import compare  # noqa: E402
 from aiokafka import AIOKafkaProducer  # noqa: E402
-from metrics import Worker  # noqa: E402
+from metrics import Worker, rate_until  # noqa: E402
 
 from app.local_broker import LocalBroker  # noqa: E402
 from models.migration import translate  # noqa: E402
@@ -67,21 +66,13 @@ async def produce(bootstrap: str, topic: str, records: Iterator[Tuple[bytes, byt
         await producer.stop()
 
 
-def rate(worker: Worker, read, target: int, timeout: float = 900) -> float:
+def rate(worker: Worker, read: Callable[[dict], int], target: int) -> float:
     """Items/s from the first item counted by ``read(status)`` to ``target``."""
-    deadline = time.monotonic() + timeout
-    first: Optional[Tuple[float, int]] = None
-    while time.monotonic() < deadline:
+    def done() -> int:
         status = worker.get("/migration/status/")
-        done = read(status) if status else 0
-        if done and first is None:
-            first = (time.perf_counter(), done)
-        if done >= target and first is not None:
-            return (done - first[1]) / (time.perf_counter() - first[0])
-        if worker.process.poll() is not None:
-            raise RuntimeError(f"worker exited:\n{compare.log_tail(worker.log)}")
-        time.sleep(0.05)
-    raise TimeoutError(f"only {done} of {target} done")
+        return read(status) if status else 0
+
+    return rate_until(worker, done, target, "done")
 
 
 def main() -> int:

@@ -309,8 +309,8 @@ def line_documents(item: Any, context: RecordContext, line: int) -> Dict[str, An
 JSON_ARRAY_START = re.compile(r"^\[\s*([{\"\]]|$)")
 
 
-def record_items(text: str) -> Tuple[List[Any], bool]:
-    """The lines of a record's text: (items, whether it was a JSON array)."""
+def record_items(text: str) -> List[Any]:
+    """The lines of a record's text."""
     stripped = text.strip()
     if not stripped:
         raise InvalidRecord("empty record")
@@ -319,18 +319,18 @@ def record_items(text: str) -> Tuple[List[Any], bool]:
             decoded = orjson.loads(stripped)
         except ValueError as error:
             if stripped[0] == "[" and not JSON_ARRAY_START.match(stripped):
-                return [stripped], False  # a plain line that starts with "[2024-11-01 ...]" or "[INFO]"
+                return [stripped]  # a plain line that starts with "[2024-11-01 ...]" or "[INFO]"
             raise InvalidRecord(f"record looks like JSON but does not parse: {error}") from None
         if isinstance(decoded, list):
             if not decoded:
                 raise InvalidRecord("empty JSON array")
             if len(decoded) > MAX_LINES_PER_RECORD:
                 raise InvalidRecord(f"{len(decoded)} lines in one record, more than {MAX_LINES_PER_RECORD}")
-            return decoded, True
+            return decoded
         if isinstance(decoded, dict):
-            return [decoded], False
+            return [decoded]
         raise InvalidRecord(f"a JSON record must be an object or an array, got {type(decoded).__name__}")
-    return [stripped], False
+    return [stripped]
 
 
 def parse_record(value: Optional[bytes], context: RecordContext) -> List[Dict[str, Any]]:
@@ -341,7 +341,7 @@ def parse_record(value: Optional[bytes], context: RecordContext) -> List[Dict[st
         text = value.decode("utf-8")
     except UnicodeDecodeError:
         raise InvalidRecord("record value is not UTF-8") from None
-    items, _ = record_items(text)
+    items = record_items(text)
     return [line_documents(item, context, line) for line, item in enumerate(items)]
 
 

@@ -32,9 +32,12 @@ import numpy as np
 from scipy import sparse
 from sklearn.decomposition import TruncatedSVD
 
+from models.metrics import InvalidRecord
 
-class InvalidEvent(ValueError):
-    """A record that cannot be decoded or validated; the message is the dead-letter reason."""
+
+class InvalidEvent(InvalidRecord):
+    """A user event or item record that cannot be decoded or validated; the message is the
+    dead-letter reason."""
 
 
 EVENT_WEIGHTS: Dict[str, float] = {"view": 1.0, "click": 2.0, "add_to_cart": 4.0, "purchase": 8.0}

@@ -5,7 +5,8 @@ import json
 
 import pytest
 
-from agents.metrics import merge_latest, service_of
+from agents.metrics import merge_latest
+from models.metrics import key_text
 from models.metrics import InvalidRecord, MetricSample, parse_samples
 
 
@@ -70,6 +71,6 @@ def test_an_older_sample_never_overwrites_a_newer_one():
 
 
 def test_a_record_key_that_is_not_utf8_is_refused():
-    assert service_of(b"cart") == "cart" and service_of(None) is None
+    assert key_text(b"cart") == "cart" and key_text(None) is None
     with pytest.raises(InvalidRecord, match="not UTF-8"):
-        service_of(b"\xff\xfe")
+        key_text(b"\xff\xfe")
