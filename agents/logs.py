@@ -7,13 +7,14 @@ Pages: /logs/stats/{service}/, /logs/recent/{service}/, /logs/status/
 """
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
-from collections import defaultdict
+from collections import defaultdict, deque
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Deque, Dict, List, Optional, Tuple
 
 from faust import web
 from faust.types import EventT
@@ -21,8 +22,9 @@ from faust.types import EventT
 from agents.metrics import metrics_topic
 from models.metrics import key_text
 from app import app, settings
+from app.aggregation import hold, release
 from app.dead_letters import dead_letter
-from app.search import BulkWriter, Rejection, optional_writer, put_index_template
+from app.search import BulkPair, BulkWriter, Rejection, optional_writer, put_index_template
 from models.logs import (
     LEVELS, InvalidRecord, LogCounts, RecordContext, document_id, document_origin, fold_counts, header_text, index_name,
     index_template_patterns, is_error, parse_record, window_key, window_start, window_summary, windows_to_close,
@@ -86,10 +88,10 @@ class ParsedBatch:
     """A batch of ``logs`` records: the bulk actions, what each line adds to the statistics, and the
     records refused at parsing."""
 
-    actions: List[Dict[str, Any]] = field(default_factory=list)
+    actions: List[BulkPair] = field(default_factory=list)  # ({"index": {"_index", "_id"}}, document)
     records: Dict[Tuple[int, int], EventT] = field(default_factory=dict)  # (partition, offset) -> record
     counts: Dict[Tuple[str, int], Dict[Tuple[int, float, str], int]] = field(default_factory=dict)
-    recent: Dict[Tuple[str, int], List[Dict[str, Any]]] = field(default_factory=dict)  # _index actions
+    recent: Dict[Tuple[str, int], List[Tuple[str, Dict[str, Any]]]] = field(default_factory=dict)  # (_id, doc)
     invalid: List[Tuple[EventT, str]] = field(default_factory=list)
     lines: int = 0
 
@@ -144,11 +146,8 @@ def parse_events(events: List[EventT]) -> ParsedBatch:
         batch.records[(partition, offset)] = event
         for line, doc in enumerate(docs):
             service, level, timestamp = doc["service"]["name"], doc["log"]["level"], doc["@timestamp"]
-            action = {
-                "_op_type": "index", "_index": index_name(pattern, service, timestamp),
-                "_id": document_id(message.topic, partition, offset, line), "_source": doc,
-            }
-            batch.actions.append(action)
+            doc_id = document_id(message.topic, partition, offset, line)
+            batch.actions.append(({"index": {"_index": index_name(pattern, service, timestamp), "_id": doc_id}}, doc))
             series = (service, partition)
             counts = batch.counts.get(series)
             if counts is None:
@@ -156,7 +155,7 @@ def parse_events(events: List[EventT]) -> ParsedBatch:
                 batch.recent[series] = []
             counts[(offset, window_starts[timestamp[:19]], level)] += 1
             recent = batch.recent[series]
-            recent.append(action)
+            recent.append((doc_id, doc))
             if len(recent) > 2 * keep_recent:
                 del recent[:-keep_recent]
         batch.lines += len(docs)
@@ -170,7 +169,7 @@ async def publish_counts(batch: ParsedBatch) -> None:
         rows = [[offset, start, level, lines] for (offset, start, level), lines in sorted(counts.items())]
         value = LogCounts(
             service=service, source_partition=partition, counts=rows,
-            recent=[recent_entry(action["_id"], action["_source"]) for action in batch.recent[(service, partition)][-settings.log_recent_limit:]],
+            recent=[recent_entry(doc_id, doc) for doc_id, doc in batch.recent[(service, partition)][-settings.log_recent_limit:]],
         )
         deliveries.append(await log_counts_topic.send(key=service.encode(), value=value))
     for delivery in deliveries:
@@ -181,7 +180,7 @@ async def dead_letter_rejections(rejections: List[Rejection], batch: ParsedBatch
     """A record with a line Elasticsearch refused goes to the DLQ once, naming the line and why."""
     reasons: Dict[int, Tuple[EventT, List[str]]] = {}
     for rejection in rejections:
-        partition, offset, line = document_origin(rejection.action["_id"])
+        partition, offset, line = document_origin(rejection.doc_id)
         event = batch.records[(partition, offset)]
         entry = reasons.setdefault(id(event), (event, []))
         entry[1].append(f"line {line}: Elasticsearch refused it ({rejection.status}): {rejection.reason}")
@@ -190,33 +189,52 @@ async def dead_letter_rejections(rejections: List[Rejection], batch: ParsedBatch
         counters.dead_lettered += 1
 
 
+async def index_batch(stream: Any, batch: ParsedBatch, events: List[EventT]) -> None:
+    """Store the batch's lines (retrying until Elasticsearch takes them), dead-letter the refused
+    ones, then release the batch's events so their offsets may be committed."""
+    assert writer is not None
+    rejections = await writer.write(batch.actions)
+    await dead_letter_rejections(rejections, batch)
+    counters.indexed += len(batch.actions) - len(rejections)
+    counters.rejected += len(rejections)
+    release(stream, events)
+
+
 @app.agent(logs_topic)
 async def ship_logs(stream) -> None:
     """Parse each batch of records, count its lines, and bulk-index them into Elasticsearch.
 
-    The batch is acknowledged (its offsets become committable) only after its counts are in Kafka
-    and every line is stored or dead-lettered, so an Elasticsearch outage holds the offsets back
-    and nothing is lost; redelivered records overwrite their own documents (_id from the offset).
+    A batch's offsets become committable only after its counts are in Kafka and every line is
+    stored or dead-lettered: its events are held (one more reference each) until its bulk write
+    returns, so an Elasticsearch outage holds the offsets back and nothing is lost; redelivered
+    records overwrite their own documents (_id from the offset). Up to LOG_BULK_IN_FLIGHT batches
+    are being written while the next one is parsed.
     """
     if writer is not None:
         await put_index_template(
             writer.client, INDEX_TEMPLATE, index_template_patterns(settings.log_index_pattern), INDEX_MAPPINGS,
             max_backoff=settings.elasticsearch_max_backoff,
         )
-    async for events in stream.take_events(settings.log_batch_max, within=settings.log_batch_within):
-        batch = parse_events(events)
-        for event, reason in batch.invalid:
-            await dead_letter(reason, event)
-        counters.dead_lettered += len(batch.invalid)
-        await publish_counts(batch)
-        if writer is not None and batch.actions:
-            rejections = await writer.write(batch.actions)
-            await dead_letter_rejections(rejections, batch)
-            counters.indexed += len(batch.actions) - len(rejections)
-            counters.rejected += len(rejections)
-        counters.records += len(events)
-        counters.lines += batch.lines
-        counters.last_batch_at = time.time()
+    in_flight: Deque[asyncio.Future] = deque()
+    try:
+        async for events in stream.take_events(settings.log_batch_max, within=settings.log_batch_within):
+            batch = parse_events(events)
+            for event, reason in batch.invalid:
+                await dead_letter(reason, event)
+            counters.dead_lettered += len(batch.invalid)
+            await publish_counts(batch)
+            counters.records += len(events)
+            counters.lines += batch.lines
+            counters.last_batch_at = time.time()
+            if writer is None or not batch.actions:
+                continue  # take_events acknowledges the batch when this body returns
+            while len(in_flight) >= settings.log_bulk_in_flight:
+                await in_flight.popleft()  # raises what a write raised (never a transient failure)
+            hold(events)
+            in_flight.append(asyncio.ensure_future(index_batch(stream, batch, events)))
+    finally:
+        for task in in_flight:
+            task.cancel()  # their events stay unacknowledged: the records are read again
 
 
 # --- statistics ----------------------------------------------------------------------------------

@@ -115,6 +115,23 @@ def write_deltas(
     return writes
 
 
+def hold(events: Iterable[EventT]) -> None:
+    """Take one more reference on each event's message: the stream's own acknowledgement (for
+    ``take_events``, when the loop body returns) no longer makes its offset committable."""
+    for event in events:
+        event.message.incref()
+
+
+def release(stream: StreamT, events: Iterable[EventT]) -> None:
+    """Drop the reference ``hold`` took; an event whose last reference this was is acknowledged
+    to the consumer, so its offset may be committed."""
+    consumer, on_message_out = stream.app.consumer, stream.app.sensors.on_message_out
+    for event in events:
+        message = event.message
+        if message.ack(consumer):
+            on_message_out(message.tp, message.offset, message)
+
+
 class DeltaBuffer:
     """Deltas folded across events and batches, written once per key per flush (see the module
     docstring). With app/transport.py's consumer, the consumer flushes it before every offset
@@ -160,7 +177,7 @@ class DeltaBuffer:
         for key, delta in key_deltas:
             deltas[key] = combine(deltas[key], delta) if key in deltas else delta
         if not self.flushed_before_commit:
-            message.incref()  # the stream's own acknowledgement no longer releases it
+            hold((event,))  # the stream's own acknowledgement no longer releases it
             self.held.append(event)
 
     def add_all(self, keyed_events: KeyedEvents) -> None:
@@ -179,11 +196,7 @@ class DeltaBuffer:
         writes = write_deltas(self.stream, self.table, pending, apply=self.apply)
         if self.held:
             held, self.held = self.held, []
-            on_message_out = self.stream.app.sensors.on_message_out
-            for event in held:
-                message = event.message
-                if message.ack(self.consumer):  # the last reference: the offset may be committed
-                    on_message_out(message.tp, message.offset, message)
+            release(self.stream, held)
         self.writes += writes
         self.flushes += 1
         return writes

@@ -10,6 +10,10 @@ document and never give up while the cluster is away.
 - per-document refusals (400 mapping errors, 409 version conflicts the caller did not expect...)
   are returned as ``Rejection``s for the caller to dead-letter.
 
+An action is a dict as the client's helpers take it (``{"_op_type": ..., "_index": ..., "_id": ...,
+"_source": ...}``) or, cheaper on a hot path, the ``(header, body)`` pair the helpers expand such a
+dict into (``({"index": {"_index": ..., "_id": ...}}, doc)``), passed through as it is.
+
 Actions carry deterministic ``_id``s (and, where ordering matters, external versions), so a retry
 or a redelivered record overwrites instead of duplicating.
 """
@@ -17,13 +21,13 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any, Collection, Dict, List, Mapping, Optional, Sequence
+from typing import Any, Collection, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 from elastic_transport import ConnectionError as TransportConnectionError
 from elastic_transport import ConnectionTimeout
 from elastic_transport import OrjsonSerializer
 from elasticsearch import ApiError, AsyncElasticsearch
-from elasticsearch.helpers import async_streaming_bulk
+from elasticsearch.helpers import async_streaming_bulk, expand_action
 from tenacity import AsyncRetrying, retry_if_exception, stop_never, wait_exponential
 
 log = logging.getLogger(__name__)
@@ -31,15 +35,38 @@ log = logging.getLogger(__name__)
 RETRYABLE_STATUS = (408, 429, 500, 502, 503, 504)
 CHUNK_SIZE = 2000
 MAX_CHUNK_BYTES = 16 * 1024 * 1024
+# What the writer reads of a bulk answer: per item its index, id, status and error. Elasticsearch
+# otherwise repeats version, sequence number and shard counts for every document.
+BULK_FILTER_PATH = "errors,items.*._index,items.*._id,items.*.status,items.*.error"
+
+BulkPair = Tuple[Dict[str, Dict[str, Any]], Optional[Dict[str, Any]]]
+Action = Union[Dict[str, Any], BulkPair]
+
+
+def bulk_pair(action: Action) -> BulkPair:
+    """The ``(header, body)`` lines of an action (the helpers' ``expand_action_callback``)."""
+    return action if action.__class__ is tuple else expand_action(action)  # type: ignore[return-value]
+
+
+def action_target(action: Action) -> Tuple[Optional[str], Optional[str]]:
+    """``(_index, _id)`` of an action of either form."""
+    if action.__class__ is tuple:
+        meta = next(iter(action[0].values()))
+        return meta.get("_index"), meta.get("_id")
+    return action.get("_index"), action.get("_id")  # type: ignore[union-attr]
 
 
 @dataclass(frozen=True)
 class Rejection:
     """A document Elasticsearch refused for good: its action and why."""
 
-    action: Mapping[str, Any]
+    action: Action
     status: Any
     reason: str
+
+    @property
+    def doc_id(self) -> Optional[str]:
+        return action_target(self.action)[1]
 
 
 class RetryLater(Exception):
@@ -90,7 +117,7 @@ class BulkWriter:
         self.accept_status = tuple(accept_status)  # e.g. 409 for external-version guards
         self.retries = 0
 
-    async def write(self, actions: Sequence[Dict[str, Any]]) -> List[Rejection]:
+    async def write(self, actions: Sequence[Action]) -> List[Rejection]:
         """Write every action; returns the ones refused for good."""
         pending = list(actions)
         rejections: List[Rejection] = []
@@ -108,14 +135,14 @@ class BulkWriter:
                     raise RetryLater(f"{len(pending)} documents met a transient failure")
         return rejections
 
-    async def _write_once(self, actions: List[Dict[str, Any]], rejections: List[Rejection]) -> List[Dict[str, Any]]:
+    async def _write_once(self, actions: List[Action], rejections: List[Rejection]) -> List[Action]:
         """One pass over ``actions``; returns those to retry, appends permanent refusals."""
-        by_id = {(action.get("_index"), action.get("_id")): action for action in actions}
-        retry: List[Dict[str, Any]] = []
+        by_id: Optional[Dict[Tuple[Optional[str], Optional[str]], Action]] = None
+        retry: List[Action] = []
         async for ok, item in async_streaming_bulk(
             self.client, actions, chunk_size=CHUNK_SIZE, max_chunk_bytes=MAX_CHUNK_BYTES,
-            raise_on_error=False, raise_on_exception=False, yield_ok=False,
-            ignore_status=self.accept_status,
+            expand_action_callback=bulk_pair, raise_on_error=False, raise_on_exception=False,
+            yield_ok=False, ignore_status=self.accept_status, filter_path=BULK_FILTER_PATH,
         ):
             if ok:
                 continue
@@ -123,9 +150,11 @@ class BulkWriter:
             status = info.get("status")
             if isinstance(status, int) and status in self.accept_status:
                 continue
+            if by_id is None:  # built on the first failure only
+                by_id = {action_target(action): action for action in actions}
             action = by_id.get((info.get("_index"), info.get("_id")))
             if action is None:  # a whole-request failure names no index: match by id alone
-                action = next((a for a in actions if a.get("_id") == info.get("_id")), None)
+                action = next((a for a in actions if action_target(a)[1] == info.get("_id")), None)
             if action is None:
                 continue
             if is_transient(status):

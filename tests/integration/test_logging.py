@@ -142,7 +142,9 @@ def test_closed_windows_emit_log_error_rate_samples_without_elasticsearch(isolat
     lines: List[Dict[str, Any]] = [
         {"ts": past + 1 + i * 0.1, "level": "error" if i < 3 else "info", "message": f"query {i}"} for i in range(10)
     ]
-    produce_sync(isolated_broker.bootstrap, "logs", [(service, line) for line in lines], max_batch_size=1)
+    # One record (a batching shipper's JSON array): the window ended a minute ago, so the first
+    # counts to arrive close it; lines in separate records could straddle two batches.
+    produce_sync(isolated_broker.bootstrap, "logs", [(service, lines)], max_batch_size=1)
 
     def error_rate_sample():
         for record in consume_sync(isolated_broker.bootstrap, "metrics", 1, timeout=5):

@@ -9,7 +9,8 @@ Tests therefore exercise the real client's wire path: serialization, the
 Supported: cluster info/ping, index create/exists/delete, index templates
 (stored, not applied), ``_bulk`` (index/create/update/delete with external
 versioning), single-document CRUD, ``_search``/``_count`` (match_all, term,
-terms, match, ids, exists, range, bool), ``_refresh``.  Writes are visible
+terms, match, ids, exists, range, bool), ``_refresh``, and ``filter_path`` on
+every answer.  Writes are visible
 immediately; ``_refresh`` is accepted but is a no-op.
 
 Fault injection: :meth:`ElasticsearchTestServer.fail_next` (reject the next
@@ -32,6 +33,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fnmatch
+import functools
 import json
 import threading
 import uuid
@@ -76,6 +78,79 @@ def rejection_of(doc: Any) -> str | None:
     labels = doc.get("labels")
     reason = doc.get(REJECT_FIELD, labels.get(REJECT_FIELD) if isinstance(labels, dict) else None)
     return None if reason is None else str(reason)
+
+
+# --------------------------------------------------------------- filter_path
+def filter_response(body: Any, filter_path: str) -> Any:
+    """Elasticsearch's ``filter_path``: keep only the dotted paths named (``*`` matches within one
+    key, arrays are looked through, objects left empty are dropped)."""
+    kept = _filter(body, _path_tree(filter_path))
+    return {} if kept is _MISSING else kept
+
+
+class PathTree:
+    """Key patterns of one level of a ``filter_path`` -> the tree below, or True (keep it all);
+    what each key matches is remembered, as answers repeat the same keys."""
+
+    __slots__ = ("patterns", "matched")
+
+    def __init__(self) -> None:
+        self.patterns: dict[str, PathTree | bool] = {}
+        self.matched: dict[str, PathTree | bool | None] = {}
+
+    def below(self, key: str) -> PathTree | bool | None:
+        if key not in self.matched:
+            self.matched[key] = self._match(key)
+        return self.matched[key]
+
+    def _match(self, key: str) -> PathTree | bool | None:
+        matches = [sub for pattern, sub in self.patterns.items()
+                   if pattern == key or ("*" in pattern and fnmatch.fnmatchcase(key, pattern))]
+        if not matches or any(sub is True for sub in matches):
+            return True if matches else None
+        if len(matches) == 1:
+            return matches[0]
+        merged = PathTree()
+        for sub in matches:
+            merged.patterns.update(sub.patterns)  # type: ignore[union-attr]
+        return merged
+
+
+@functools.lru_cache(maxsize=64)
+def _path_tree(filter_path: str) -> PathTree:
+    tree = PathTree()
+    for path in filter_path.split(","):
+        parts = [part.strip() for part in path.split(".") if part.strip()]
+        node = tree
+        for i, part in enumerate(parts):
+            if i == len(parts) - 1:
+                node.patterns[part] = True
+                break
+            child = node.patterns.get(part)
+            if child is True:
+                break  # a shorter path keeps the whole value already
+            if child is None:
+                child = node.patterns[part] = PathTree()
+            node = child
+    return tree
+
+
+def _filter(value: Any, tree: PathTree) -> Any:
+    if isinstance(value, list):
+        kept = [item for item in (_filter(v, tree) for v in value) if item is not _MISSING]
+        return kept or _MISSING
+    if not isinstance(value, dict):
+        return _MISSING
+    out: dict[str, Any] = {}
+    for key, inner in value.items():
+        sub = tree.below(key)
+        if sub is True:
+            out[key] = inner
+        elif sub is not None:
+            kept = _filter(inner, sub)
+            if kept is not _MISSING:
+                out[key] = kept
+    return out or _MISSING
 
 
 # --------------------------------------------------------------------- query
@@ -325,6 +400,8 @@ class ElasticsearchTestServer:
     def _reply(request: web.Request, status: int, body: Any = None) -> web.Response:
         accept = request.headers.get("Accept", "")
         ctype = COMPAT_JSON if "vnd.elasticsearch" in accept else "application/json"
+        if body is not None and "filter_path" in request.query:
+            body = filter_response(body, request.query["filter_path"])
         data = b"" if body is None or request.method == "HEAD" else orjson.dumps(body)
         headers = {"Content-Type": ctype, "X-Elastic-Product": "Elasticsearch"}
         return web.Response(status=status, body=data, headers=headers)

@@ -50,6 +50,8 @@ def test_canonical_url_defaults_to_web_host_and_port(monkeypatch):
         ("ELASTICSEARCH_URL", "localhost:9200"),
         ("REDIS_URL", "http://localhost:6379"),
         ("REPLICA_DSN", "mysql://x"),
+        ("GC_THRESHOLDS", "50000,20"),
+        ("GC_THRESHOLDS", "0,10,10"),
     ],
 )
 def test_an_invalid_value_is_refused_naming_the_variable(monkeypatch, variable, value):
@@ -68,6 +70,24 @@ def import_app_with(**variables: str) -> subprocess.CompletedProcess:
         [sys.executable, "-c", "import app"], cwd=REPO_ROOT, env=environment_with(**variables),
         capture_output=True, text=True, timeout=60,
     )
+
+
+GC_STATE = "import app, gc; print(*gc.get_threshold(), gc.get_freeze_count() > 0)"
+
+
+def gc_state_after_importing_app(**variables: str) -> str:
+    """GC thresholds and whether objects were frozen, once a fresh interpreter imported the app."""
+    result = subprocess.run(
+        [sys.executable, "-c", GC_STATE], cwd=REPO_ROOT, env=environment_with(**variables),
+        capture_output=True, text=True, timeout=60, check=True,
+    )
+    return result.stdout.strip()
+
+
+def test_the_worker_applies_the_gc_settings_once_its_modules_are_imported():
+    assert gc_state_after_importing_app() == "50000 20 100 True"
+    assert gc_state_after_importing_app(GC_THRESHOLDS="1234,5,6", GC_FREEZE="false") == "1234 5 6 False"
+    assert gc_state_after_importing_app(GC_THRESHOLDS="default") == "700 10 10 True"
 
 
 def test_a_worker_with_a_bad_variable_stops_at_start_with_one_line():
