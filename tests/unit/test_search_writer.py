@@ -69,6 +69,37 @@ async def test_a_refused_document_is_returned_with_the_reason_and_the_rest_is_st
         assert sorted(server.docs("logs-cart-2024.11.01")) == ["doc-0", "doc-2"]
 
 
+def pairs(count: int, index: str = "logs-cart-2024.11.01"):
+    """The same documents as ``actions`` in the form the helpers put on the wire."""
+    return [({"index": {"_index": index, "_id": f"doc-{i}"}}, {"n": i}) for i in range(count)]
+
+
+async def test_header_document_pairs_are_written_retried_and_refused_like_dict_actions():
+    async with ElasticsearchTestServer() as server:
+        batch = pairs(30)
+        batch[4][1][REJECT_FIELD] = "field [n] of different type"
+        server.fail_next(1, status=503)
+        server.fail_next_documents(5, status=429)
+        writer = BulkWriter(search_client(server.url), initial_backoff=0.01, max_backoff=0.05)
+        try:
+            (rejection,) = await writer.write(batch)
+        finally:
+            await writer.close()
+        assert rejection.doc_id == "doc-4" and rejection.status == 400
+        assert sorted(server.docs("logs-cart-2024.11.01"), key=lambda i: int(i[4:])) == [f"doc-{i}" for i in range(30) if i != 4]
+
+
+async def test_bulk_answers_carry_only_what_the_writer_reads():
+    async with ElasticsearchTestServer() as server:
+        client = search_client(server.url)
+        try:
+            answer = await client.bulk(operations=[{"index": {"_index": "a", "_id": "1"}}, {"n": 1}],
+                                       filter_path="errors,items.*._index,items.*._id,items.*.status,items.*.error")
+        finally:
+            await client.close()
+        assert answer.body == {"errors": False, "items": [{"index": {"_index": "a", "_id": "1", "status": 201}}]}
+
+
 async def test_index_template_is_stored():
     async with ElasticsearchTestServer() as server:
         client = search_client(server.url)
