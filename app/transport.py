@@ -46,6 +46,14 @@ schemaless path looks up ``data["__faust"]`` and catches a ``KeyError`` for ever
 (the whole decode: 23.6 % of a bare agent's main thread, ``_maybe_namespace`` alone 8.3 %). Any
 other type or serializer, and any JSON value that does carry a ``__faust`` model tag, takes
 Faust's own path.
+
+``Conductor`` (the transport's ``Conductor`` class) delivers each record of a partition that one
+channel reads (every topic of this worker has one agent) without Faust's general path, which per
+record awaits two coroutines (flow control, producer buffer) even when neither has to wait and
+allocates a ``set`` and a ``list`` to fan the record out to any number of channels. It checks
+both conditions first and awaits only when one holds; two or more channels take Faust's path.
+It also finds a record's partition callback without taking the lock of the callback map (held
+only while the map is rebuilt after a subscription change; then Faust's locked lookup is used).
 """
 from __future__ import annotations
 
@@ -53,11 +61,13 @@ import asyncio
 from typing import Any, AsyncIterator, Callable, ClassVar, Dict, Iterable, List, Mapping, Type, cast
 
 import faust
-from faust.exceptions import ValueDecodeError
+from faust.exceptions import KeyDecodeError, ValueDecodeError
+from faust.transport import conductor as faust_conductor
 from faust.transport.consumer import CONSUMER_FETCHING
 from faust.transport.drivers import aiokafka
 from faust.transport.producer import ProducerBuffer as FaustProducerBuffer
 from faust.types import TP, AppT, ConsumerT, ProducerT
+from faust.types.transports import ConductorT, ConsumerCallback
 from faust.types.tuples import Message
 from faust.utils import json as faust_json
 
@@ -334,9 +344,79 @@ def plain_mode(typ: Any, serializer: Any) -> Any:
     return None
 
 
+class ConductorCompiler(faust_conductor.ConductorCompiler):
+    """Faust's delivery closure per partition, with a fast path while one channel reads it."""
+
+    def build(self, conductor: Any, tp: TP, channels: Any) -> ConsumerCallback:
+        deliver_to_all = super().build(conductor, tp, channels)
+        app = conductor.app
+        consumer, flow_control, producer_buffer = app.consumer, app.flow_control, app.producer.buffer
+        on_topic_buffer_full = app.sensors.on_topic_buffer_full
+        on_buffer_full, on_buffer_drop = consumer.on_buffer_full, consumer.on_buffer_drop
+
+        def on_pressure_high() -> None:
+            on_topic_buffer_full(tp)
+            on_buffer_full(tp)
+
+        def on_pressure_drop() -> None:
+            on_buffer_drop(tp)
+
+        async def on_message(message: Message) -> None:
+            if len(channels) != 1:
+                return await deliver_to_all(message)
+            if not flow_control.is_active():  # suspended during a rebalance
+                await flow_control.acquire()
+            if producer_buffer.size > producer_buffer.max_messages:
+                await producer_buffer.wait_until_ebb()
+            channel = next(iter(channels))
+            message.incref()
+            try:
+                event = await channel.decode(message, propagate=True)
+            except KeyDecodeError as exc:
+                message.ack(consumer)
+                await channel.on_key_decode_error(exc, message)
+                return
+            except ValueDecodeError as exc:
+                message.ack(consumer)
+                await channel.on_value_decode_error(exc, message)
+                return
+            queue = channel.queue
+            if queue.full():
+                on_topic_buffer_full(tp)
+                await channel.put(event)
+            else:
+                queue.put_nowait_enhanced(event, on_pressure_high=on_pressure_high, on_pressure_drop=on_pressure_drop)
+
+        return on_message
+
+
+class Conductor(faust_conductor.Conductor):
+    """Faust's conductor building its per-partition callbacks with ``ConductorCompiler`` above."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._compiler = ConductorCompiler()
+
+    def _compile_message_handler(self) -> ConsumerCallback:
+        """Faust takes the partition -> callback map's lock for every record; the lock is held only
+        while the map is rebuilt (across awaits), so while it is free the map can be read as is."""
+        locked_lookup = super()._compile_message_handler()
+        if self.app.client_only:
+            return locked_lookup
+        lock, callback_for = self._tp_to_callback_lock, self._tp_to_callback.__getitem__
+
+        async def on_message(message: Message) -> None:
+            if lock.locked():
+                return await locked_lookup(message)
+            return await callback_for(message.tp)(message)
+
+        return on_message
+
+
 class Transport(aiokafka.Transport):
     """Faust's aiokafka transport with the consumer and producer above (URL scheme ``streamspine://``)."""
 
     Consumer: ClassVar[Type[ConsumerT]] = Consumer
     Producer: ClassVar[Type[ProducerT]] = Producer
+    Conductor: ClassVar[Type[ConductorT]] = Conductor
 
