@@ -58,7 +58,7 @@ only while the map is rebuilt after a subscription change; then Faust's locked l
 from __future__ import annotations
 
 import asyncio
-from typing import Any, AsyncIterator, Callable, ClassVar, Dict, Iterable, List, Mapping, Type, cast
+from typing import Any, AsyncIterator, Callable, ClassVar, Dict, Iterable, List, Mapping, Set, Tuple, Type, cast
 
 import faust
 from faust.exceptions import KeyDecodeError, ValueDecodeError
@@ -195,6 +195,32 @@ class Consumer(aiokafka.Consumer):
 
     def _new_consumer_thread(self) -> ConsumerThread:
         return ConsumerThread(self, loop=self.loop, beacon=self.beacon)
+
+    async def getmany(self, timeout: float) -> AsyncIterator[Tuple[TP, Message]]:
+        """Faust's ``getmany``, but a partition's high watermark is read from the consumer thread
+        and handed to the monitor once per fetched batch, not once per record (the same value)."""
+        records, active_partitions = await self._wait_next_records(timeout)
+        generation_id = self.app.consumer_generation_id
+        if records is None or self.should_stop:
+            return
+        if not self.flow_active:
+            self.log.dev("getmany called while flow not active. Seek back to committed offsets.")
+            try:
+                await self.perform_seek()
+            except Exception as ex:
+                self.log.warning(f"exception performing seek when flow not active {ex}")
+            return
+        app, to_message, buffered = self.app, self._to_message, self._buffered_partitions
+        track_end_offset = app.monitor.track_tp_end_offset
+        tracked: Set[TP] = set()
+        for tp, record in self.scheduler.iterate(records):
+            if not self.flow_active or app.consumer_generation_id != generation_id:
+                break
+            if active_partitions is None or tp in active_partitions or tp in buffered:
+                if tp not in tracked:
+                    tracked.add(tp)
+                    track_end_offset(tp, self.highwater(tp))
+                yield tp, to_message(tp, record)
 
     async def _drain_messages(self, fetcher: Any) -> None:  # Faust's loop, but for the two changes
         callback = self.callback

@@ -225,7 +225,8 @@ def add_counting_agent(app: Any, topic: Any, meter: Meter, args: argparse.Namesp
             buffer = DeltaBuffer(stream, counts, combine=operator.add, apply=operator.add,
                                  interval=args.flush_interval or FLUSH_INTERVAL)
             async with buffer.flushing():
-                async for event in stream.events():
+                async for _value in stream:  # stream.events() would add a generator per record
+                    event = stream.current_event
                     buffer.add(event, ((event.key, 1),))
                     if buffer.due():
                         buffer.flush()

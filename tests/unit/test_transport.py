@@ -97,6 +97,55 @@ async def test_the_fetch_wait_is_the_configured_one_not_fausts_fixed_1500_ms():
     assert aiokafka_consumer._fetch_max_wait_ms == settings.consumer_fetch_wait_ms == 20
 
 
+async def test_getmany_yields_every_record_and_reads_each_high_watermark_once_per_batch():
+    consumer = new_consumer()
+    consumer.resume_flow()
+    first, second = TP("getmany-t", 0), TP("getmany-t", 1)
+    batch = {first: [consumer_record(first, offset) for offset in range(5)], second: [consumer_record(second, 7)]}
+
+    async def wait_next_records(timeout):
+        return batch, {first, second}
+
+    high_watermark_reads = []
+    consumer._wait_next_records = wait_next_records
+    consumer.highwater = lambda tp: high_watermark_reads.append(tp) or 100 + tp.partition
+
+    delivered = [(tp, message.offset) async for tp, message in consumer.getmany(timeout=0.01)]
+
+    assert sorted(delivered) == [(first, offset) for offset in range(5)] + [(second, 7)]
+    assert sorted(high_watermark_reads) == [first, second]  # once per partition, not per record
+    assert app.monitor.tp_end_offsets[first] == 100 and app.monitor.tp_end_offsets[second] == 101
+
+
+async def test_getmany_stops_delivering_when_the_consumer_generation_changes():
+    consumer = new_consumer()
+    consumer.resume_flow()
+    tp = TP("getmany-t", 0)
+    batch = {tp: [consumer_record(tp, offset) for offset in range(5)]}
+
+    async def wait_next_records(timeout):
+        return batch, {tp}
+
+    consumer._wait_next_records = wait_next_records
+    consumer.highwater = lambda tp: 5
+    delivered = []
+    generation = app.consumer_generation_id
+    try:
+        async for _tp, message in consumer.getmany(timeout=0.01):
+            delivered.append(message.offset)
+            app.consumer_generation_id = generation + 1  # a rebalance began
+    finally:
+        app.consumer_generation_id = generation
+
+    assert delivered == [0]
+
+
+def consumer_record(tp: TP, offset: int):
+    from aiokafka.structs import ConsumerRecord
+
+    return ConsumerRecord(tp.topic, tp.partition, offset, 0, 0, b"k", b"v", None, 1, 1, [])
+
+
 # --- the producer's buffer ------------------------------------------------------------------------
 
 
