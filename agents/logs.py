@@ -13,7 +13,6 @@ import logging
 import time
 from collections import defaultdict, deque
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from typing import Any, Deque, Dict, List, Optional, Tuple
 
 from faust import web
@@ -102,8 +101,7 @@ def record_context(event: EventT) -> RecordContext:
     service = (key_text(message.key) or "").strip() or None
     headers = message.headers
     service = service or header_text(headers, "service")
-    moment = datetime.fromtimestamp(message.timestamp or time.time(), tz=timezone.utc)
-    return RecordContext(service, header_text(headers, "host"), moment)
+    return RecordContext(service, header_text(headers, "host"), message.timestamp or time.time())
 
 
 def recent_entry(doc_id: str, doc: Dict[str, Any]) -> Dict[str, Any]:

@@ -12,7 +12,7 @@ import re
 import shlex
 from functools import lru_cache
 from datetime import datetime, timezone
-from typing import Any, Dict, Iterable, List, Mapping, Optional, Tuple
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Tuple, Union
 
 import faust
 import orjson
@@ -133,7 +133,9 @@ def to_timestamp(value: Any) -> datetime:
 
 def iso_timestamp(moment: datetime) -> str:
     """Elasticsearch's ``strict_date_optional_time`` with milliseconds, UTC."""
-    return moment.astimezone(timezone.utc).isoformat(timespec="milliseconds")[:-6] + "Z"
+    if moment.tzinfo is not timezone.utc:
+        moment = moment.astimezone(timezone.utc)
+    return moment.isoformat(timespec="milliseconds")[:-6] + "Z"
 
 
 def parse_logfmt(text: str) -> Optional[Dict[str, str]]:
@@ -165,11 +167,18 @@ def child(node: Dict[str, Any], name: str) -> Dict[str, Any]:
 
 def set_dotted(doc: Dict[str, Any], path: str, value: Any) -> None:
     """``set_dotted(d, "log.level", "info")`` -> ``d["log"]["level"] = "info"``."""
-    *parents, leaf = path.split(".")
+    parents, leaf = path_parts(path)
     node = doc
     for part in parents:
         node = child(node, part)
     node[leaf] = value
+
+
+@lru_cache(maxsize=4096)
+def path_parts(path: str) -> Tuple[Tuple[str, ...], str]:
+    """``"a.b.c"`` -> ``(("a", "b"), "c")``, once per field name seen."""
+    *parents, leaf = path.split(".")
+    return tuple(parents), leaf
 
 
 def label_value(value: Any) -> str:
@@ -197,7 +206,7 @@ def ecs_document(fields: Mapping[str, Any], context: "RecordContext", line: int)
     doc: Dict[str, Any] = {}
     labels: Dict[str, str] = {}
     found: Dict[str, Any] = {}
-    if any(value.__class__ is dict for value in fields.values()):
+    if dict in map(type, fields.values()):
         fields = flatten_ecs_objects(fields)
     for key, value in fields.items():
         target = FIELD_ALIASES.get(key)
@@ -266,24 +275,45 @@ def finish_document(
         set_dotted(doc, path, value)
     doc["@timestamp"] = iso_timestamp(moment)
     doc["message"] = message
-    child(doc, "log")["level"] = level
-    child(doc, "service")["name"] = service
+    set_child_field(doc, "log", "level", level)
+    set_child_field(doc, "service", "name", service)
     if context.host and "host" not in doc:
         doc["host"] = {"name": context.host}
     if labels:
         doc["labels"] = labels
-    child(doc, "event")["dataset"] = f"{service}.log"
-    doc["ecs"] = {"version": ECS_VERSION}
+    set_child_field(doc, "event", "dataset", f"{service}.log")
+    doc["ecs"] = ECS
     return doc
+
+
+ECS = {"version": ECS_VERSION}  # shared by every document: only ever serialized, never changed
+
+
+def set_child_field(doc: Dict[str, Any], name: str, field: str, value: Any) -> None:
+    """``doc[name][field] = value``, with ``doc[name]`` made an object if it is not one."""
+    node = doc.get(name)
+    if node.__class__ is dict:
+        node[field] = value
+    else:
+        doc[name] = {field: value}
 
 
 class RecordContext:
     """What the Kafka record tells about its lines: key/header service, host header, record time."""
 
-    __slots__ = ("service", "host", "record_time")
+    __slots__ = ("service", "host", "_record_time")
 
-    def __init__(self, service: Optional[str], host: Optional[str], record_time: datetime) -> None:
-        self.service, self.host, self.record_time = service, host, record_time
+    def __init__(self, service: Optional[str], host: Optional[str], record_time: Union[datetime, float]) -> None:
+        """``record_time``: a UTC datetime, or epoch seconds, turned into one only when a line
+        has no time of its own."""
+        self.service, self.host, self._record_time = service, host, record_time
+
+    @property
+    def record_time(self) -> datetime:
+        moment = self._record_time
+        if moment.__class__ is not datetime:
+            moment = self._record_time = datetime.fromtimestamp(moment, tz=timezone.utc)  # type: ignore[arg-type]
+        return moment  # type: ignore[return-value]
 
 
 def line_documents(item: Any, context: RecordContext, line: int) -> Dict[str, Any]:
