@@ -92,11 +92,21 @@ class PathTree:
     """Key patterns of one level of a ``filter_path`` -> the tree below, or True (keep it all);
     what each key matches is remembered, as answers repeat the same keys."""
 
-    __slots__ = ("patterns", "matched")
+    __slots__ = ("patterns", "matched", "_leaves")
 
     def __init__(self) -> None:
         self.patterns: dict[str, PathTree | bool] = {}
         self.matched: dict[str, PathTree | bool | None] = {}
+        self._leaves: frozenset[str] | None | bool = False  # False: not worked out yet
+
+    @property
+    def leaves(self) -> frozenset[str] | None:
+        """The names kept, when this level keeps whole values of plain names only (a bulk item's
+        ``_id``, ``status``, ...): then an object is filtered with one comprehension."""
+        if self._leaves is False:
+            plain = all(sub is True and "*" not in name for name, sub in self.patterns.items())
+            self._leaves = frozenset(self.patterns) if plain else None
+        return self._leaves  # type: ignore[return-value]
 
     def below(self, key: str) -> PathTree | bool | None:
         if key not in self.matched:
@@ -141,6 +151,10 @@ def _filter(value: Any, tree: PathTree) -> Any:
         return kept or _MISSING
     if not isinstance(value, dict):
         return _MISSING
+    leaves = tree.leaves
+    if leaves is not None:
+        kept = {key: inner for key, inner in value.items() if key in leaves}
+        return kept or _MISSING
     out: dict[str, Any] = {}
     for key, inner in value.items():
         sub = tree.below(key)
