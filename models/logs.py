@@ -131,6 +131,31 @@ def to_timestamp(value: Any) -> datetime:
     raise InvalidRecord(f"timestamp must be a number or a string, got {type(value).__name__}")
 
 
+def timestamp_text(value: Any) -> str:
+    """``iso_timestamp(to_timestamp(value))``; epoch numbers (most shippers send them) are formatted
+    from a per-second cache, without a datetime per line."""
+    if value.__class__ is float or value.__class__ is int:
+        if not math.isfinite(value) or value <= 0:
+            raise InvalidRecord(f"timestamp is not a time: {value!r}")
+        seconds = value / 1000.0 if value > 1e11 else float(value)
+        fraction, whole = math.modf(seconds)
+        micros = round(fraction * 1e6)  # as datetime.fromtimestamp rounds
+        if micros >= 1_000_000:
+            whole, micros = whole + 1, micros - 1_000_000
+        try:
+            second = second_text(int(whole))
+        except (OverflowError, OSError, ValueError):
+            raise InvalidRecord(f"timestamp is out of range: {value!r}") from None
+        return f"{second}.{micros // 1000:03d}Z"
+    return iso_timestamp(to_timestamp(value))
+
+
+@lru_cache(maxsize=1024)
+def second_text(second: int) -> str:
+    """``2024-11-01T12:00:00`` of an epoch second, UTC."""
+    return datetime.fromtimestamp(second, tz=timezone.utc).isoformat()[:19]
+
+
 def iso_timestamp(moment: datetime) -> str:
     """Elasticsearch's ``strict_date_optional_time`` with milliseconds, UTC."""
     if moment.tzinfo is not timezone.utc:
@@ -168,6 +193,9 @@ def child(node: Dict[str, Any], name: str) -> Dict[str, Any]:
 def set_dotted(doc: Dict[str, Any], path: str, value: Any) -> None:
     """``set_dotted(d, "log.level", "info")`` -> ``d["log"]["level"] = "info"``."""
     parents, leaf = path_parts(path)
+    if len(parents) == 1:  # most ECS fields: trace.id, host.name, ...
+        set_child_field(doc, parents[0], leaf, value)
+        return
     node = doc
     for part in parents:
         node = child(node, part)
@@ -238,7 +266,7 @@ def ecs_document(fields: Mapping[str, Any], context: "RecordContext", line: int)
         message=message,
         level=level or guess_level(message),
         service=(service or "").strip() or None,
-        moment=to_timestamp(timestamp) if timestamp is not None else None,
+        timestamp=timestamp_text(timestamp) if timestamp is not None else None,
         extra=found, labels=labels,
     )
 
@@ -252,28 +280,27 @@ def plain_document(text: str, context: "RecordContext", line: int) -> Dict[str, 
     """A plain-text line: the whole line is the message, the level is guessed from its markers,
     the time is a leading ISO-8601 timestamp if the line starts with one, else the record's."""
     match = LEADING_TIMESTAMP.match(text)
-    moment = None
+    timestamp = None
     if match:
         try:
-            moment = to_timestamp(match.group(1).replace(",", "."))
+            timestamp = timestamp_text(match.group(1).replace(",", "."))
         except InvalidRecord:
-            moment = None
+            timestamp = None
     return finish_document({}, context, line, message=text, level=guess_level(text), service=None,
-                           moment=moment, extra={}, labels={})
+                           timestamp=timestamp, extra={}, labels={})
 
 
 def finish_document(
     doc: Dict[str, Any], context: "RecordContext", line: int, *, message: str, level: str,
-    service: Optional[str], moment: Optional[datetime], extra: Mapping[str, Any], labels: Dict[str, str],
+    service: Optional[str], timestamp: Optional[str], extra: Mapping[str, Any], labels: Dict[str, str],
 ) -> Dict[str, Any]:
     """Fill in what every document has: service, time, level, message, ids, enrichment."""
     service = service or context.service
     if not service:
         raise InvalidRecord(f"line {line}: no service: not in the line, the record key or a 'service' header")
-    moment = moment or context.record_time
     for path, value in extra.items():
         set_dotted(doc, path, value)
-    doc["@timestamp"] = iso_timestamp(moment)
+    doc["@timestamp"] = timestamp or iso_timestamp(context.record_time)
     doc["message"] = message
     set_child_field(doc, "log", "level", level)
     set_child_field(doc, "service", "name", service)

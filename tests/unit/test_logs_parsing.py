@@ -7,8 +7,8 @@ from datetime import datetime, timezone
 import pytest
 
 from models.logs import (
-    InvalidRecord, RecordContext, document_id, guess_level, index_name, index_template_patterns,
-    normalize_level, parse_logfmt, parse_record,
+    InvalidRecord, RecordContext, document_id, guess_level, index_name, index_template_patterns, iso_timestamp,
+    normalize_level, parse_logfmt, parse_record, timestamp_text, to_timestamp,
 )
 
 RECORD_TIME = datetime(2024, 11, 1, 9, 30, tzinfo=timezone.utc)
@@ -126,3 +126,21 @@ def test_logfmt_epoch_times_are_read_as_epoch_seconds_or_milliseconds():
     (seconds,) = parse_record(b"ts=1730455200.5 level=info msg=a", context())
     (millis,) = parse_record(b"ts=1730455200500 level=info msg=a", context())
     assert seconds["@timestamp"] == millis["@timestamp"] == "2024-11-01T10:00:00.500Z"
+
+
+def test_epoch_numbers_are_formatted_exactly_as_through_a_datetime():
+    import random
+
+    rng = random.Random(7)
+    values = [1730455200, 1730455200.0005, 1730455200.0015, 1730455200.9995, 1730455200.999999, 1730455200.001,
+              1730455200123, 1730455200999.5, 946684800.5, 4102444799.9996]
+    values += [rng.uniform(1e9, 4e9) for _ in range(20000)] + [rng.uniform(1e12, 4e12) for _ in range(5000)]
+    values += [rng.randrange(10**9, 4 * 10**9) for _ in range(1000)]
+
+    assert [timestamp_text(v) for v in values] == [iso_timestamp(to_timestamp(v)) for v in values]
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -1, 0, True, 1e18])
+def test_epoch_numbers_that_are_not_times_are_refused(value):
+    with pytest.raises(InvalidRecord):
+        timestamp_text(value)
