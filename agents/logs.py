@@ -198,13 +198,53 @@ async def index_batch(stream: Any, batch: ParsedBatch, events: List[EventT]) -> 
     release(stream, events)
 
 
+class BulkWrites:
+    """The batches being written to Elasticsearch while the agent parses the next ones: at most
+    LOG_BULK_IN_FLIGHT, and a failed write fails the agent at its next batch (logged at once)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.tasks: Deque[asyncio.Future] = deque()
+
+    async def start(self, write: Any) -> None:
+        """Wait for a free slot (raising what a finished write raised), then start ``write``."""
+        try:
+            self.raise_failed()
+            while len(self.tasks) >= self.limit:
+                await self.tasks.popleft()
+        except BaseException:
+            write.close()  # never started: its batch stays held, so its offsets are not committed
+            raise
+        task = asyncio.ensure_future(write)
+        task.add_done_callback(log_failed_write)
+        self.tasks.append(task)
+
+    def raise_failed(self) -> None:
+        while self.tasks and self.tasks[0].done():
+            self.tasks.popleft().result()
+
+    async def finish(self, cancel: bool) -> None:
+        """On shutdown (``cancel``) drop the writes: their records are not committed and are read
+        again. After an error let them end, so the batches already written are released."""
+        tasks, self.tasks = list(self.tasks), deque()
+        for task in tasks:
+            if cancel:
+                task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def log_failed_write(task: asyncio.Future) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.error("Writing a batch of log lines failed; its offsets stay uncommitted", exc_info=task.exception())
+
+
 @app.agent(logs_topic)
 async def ship_logs(stream) -> None:
     """Parse each batch of records, count its lines, and bulk-index them into Elasticsearch.
 
-    A batch's offsets become committable only after its counts are in Kafka and every line is
-    stored or dead-lettered: its events are held (one more reference each) until its bulk write
-    returns, so an Elasticsearch outage holds the offsets back and nothing is lost; redelivered
+    Each batch's events are held (one more reference each, taken before anything is awaited) and
+    released only after its counts are in Kafka and every line is stored or dead-lettered, so an
+    Elasticsearch outage or a failure holds the offsets back and nothing is lost; redelivered
     records overwrite their own documents (_id from the offset). Up to LOG_BULK_IN_FLIGHT batches
     are being written while the next one is parsed.
     """
@@ -213,9 +253,11 @@ async def ship_logs(stream) -> None:
             writer.client, INDEX_TEMPLATE, index_template_patterns(settings.log_index_pattern), INDEX_MAPPINGS,
             max_backoff=settings.elasticsearch_max_backoff,
         )
-    in_flight: Deque[asyncio.Future] = deque()
+    writes = BulkWrites(settings.log_bulk_in_flight)
+    cancelled = False
     try:
         async for events in stream.take_events(settings.log_batch_max, within=settings.log_batch_within):
+            hold(events)  # take_events acknowledges the batch when this body returns; we release it
             batch = parse_events(events)
             for event, reason in batch.invalid:
                 await dead_letter(reason, event)
@@ -225,14 +267,14 @@ async def ship_logs(stream) -> None:
             counters.lines += batch.lines
             counters.last_batch_at = time.time()
             if writer is None or not batch.actions:
-                continue  # take_events acknowledges the batch when this body returns
-            while len(in_flight) >= settings.log_bulk_in_flight:
-                await in_flight.popleft()  # raises what a write raised (never a transient failure)
-            hold(events)
-            in_flight.append(asyncio.ensure_future(index_batch(stream, batch, events)))
+                release(stream, events)
+            else:
+                await writes.start(index_batch(stream, batch, events))
+    except asyncio.CancelledError:
+        cancelled = True
+        raise
     finally:
-        for task in in_flight:
-            task.cancel()  # their events stay unacknowledged: the records are read again
+        await writes.finish(cancel=cancelled)
 
 
 # --- statistics ----------------------------------------------------------------------------------

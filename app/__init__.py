@@ -22,6 +22,7 @@ def tune_garbage_collector(settings: Settings) -> None:
     if counts is not None:
         gc.set_threshold(*counts)
     if settings.gc_freeze:
+        gc.collect()  # no garbage of the imports is frozen with the rest
         gc.freeze()
 
 

@@ -47,13 +47,11 @@ schemaless path looks up ``data["__faust"]`` and catches a ``KeyError`` for ever
 other type or serializer, and any JSON value that does carry a ``__faust`` model tag, takes
 Faust's own path.
 
-``Conductor`` (the transport's ``Conductor`` class) delivers each record of a partition that one
-channel reads (every topic of this worker has one agent) without Faust's general path, which per
-record awaits two coroutines (flow control, producer buffer) even when neither has to wait and
-allocates a ``set`` and a ``list`` to fan the record out to any number of channels. It checks
-both conditions first and awaits only when one holds; two or more channels take Faust's path.
-It also finds a record's partition callback without taking the lock of the callback map (held
-only while the map is rebuilt after a subscription change; then Faust's locked lookup is used).
+``Conductor`` (the transport's ``Conductor`` class): Faust's outer ``on_message`` takes the
+``asyncio.Lock`` of its partition -> callback map for every record (``async with``); the lock is
+held only while ``_update_indices`` rebuilds the map, so while it is free the map is read as is,
+and Faust's locked lookup is used otherwise. The per-partition delivery itself stays Faust's
+(its compiled ``ConductorHandler``).
 """
 from __future__ import annotations
 
@@ -61,7 +59,7 @@ import asyncio
 from typing import Any, AsyncIterator, Callable, ClassVar, Dict, Iterable, List, Mapping, Set, Tuple, Type, cast
 
 import faust
-from faust.exceptions import KeyDecodeError, ValueDecodeError
+from faust.exceptions import ValueDecodeError
 from faust.transport import conductor as faust_conductor
 from faust.transport.consumer import CONSUMER_FETCHING
 from faust.transport.drivers import aiokafka
@@ -214,7 +212,11 @@ class Consumer(aiokafka.Consumer):
         track_end_offset = app.monitor.track_tp_end_offset
         tracked: Set[TP] = set()
         for tp, record in self.scheduler.iterate(records):
-            if not self.flow_active or app.consumer_generation_id != generation_id:
+            if not self.flow_active:
+                break
+            if app.consumer_generation_id != generation_id:
+                self.log.dev("Generation id changed from %r to %r. Cancelling getmany.",
+                             generation_id, app.consumer_generation_id)
                 break
             if active_partitions is None or tp in active_partitions or tp in buffered:
                 if tp not in tracked:
@@ -370,58 +372,9 @@ def plain_mode(typ: Any, serializer: Any) -> Any:
     return None
 
 
-class ConductorCompiler(faust_conductor.ConductorCompiler):
-    """Faust's delivery closure per partition, with a fast path while one channel reads it."""
-
-    def build(self, conductor: Any, tp: TP, channels: Any) -> ConsumerCallback:
-        deliver_to_all = super().build(conductor, tp, channels)
-        app = conductor.app
-        consumer, flow_control, producer_buffer = app.consumer, app.flow_control, app.producer.buffer
-        on_topic_buffer_full = app.sensors.on_topic_buffer_full
-        on_buffer_full, on_buffer_drop = consumer.on_buffer_full, consumer.on_buffer_drop
-
-        def on_pressure_high() -> None:
-            on_topic_buffer_full(tp)
-            on_buffer_full(tp)
-
-        def on_pressure_drop() -> None:
-            on_buffer_drop(tp)
-
-        async def on_message(message: Message) -> None:
-            if len(channels) != 1:
-                return await deliver_to_all(message)
-            if not flow_control.is_active():  # suspended during a rebalance
-                await flow_control.acquire()
-            if producer_buffer.size > producer_buffer.max_messages:
-                await producer_buffer.wait_until_ebb()
-            channel = next(iter(channels))
-            message.incref()
-            try:
-                event = await channel.decode(message, propagate=True)
-            except KeyDecodeError as exc:
-                message.ack(consumer)
-                await channel.on_key_decode_error(exc, message)
-                return
-            except ValueDecodeError as exc:
-                message.ack(consumer)
-                await channel.on_value_decode_error(exc, message)
-                return
-            queue = channel.queue
-            if queue.full():
-                on_topic_buffer_full(tp)
-                await channel.put(event)
-            else:
-                queue.put_nowait_enhanced(event, on_pressure_high=on_pressure_high, on_pressure_drop=on_pressure_drop)
-
-        return on_message
-
-
 class Conductor(faust_conductor.Conductor):
-    """Faust's conductor building its per-partition callbacks with ``ConductorCompiler`` above."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._compiler = ConductorCompiler()
+    """Faust's conductor (its per-partition callbacks included: Faust's compiled
+    ``ConductorHandler``), with the callback of a record's partition found without a lock."""
 
     def _compile_message_handler(self) -> ConsumerCallback:
         """Faust takes the partition -> callback map's lock for every record; the lock is held only

@@ -309,11 +309,8 @@ def finish_document(
     if labels:
         doc["labels"] = labels
     set_child_field(doc, "event", "dataset", f"{service}.log")
-    doc["ecs"] = ECS
+    doc["ecs"] = {"version": ECS_VERSION}
     return doc
-
-
-ECS = {"version": ECS_VERSION}  # shared by every document: only ever serialized, never changed
 
 
 def set_child_field(doc: Dict[str, Any], name: str, field: str, value: Any) -> None:
@@ -338,7 +335,7 @@ class RecordContext:
     @property
     def record_time(self) -> datetime:
         moment = self._record_time
-        if moment.__class__ is not datetime:
+        if not isinstance(moment, datetime):
             moment = self._record_time = datetime.fromtimestamp(moment, tz=timezone.utc)  # type: ignore[arg-type]
         return moment  # type: ignore[return-value]
 

@@ -10,7 +10,7 @@ Supported: cluster info/ping, index create/exists/delete, index templates
 (stored, not applied), ``_bulk`` (index/create/update/delete with external
 versioning), single-document CRUD, ``_search``/``_count`` (match_all, term,
 terms, match, ids, exists, range, bool), ``_refresh``, and ``filter_path`` on
-every answer.  Writes are visible
+successful answers (include patterns, ``*`` within a key; no ``**`` or ``-`` exclusions).  Writes are visible
 immediately; ``_refresh`` is accepted but is a no-op.
 
 Fault injection: :meth:`ElasticsearchTestServer.fail_next` (reject the next
@@ -290,6 +290,7 @@ class ElasticsearchTestServer:
         self.index_meta: dict[str, dict[str, Any]] = {}  # settings/mappings, tombstones, seq_no
         self.templates: dict[str, dict[str, Any]] = {}
         self.requests: list[tuple[str, str]] = []
+        self.bulk_queries: list[dict[str, str]] = []  # the query string of each _bulk request
         self._fail_bulk: list[int] = []
         self._fail_items: list[int] = []
         self.on_write: Callable[[str, str, dict[str, Any]], None] | None = None  # (index, id, doc), benchmarks
@@ -373,6 +374,7 @@ class ElasticsearchTestServer:
         for coll in (self.indices, self.index_meta, self.templates):
             coll.clear()
         self.requests.clear()
+        self.bulk_queries.clear()
         self._fail_bulk.clear()
         self._fail_items.clear()
         self._unavailable = False
@@ -414,7 +416,7 @@ class ElasticsearchTestServer:
     def _reply(request: web.Request, status: int, body: Any = None) -> web.Response:
         accept = request.headers.get("Accept", "")
         ctype = COMPAT_JSON if "vnd.elasticsearch" in accept else "application/json"
-        if body is not None and "filter_path" in request.query:
+        if body is not None and status < 400 and "filter_path" in request.query:
             body = filter_response(body, request.query["filter_path"])
         data = b"" if body is None or request.method == "HEAD" else orjson.dumps(body)
         headers = {"Content-Type": ctype, "X-Elastic-Product": "Elasticsearch"}
@@ -579,6 +581,7 @@ class ElasticsearchTestServer:
         return self._reply(request, 200, body)
 
     async def _bulk(self, request: web.Request) -> web.Response:
+        self.bulk_queries.append(dict(request.query))
         if self._fail_bulk:
             status = self._fail_bulk.pop(0)
             kind = "es_rejected_execution_exception" if status == 429 else "test_injected_failure"

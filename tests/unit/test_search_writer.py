@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
-from app.search import BulkWriter, put_index_template, search_client
+from app.search import BULK_FILTER_PATH, BulkWriter, put_index_template, search_client
 from tests.support.es_server import REJECT_FIELD, ElasticsearchTestServer
 
 
@@ -89,14 +89,16 @@ async def test_header_document_pairs_are_written_retried_and_refused_like_dict_a
         assert sorted(server.docs("logs-cart-2024.11.01"), key=lambda i: int(i[4:])) == [f"doc-{i}" for i in range(30) if i != 4]
 
 
-async def test_bulk_answers_carry_only_what_the_writer_reads():
+async def test_the_writer_asks_for_bulk_answers_with_only_what_it_reads():
     async with ElasticsearchTestServer() as server:
-        client = search_client(server.url)
+        writer = BulkWriter(search_client(server.url))
         try:
-            answer = await client.bulk(operations=[{"index": {"_index": "a", "_id": "1"}}, {"n": 1}],
-                                       filter_path="errors,items.*._index,items.*._id,items.*.status,items.*.error")
+            assert await writer.write(pairs(3)) == []
+            answer = await writer.client.bulk(operations=[{"index": {"_index": "a", "_id": "1"}}, {"n": 1}],
+                                              filter_path=BULK_FILTER_PATH)
         finally:
-            await client.close()
+            await writer.close()
+        assert [query.get("filter_path") for query in server.bulk_queries] == [BULK_FILTER_PATH] * 2
         assert answer.body == {"errors": False, "items": [{"index": {"_index": "a", "_id": "1", "status": 201}}]}
 
 
