@@ -227,8 +227,8 @@ class BulkWrites:
         """On shutdown (``cancel``) drop the writes: their records are not committed and are read
         again. After an error let them end, so the batches already written are released."""
         tasks, self.tasks = list(self.tasks), deque()
-        for task in tasks:
-            if cancel:
+        if cancel:
+            for task in tasks:
                 task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
 

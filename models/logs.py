@@ -110,9 +110,7 @@ def to_timestamp(value: Any) -> datetime:
     if isinstance(value, bool):
         raise InvalidRecord(f"timestamp must be a time, got {value!r}")
     if isinstance(value, (int, float)):
-        if not math.isfinite(value) or value <= 0:
-            raise InvalidRecord(f"timestamp is not a time: {value!r}")
-        seconds = value / 1000.0 if value > 1e11 else float(value)  # 1e11 s is the year 5138
+        seconds = epoch_seconds(value)
         try:
             return datetime.fromtimestamp(seconds, tz=timezone.utc)
         except (OverflowError, OSError, ValueError):
@@ -131,14 +129,18 @@ def to_timestamp(value: Any) -> datetime:
     raise InvalidRecord(f"timestamp must be a number or a string, got {type(value).__name__}")
 
 
+def epoch_seconds(value: float) -> float:
+    """Epoch seconds of a number of seconds or milliseconds; refuses what is not a time."""
+    if not math.isfinite(value) or value <= 0:
+        raise InvalidRecord(f"timestamp is not a time: {value!r}")
+    return value / 1000.0 if value > 1e11 else float(value)  # 1e11 s is the year 5138
+
+
 def timestamp_text(value: Any) -> str:
     """``iso_timestamp(to_timestamp(value))``; epoch numbers (most shippers send them) are formatted
     from a per-second cache, without a datetime per line."""
     if value.__class__ is float or value.__class__ is int:
-        if not math.isfinite(value) or value <= 0:
-            raise InvalidRecord(f"timestamp is not a time: {value!r}")
-        seconds = value / 1000.0 if value > 1e11 else float(value)
-        fraction, whole = math.modf(seconds)
+        fraction, whole = math.modf(epoch_seconds(value))
         micros = round(fraction * 1e6)  # as datetime.fromtimestamp rounds
         if micros >= 1_000_000:
             whole, micros = whole + 1, micros - 1_000_000
@@ -193,9 +195,6 @@ def child(node: Dict[str, Any], name: str) -> Dict[str, Any]:
 def set_dotted(doc: Dict[str, Any], path: str, value: Any) -> None:
     """``set_dotted(d, "log.level", "info")`` -> ``d["log"]["level"] = "info"``."""
     parents, leaf = path_parts(path)
-    if len(parents) == 1:  # most ECS fields: trace.id, host.name, ...
-        set_child_field(doc, parents[0], leaf, value)
-        return
     node = doc
     for part in parents:
         node = child(node, part)
@@ -302,24 +301,16 @@ def finish_document(
         set_dotted(doc, path, value)
     doc["@timestamp"] = timestamp or iso_timestamp(context.record_time)
     doc["message"] = message
-    set_child_field(doc, "log", "level", level)
-    set_child_field(doc, "service", "name", service)
+    child(doc, "log")["level"] = level
+    child(doc, "service")["name"] = service
     if context.host and "host" not in doc:
         doc["host"] = {"name": context.host}
     if labels:
         doc["labels"] = labels
-    set_child_field(doc, "event", "dataset", f"{service}.log")
+    child(doc, "event")["dataset"] = f"{service}.log"
     doc["ecs"] = {"version": ECS_VERSION}
     return doc
 
-
-def set_child_field(doc: Dict[str, Any], name: str, field: str, value: Any) -> None:
-    """``doc[name][field] = value``, with ``doc[name]`` made an object if it is not one."""
-    node = doc.get(name)
-    if node.__class__ is dict:
-        node[field] = value
-    else:
-        doc[name] = {field: value}
 
 
 class RecordContext:
