@@ -16,23 +16,12 @@ from typing import List
 
 from faust.types import TP
 
-from app import app
-from app.transport import Consumer
+from tests.unit.test_transport import new_consumer
 
 TP0 = TP("orders.commands", 0)
 END = 10  # offsets 0..9 in the partition
 BATCH = 6  # records per fetch
 COMMITTED = 0
-
-
-def new_consumer() -> Consumer:
-    async def nothing(*args) -> None:
-        return None
-
-    return Consumer(
-        app.transport, callback=nothing, on_partitions_revoked=nothing, on_partitions_assigned=nothing,
-        loop=asyncio.get_running_loop(),
-    )
 
 
 async def test_records_delivered_while_seeking_to_the_committed_offset_are_delivered_again():
