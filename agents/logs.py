@@ -13,7 +13,8 @@ import logging
 import time
 from collections import defaultdict, deque
 from dataclasses import dataclass, field
-from typing import Any, Deque, Dict, List, Optional, Tuple
+from functools import partial
+from typing import Any, Awaitable, Callable, Coroutine, Deque, Dict, Iterator, List, Optional, Tuple
 
 from faust import web
 from faust.types import EventT
@@ -95,6 +96,16 @@ class ParsedBatch:
     lines: int = 0
 
 
+@dataclass
+class BulkPart:
+    """Whole records of a batch written in one bulk write: ``actions[start:end]`` and the records
+    whose offsets it releases (refused records with no line included)."""
+
+    events: List[EventT] = field(default_factory=list)
+    start: int = 0
+    end: int = 0
+
+
 def record_context(event: EventT) -> RecordContext:
     """Service (record key, else a ``service`` header), host header and record time of a record."""
     message = event.message
@@ -128,12 +139,18 @@ class WindowStarts(dict):
         return start
 
 
-def parse_events(events: List[EventT]) -> ParsedBatch:
-    """Parse every record of a batch; pure apart from reading the events."""
-    batch = ParsedBatch()
+def parse_parts(batch: ParsedBatch, events: List[EventT], part_lines: int) -> Iterator[BulkPart]:
+    """Parse the records of a batch into ``batch``, yielding each part (whole records, about
+    ``part_lines`` lines: the unit of a bulk write) as soon as it is parsed, so its write can start
+    while the rest of the batch is parsed. Pure apart from reading the events."""
     pattern, keep_recent = settings.log_index_pattern, settings.log_recent_limit
     window_starts = WindowStarts(settings.log_stats_window)
+    part = BulkPart(start=len(batch.actions), end=len(batch.actions))
     for event in events:
+        if part.end - part.start >= part_lines:
+            yield part
+            part = BulkPart(start=part.end, end=part.end)
+        part.events.append(event)
         message = event.message
         try:
             docs = parse_record(message.value, record_context(event))
@@ -157,7 +174,9 @@ def parse_events(events: List[EventT]) -> ParsedBatch:
             if len(recent) > 2 * keep_recent:
                 del recent[:-keep_recent]
         batch.lines += len(docs)
-    return batch
+        part.end += len(docs)
+    if part.events:
+        yield part
 
 
 async def publish_counts(batch: ParsedBatch) -> None:
@@ -187,37 +206,49 @@ async def dead_letter_rejections(rejections: List[Rejection], batch: ParsedBatch
         counters.dead_lettered += 1
 
 
-async def index_batch(stream: Any, batch: ParsedBatch, events: List[EventT]) -> None:
-    """Store the batch's lines (retrying until Elasticsearch takes them), dead-letter the refused
-    ones, then release the batch's events so their offsets may be committed."""
-    assert writer is not None
-    rejections = await writer.write(batch.actions)
+async def finish_part(stream: Any, batch: ParsedBatch, part: BulkPart, counted: asyncio.Future,
+                      rejections: List[Rejection]) -> None:
+    """After a part's bulk write (every line stored or refused): dead-letter the refused lines,
+    then, once the batch's counts are in Kafka (``counted``), release the part's events so their
+    offsets may be committed."""
     await dead_letter_rejections(rejections, batch)
-    counters.indexed += len(batch.actions) - len(rejections)
+    counters.indexed += part.end - part.start - len(rejections)
     counters.rejected += len(rejections)
-    release(stream, events)
+    await asyncio.shield(counted)
+    release(stream, part.events)
 
 
 class BulkWrites:
-    """The batches being written to Elasticsearch while the agent parses the next ones: at most
-    LOG_BULK_IN_FLIGHT, and a failed write fails the agent at its next batch (logged at once)."""
+    """The bulk writes in progress while the agent prepares the next ones: at most
+    LOG_BULK_IN_FLIGHT writes at once (what follows a write does not hold a slot), and a failed
+    write fails the agent at its next write (logged at once)."""
 
     def __init__(self, limit: int) -> None:
-        self.limit = limit
+        self.slots = asyncio.Semaphore(limit)
         self.tasks: Deque[asyncio.Future] = deque()
 
-    async def start(self, write: Any) -> None:
-        """Wait for a free slot (raising what a finished write raised), then start ``write``."""
+    async def start(self, write: Coroutine[Any, Any, Any],
+                    then: Optional[Callable[[Any], Awaitable[None]]] = None) -> None:
+        """Wait for a free slot (raising what a finished write raised), then run ``write`` and,
+        with its slot given back, ``then(its result)``."""
         try:
             self.raise_failed()
-            while len(self.tasks) >= self.limit:
-                await self.tasks.popleft()
+            await self.slots.acquire()
         except BaseException:
             write.close()  # never started: its batch stays held, so its offsets are not committed
             raise
-        task = asyncio.ensure_future(write)
+        task = asyncio.ensure_future(self._run(write, then))
         task.add_done_callback(log_failed_write)
+        task.add_done_callback(lambda _: write.close())  # a write dropped before it began
         self.tasks.append(task)
+
+    async def _run(self, write: Coroutine[Any, Any, Any], then: Optional[Callable[[Any], Awaitable[None]]]) -> None:
+        try:
+            result = await write
+        finally:
+            self.slots.release()
+        if then is not None:
+            await then(result)
 
     def raise_failed(self) -> None:
         while self.tasks and self.tasks[0].done():
@@ -238,15 +269,47 @@ def log_failed_write(task: asyncio.Future) -> None:
         log.error("Writing a batch of log lines failed; its offsets stay uncommitted", exc_info=task.exception())
 
 
+async def ship_batch(stream: Any, events: List[EventT], writes: BulkWrites) -> None:
+    """Parse a held batch, starting each part's bulk write as soon as it is parsed; dead-letter the
+    invalid records and publish the batch's counts. Parts without lines (all records invalid, or
+    no Elasticsearch) are released here, after the counts; written parts by their write."""
+    batch = ParsedBatch()
+    counted = asyncio.get_running_loop().create_future()
+    unwritten: List[EventT] = []
+    try:
+        for part in parse_parts(batch, events, settings.log_bulk_lines):
+            if writer is None or part.start == part.end:
+                unwritten += part.events
+            else:
+                await writes.start(
+                    writer.write(batch.actions[part.start:part.end]),
+                    partial(finish_part, stream, batch, part, counted),
+                )
+        for event, reason in batch.invalid:
+            await dead_letter(reason, event)
+        counters.dead_lettered += len(batch.invalid)
+        await publish_counts(batch)
+        counted.set_result(None)
+    finally:
+        if not counted.done():
+            counted.cancel()  # the parts being written stay held: their offsets are not committed
+    counters.records += len(events)
+    counters.lines += batch.lines
+    counters.last_batch_at = time.time()
+    release(stream, unwritten)
+
+
 @app.agent(logs_topic)
 async def ship_logs(stream) -> None:
     """Parse each batch of records, count its lines, and bulk-index them into Elasticsearch.
 
     Each batch's events are held (one more reference each, taken before anything is awaited) and
-    released only after its counts are in Kafka and every line is stored or dead-lettered, so an
-    Elasticsearch outage or a failure holds the offsets back and nothing is lost; redelivered
-    records overwrite their own documents (_id from the offset). Up to LOG_BULK_IN_FLIGHT batches
-    are being written while the next one is parsed.
+    released only after its counts are in Kafka and every line of their part of the batch (whole
+    records, about LOG_BULK_LINES lines) is stored or dead-lettered, so an Elasticsearch outage or
+    a failure holds the offsets back and nothing is lost; redelivered records overwrite their own
+    documents (_id from the offset). Up to LOG_BULK_IN_FLIGHT parts are being written at once, so
+    the search server stores one part while this worker serializes the next or parses the next
+    batch.
     """
     if writer is not None:
         await put_index_template(
@@ -258,18 +321,7 @@ async def ship_logs(stream) -> None:
     try:
         async for events in stream.take_events(settings.log_batch_max, within=settings.log_batch_within):
             hold(events)  # take_events acknowledges the batch when this body returns; we release it
-            batch = parse_events(events)
-            for event, reason in batch.invalid:
-                await dead_letter(reason, event)
-            counters.dead_lettered += len(batch.invalid)
-            await publish_counts(batch)
-            counters.records += len(events)
-            counters.lines += batch.lines
-            counters.last_batch_at = time.time()
-            if writer is None or not batch.actions:
-                release(stream, events)
-            else:
-                await writes.start(index_batch(stream, batch, events))
+            await ship_batch(stream, events, writes)
     except asyncio.CancelledError:
         cancelled = True
         raise

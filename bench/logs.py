@@ -21,7 +21,6 @@ import os
 import shutil
 import sys
 import tempfile
-import threading
 import time
 import uuid
 from pathlib import Path
@@ -66,20 +65,18 @@ async def produce_backlog(bootstrap: str, records: int, per_record: int, start: 
 
 
 class IndexedCounter:
-    """Counts documents as the search server stores them, and when each probe line arrived."""
+    """Counts documents as the search server stores them, and when each probe line arrived. Only
+    the server's thread writes; the benchmark's thread reads."""
 
     def __init__(self) -> None:
         self.count = 0
         self.probe_arrivals: Dict[str, float] = {}
-        self.lock = threading.Lock()
 
     def __call__(self, index: str, doc_id: str, doc: Dict) -> None:
-        with self.lock:
-            self.count += 1
-            labels = doc.get("labels") or {}
-            probe = labels.get("probe")
-            if probe is not None:
-                self.probe_arrivals.setdefault(probe, time.monotonic())
+        self.count += 1
+        labels = doc.get("labels")
+        if labels and "probe" in labels:
+            self.probe_arrivals.setdefault(labels["probe"], time.monotonic())
 
 
 def drain_rate(counter: IndexedCounter, target: int, worker: Worker) -> float:

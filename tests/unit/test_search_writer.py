@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
+
 from app.search import BULK_FILTER_PATH, BulkWriter, put_index_template, search_client
 from tests.support.es_server import REJECT_FIELD, ElasticsearchTestServer
 
@@ -110,3 +112,18 @@ async def test_index_template_is_stored():
         finally:
             await client.close()
         assert server.templates["streamspine-logs"]["index_patterns"] == ["logs-*"]
+
+
+def test_the_document_serializer_writes_what_the_client_would_and_refuses_the_same():
+    from datetime import datetime, timezone
+
+    from elastic_transport import OrjsonSerializer, SerializationError
+
+    from app.search import DocumentSerializer
+
+    fast, stock = DocumentSerializer(), OrjsonSerializer()
+    for value in ({"a": {"b": [1, 2.5, None]}, "t": datetime(2024, 11, 1, tzinfo=timezone.utc)}, "{}", b"{}", [1]):
+        assert fast.dumps(value) == stock.dumps(value)
+    for broken in ({"a": object()}, [object()]):
+        with pytest.raises(SerializationError):
+            fast.dumps(broken)
