@@ -179,8 +179,9 @@ def parse_parts(batch: ParsedBatch, events: List[EventT], part_lines: int) -> It
         yield part
 
 
-async def publish_counts(batch: ParsedBatch) -> None:
-    """One LogCounts per service and source partition, acknowledged by Kafka before the batch is."""
+async def send_counts(batch: ParsedBatch) -> "asyncio.Future[Any]":
+    """Send one LogCounts per service and source partition; returns the future of Kafka's
+    acknowledgement of them all (the batch's records are released only after it)."""
     deliveries = []
     for (service, partition), counts in batch.counts.items():
         rows = [[offset, start, level, lines] for (offset, start, level), lines in sorted(counts.items())]
@@ -189,8 +190,19 @@ async def publish_counts(batch: ParsedBatch) -> None:
             recent=[recent_entry(doc_id, doc) for doc_id, doc in batch.recent[(service, partition)][-settings.log_recent_limit:]],
         )
         deliveries.append(await log_counts_topic.send(key=service.encode(), value=value))
-    for delivery in deliveries:
-        await delivery
+    return asyncio.gather(*deliveries)
+
+
+def settle(target: asyncio.Future, source: asyncio.Future) -> None:
+    """Give ``target`` the outcome of ``source`` (a done callback of ``source``)."""
+    if target.done():
+        return
+    if source.cancelled():
+        target.cancel()
+    elif source.exception() is not None:
+        target.set_exception(source.exception())
+    else:
+        target.set_result(None)
 
 
 async def dead_letter_rejections(rejections: List[Rejection], batch: ParsedBatch) -> None:
@@ -214,8 +226,12 @@ async def finish_part(stream: Any, batch: ParsedBatch, part: BulkPart, counted: 
     await dead_letter_rejections(rejections, batch)
     counters.indexed += part.end - part.start - len(rejections)
     counters.rejected += len(rejections)
+    await release_when_counted(stream, part.events, counted)
+
+
+async def release_when_counted(stream: Any, events: List[EventT], counted: asyncio.Future) -> None:
     await asyncio.shield(counted)
-    release(stream, part.events)
+    release(stream, events)
 
 
 class BulkWrites:
@@ -237,10 +253,15 @@ class BulkWrites:
         except BaseException:
             write.close()  # never started: its batch stays held, so its offsets are not committed
             raise
-        task = asyncio.ensure_future(self._run(write, then))
+        self.track(self._run(write, then)).add_done_callback(lambda _: write.close())  # dropped before it began
+
+    def track(self, step: Coroutine[Any, Any, None]) -> asyncio.Future:
+        """Run ``step`` (without a slot) among the writes: its failure fails the next write, and
+        it is finished or dropped with them."""
+        task = asyncio.ensure_future(step)
         task.add_done_callback(log_failed_write)
-        task.add_done_callback(lambda _: write.close())  # a write dropped before it began
         self.tasks.append(task)
+        return task
 
     async def _run(self, write: Coroutine[Any, Any, Any], then: Optional[Callable[[Any], Awaitable[None]]]) -> None:
         try:
@@ -271,15 +292,15 @@ def log_failed_write(task: asyncio.Future) -> None:
 
 async def ship_batch(stream: Any, events: List[EventT], writes: BulkWrites) -> None:
     """Parse a held batch, starting each part's bulk write as soon as it is parsed; dead-letter the
-    invalid records and publish the batch's counts. Parts without lines (all records invalid, or
-    no Elasticsearch) are released here, after the counts; written parts by their write."""
+    invalid records and send the batch's counts. Every part is released once its lines are stored
+    and Kafka has acknowledged the counts (``counted``), in the background: the next batch is
+    parsed meanwhile."""
     batch = ParsedBatch()
     counted = asyncio.get_running_loop().create_future()
-    unwritten: List[EventT] = []
     try:
         for part in parse_parts(batch, events, settings.log_bulk_lines):
             if writer is None or part.start == part.end:
-                unwritten += part.events
+                writes.track(release_when_counted(stream, part.events, counted))
             else:
                 await writes.start(
                     writer.write(batch.actions[part.start:part.end]),
@@ -288,15 +309,14 @@ async def ship_batch(stream: Any, events: List[EventT], writes: BulkWrites) -> N
         for event, reason in batch.invalid:
             await dead_letter(reason, event)
         counters.dead_lettered += len(batch.invalid)
-        await publish_counts(batch)
-        counted.set_result(None)
-    finally:
-        if not counted.done():
-            counted.cancel()  # the parts being written stay held: their offsets are not committed
+        acknowledged = await send_counts(batch)
+    except BaseException:
+        counted.cancel()  # the batch's parts stay held: their offsets are not committed
+        raise
+    acknowledged.add_done_callback(partial(settle, counted))
     counters.records += len(events)
     counters.lines += batch.lines
     counters.last_batch_at = time.time()
-    release(stream, unwritten)
 
 
 @app.agent(logs_topic)

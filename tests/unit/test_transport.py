@@ -10,7 +10,7 @@ from types import SimpleNamespace
 
 import faust
 import pytest
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from faust.exceptions import ValueDecodeError
 from faust.types import TP
@@ -368,3 +368,36 @@ async def test_delivery_waits_while_the_callback_map_is_being_rebuilt(conductor_
     await asyncio.wait_for(delivery, 1)
 
     assert topic.queue.get_nowait().message.offset == 10
+
+
+async def test_changelog_partitions_faust_pauses_are_not_fetched_by_aiokafka_either(kafka_broker):
+    """Faust's pause only drops what is fetched; a recovered table's changelog partitions were
+    fetched every round (128 of the worker's 233 partitions). Stream partitions keep Faust's pause."""
+    bootstrap = kafka_broker.bootstrap
+    changelog = sorted(app.tables.changelog_topics)[0]
+    stream = f"paused-stream-{asyncio.get_running_loop().time():.0f}"
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        await admin.create_topics([NewTopic(changelog, 2, 1), NewTopic(stream, 1, 1)])
+    finally:
+        await admin.close()
+    fetching = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=None)
+    await fetching.start()
+    consumer = new_consumer()
+    try:
+        fetching.assign([TopicPartition(changelog, 0), TopicPartition(stream, 0)])
+        consumer._thread._consumer = fetching
+        consumer._thread.thread_loop = asyncio.get_running_loop()  # the consumer thread's loop, here this one
+
+        consumer.pause_partitions({TP(changelog, 0), TP(changelog, 1), TP(stream, 0)})  # changelog 1 is not assigned
+        await asyncio.sleep(0)
+        assert fetching.paused() == {TopicPartition(changelog, 0)}
+        assert consumer._paused_partitions == {TP(changelog, 0), TP(changelog, 1), TP(stream, 0)}
+
+        consumer.resume_partitions({TP(changelog, 0), TP(stream, 0)})
+        await asyncio.sleep(0)
+        assert fetching.paused() == set()
+    finally:
+        consumer._thread._consumer = None
+        await fetching.stop()
