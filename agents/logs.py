@@ -14,7 +14,7 @@ import time
 from collections import defaultdict, deque
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any, Awaitable, Callable, Coroutine, Deque, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Awaitable, Callable, Coroutine, Deque, Dict, Iterator, List, Optional, Set, Tuple
 
 from faust import web
 from faust.types import EventT
@@ -180,17 +180,30 @@ def parse_parts(batch: ParsedBatch, events: List[EventT], part_lines: int) -> It
 
 
 async def send_counts(batch: ParsedBatch) -> "asyncio.Future[Any]":
-    """Send one LogCounts per service and source partition; returns the future of Kafka's
-    acknowledgement of them all (the batch's records are released only after it)."""
+    """Send one LogCounts per service and source partition (the first of a service also carries its
+    newest lines); returns the future of Kafka's acknowledgement of them all (the batch's records
+    are released only after it)."""
     deliveries = []
+    with_lines: Set[str] = set()
     for (service, partition), counts in batch.counts.items():
         rows = [[offset, start, level, lines] for (offset, start, level), lines in sorted(counts.items())]
-        value = LogCounts(
-            service=service, source_partition=partition, counts=rows,
-            recent=[recent_entry(doc_id, doc) for doc_id, doc in batch.recent[(service, partition)][-settings.log_recent_limit:]],
-        )
+        recent = [] if service in with_lines else newest_lines(batch, service, settings.log_recent_limit)
+        with_lines.add(service)
+        value = LogCounts(service=service, source_partition=partition, counts=rows, recent=recent)
         deliveries.append(await log_counts_topic.send(key=service.encode(), value=value))
     return asyncio.gather(*deliveries)
+
+
+def newest_lines(batch: ParsedBatch, service: str, limit: int) -> List[Dict[str, Any]]:
+    """The ``limit`` newest lines (by @timestamp) of a service in a batch, oldest first: what
+    log_recent would keep of them, so each service's lines are sent and merged once per batch."""
+    lines = [line for (name, _), kept in batch.recent.items() if name == service for line in kept[-limit:]]
+    lines.sort(key=line_time)
+    return [recent_entry(doc_id, doc) for doc_id, doc in lines[-limit:]]
+
+
+def line_time(line: Tuple[str, Dict[str, Any]]) -> str:
+    return line[1]["@timestamp"]
 
 
 def settle(target: asyncio.Future, source: asyncio.Future) -> None:

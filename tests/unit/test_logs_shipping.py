@@ -55,3 +55,21 @@ async def test_on_shutdown_writes_are_dropped_and_after_an_error_they_finish():
     await on_shutdown.finish(cancel=True)
 
     assert finished == [1]  # the first batch was written (and released); the second was not
+
+
+def test_a_batch_sends_each_services_newest_lines_once_oldest_first():
+    from agents.logs import ParsedBatch, newest_lines
+
+    def line(n: int, second: int) -> tuple:
+        return f"logs-0-{n}-0", {"@timestamp": f"2024-11-01T12:00:{second:02d}.000Z", "message": f"m{n}",
+                                 "log": {"level": "info"}}
+
+    batch = ParsedBatch()
+    batch.recent[("cart", 0)] = [line(1, 10), line(2, 30), line(3, 50)]
+    batch.recent[("cart", 1)] = [line(4, 20), line(5, 40)]
+    batch.recent[("order", 0)] = [line(6, 59)]
+
+    newest = newest_lines(batch, "cart", limit=3)
+
+    assert [entry["id"] for entry in newest] == ["logs-0-2-0", "logs-0-5-0", "logs-0-3-0"]
+    assert newest[0] == {"id": "logs-0-2-0", "@timestamp": "2024-11-01T12:00:30.000Z", "level": "info", "message": "m2"}
