@@ -85,10 +85,9 @@ counters = ShippingCounters()
 
 @dataclass
 class ParsedBatch:
-    """A batch of ``logs`` records: the bulk actions, what each line adds to the statistics, and the
-    records refused at parsing."""
+    """A batch of ``logs`` records: what each line adds to the statistics, and the records refused
+    at parsing (the documents are in its parts, each dropped once written)."""
 
-    actions: List[BulkPair] = field(default_factory=list)  # ({"index": {"_index", "_id"}}, document)
     records: Dict[Tuple[int, int], EventT] = field(default_factory=dict)  # (partition, offset) -> record
     counts: Dict[Tuple[str, int], Dict[Tuple[int, float, str], int]] = field(default_factory=dict)
     recent: Dict[Tuple[str, int], List[Tuple[str, Dict[str, Any]]]] = field(default_factory=dict)  # (_id, doc)
@@ -98,12 +97,11 @@ class ParsedBatch:
 
 @dataclass
 class BulkPart:
-    """Whole records of a batch written in one bulk write: ``actions[start:end]`` and the records
-    whose offsets it releases (refused records with no line included)."""
+    """Whole records of a batch written in one bulk write: their bulk actions and the records whose
+    offsets it releases (refused records with no line included)."""
 
     events: List[EventT] = field(default_factory=list)
-    start: int = 0
-    end: int = 0
+    actions: List[BulkPair] = field(default_factory=list)  # ({"index": {"_index", "_id"}}, document)
 
 
 def record_context(event: EventT) -> RecordContext:
@@ -145,11 +143,11 @@ def parse_parts(batch: ParsedBatch, events: List[EventT], part_lines: int) -> It
     while the rest of the batch is parsed. Pure apart from reading the events."""
     pattern, keep_recent = settings.log_index_pattern, settings.log_recent_limit
     window_starts = WindowStarts(settings.log_stats_window)
-    part = BulkPart(start=len(batch.actions), end=len(batch.actions))
+    part = BulkPart()
     for event in events:
-        if part.end - part.start >= part_lines:
+        if len(part.actions) >= part_lines:
             yield part
-            part = BulkPart(start=part.end, end=part.end)
+            part = BulkPart()
         part.events.append(event)
         message = event.message
         try:
@@ -162,7 +160,7 @@ def parse_parts(batch: ParsedBatch, events: List[EventT], part_lines: int) -> It
         for line, doc in enumerate(docs):
             service, level, timestamp = doc["service"]["name"], doc["log"]["level"], doc["@timestamp"]
             doc_id = document_id(message.topic, partition, offset, line)
-            batch.actions.append(({"index": {"_index": index_name(pattern, service, timestamp), "_id": doc_id}}, doc))
+            part.actions.append(({"index": {"_index": index_name(pattern, service, timestamp), "_id": doc_id}}, doc))
             series = (service, partition)
             counts = batch.counts.get(series)
             if counts is None:
@@ -174,7 +172,6 @@ def parse_parts(batch: ParsedBatch, events: List[EventT], part_lines: int) -> It
             if len(recent) > 2 * keep_recent:
                 del recent[:-keep_recent]
         batch.lines += len(docs)
-        part.end += len(docs)
     if part.events:
         yield part
 
@@ -236,8 +233,9 @@ async def finish_part(stream: Any, batch: ParsedBatch, part: BulkPart, counted: 
     """After a part's bulk write (every line stored or refused): dead-letter the refused lines,
     then, once the batch's counts are in Kafka (``counted``), release the part's events so their
     offsets may be committed."""
+    lines, part.actions = len(part.actions), []  # the documents are not kept while the counts are awaited
     await dead_letter_rejections(rejections, batch)
-    counters.indexed += part.end - part.start - len(rejections)
+    counters.indexed += lines - len(rejections)
     counters.rejected += len(rejections)
     await release_when_counted(stream, part.events, counted)
 
@@ -312,11 +310,11 @@ async def ship_batch(stream: Any, events: List[EventT], writes: BulkWrites) -> N
     counted = asyncio.get_running_loop().create_future()
     try:
         for part in parse_parts(batch, events, settings.log_bulk_lines):
-            if writer is None or part.start == part.end:
+            if writer is None or not part.actions:
                 writes.track(release_when_counted(stream, part.events, counted))
             else:
                 await writes.start(
-                    writer.write(batch.actions[part.start:part.end]),
+                    writer.write(part.actions),
                     partial(finish_part, stream, batch, part, counted),
                 )
         for event, reason in batch.invalid:
