@@ -268,7 +268,12 @@ class BulkWrites:
 
     def track(self, step: Coroutine[Any, Any, None]) -> asyncio.Future:
         """Run ``step`` (without a slot) among the writes: its failure fails the next write, and
-        it is finished or dropped with them."""
+        it is finished or dropped with them. Finished steps are forgotten (raising a failure)."""
+        try:
+            self.raise_failed()
+        except BaseException:
+            step.close()
+            raise
         task = asyncio.ensure_future(step)
         task.add_done_callback(log_failed_write)
         self.tasks.append(task)

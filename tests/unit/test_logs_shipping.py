@@ -73,3 +73,12 @@ def test_a_batch_sends_each_services_newest_lines_once_oldest_first():
 
     assert [entry["id"] for entry in newest] == ["logs-0-2-0", "logs-0-5-0", "logs-0-3-0"]
     assert newest[0] == {"id": "logs-0-2-0", "@timestamp": "2024-11-01T12:00:30.000Z", "level": "info", "message": "m2"}
+
+
+async def test_finished_steps_are_forgotten_so_a_worker_without_elasticsearch_keeps_no_backlog():
+    writes = BulkWrites(2)
+    for _ in range(100):
+        writes.track(asyncio.sleep(0))
+        await asyncio.sleep(0.001)
+    assert len(writes.tasks) <= 2
+    await writes.finish(cancel=False)
