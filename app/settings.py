@@ -59,7 +59,7 @@ class Settings(BaseSettings):
     log_batch_max: int = Field(5000, ge=1, le=30000)
     log_batch_within: float = Field(0.2, gt=0, le=60)
     log_bulk_lines: int = Field(2000, ge=1, le=100_000)  # lines per bulk write (whole records)
-    log_bulk_in_flight: int = Field(2, ge=1, le=16)  # bulk writes in progress at once
+    log_bulk_in_flight: int = Field(4, ge=1, le=16)  # bulk writes in progress at once
     log_stats_window: int = Field(60, ge=1, le=86400)  # whole seconds
     log_recent_limit: int = Field(200, ge=1, le=10000)
     elasticsearch_max_backoff: float = Field(30.0, gt=0, le=3600)
