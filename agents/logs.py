@@ -204,13 +204,15 @@ def line_time(line: Tuple[str, Dict[str, Any]]) -> str:
 
 
 def settle(target: asyncio.Future, source: asyncio.Future) -> None:
-    """Give ``target`` the outcome of ``source`` (a done callback of ``source``)."""
+    """Give ``target`` the outcome of ``source`` (a done callback of ``source``); a cancelled
+    acknowledgement is a failure, not a shutdown."""
     if target.done():
         return
-    if source.cancelled():
-        target.cancel()
-    elif source.exception() is not None:
-        target.set_exception(source.exception())
+    error = None if source.cancelled() else source.exception()
+    if source.cancelled() or isinstance(error, asyncio.CancelledError):
+        target.set_exception(RuntimeError("Kafka's acknowledgement of the batch's LogCounts was cancelled"))
+    elif error is not None:
+        target.set_exception(error)
     else:
         target.set_result(None)
 
@@ -229,20 +231,45 @@ async def dead_letter_rejections(rejections: List[Rejection], batch: ParsedBatch
 
 
 async def finish_part(stream: Any, batch: ParsedBatch, part: BulkPart, counted: asyncio.Future,
-                      rejections: List[Rejection]) -> None:
+                      turn: Tuple[asyncio.Future, asyncio.Future], rejections: List[Rejection]) -> None:
     """After a part's bulk write (every line stored or refused): dead-letter the refused lines,
-    then, once the batch's counts are in Kafka (``counted``), release the part's events so their
-    offsets may be committed."""
+    then release the part's events in their turn (see ``release_in_order``)."""
     lines, part.actions = len(part.actions), []  # the documents are not kept while the counts are awaited
     await dead_letter_rejections(rejections, batch)
     counters.indexed += lines - len(rejections)
     counters.rejected += len(rejections)
-    await release_when_counted(stream, part.events, counted)
+    await release_in_order(stream, part.events, counted, turn)
 
 
-async def release_when_counted(stream: Any, events: List[EventT], counted: asyncio.Future) -> None:
-    await asyncio.shield(counted)
+class ReleaseOrder:
+    """Parts are released in the order they were read, each after the one before. Faust commits up
+    to the first offset not acknowledged, but lets a gap of one offset at the head pass
+    (``Consumer._new_offset``: ``min(acked) - committed > 1``, and no check before the first
+    commit), so a part released before an earlier one could let an unstored record be committed."""
+
+    def __init__(self) -> None:
+        self.last: asyncio.Future = asyncio.get_running_loop().create_future()
+        self.last.set_result(None)
+
+    def next_turn(self) -> Tuple[asyncio.Future, asyncio.Future]:
+        """(the release to wait for, this part's release)."""
+        previous, self.last = self.last, asyncio.get_running_loop().create_future()
+        return previous, self.last
+
+
+async def release_in_order(stream: Any, events: List[EventT], counted: asyncio.Future,
+                           turn: Tuple[asyncio.Future, asyncio.Future]) -> None:
+    """Release ``events`` once the batch's counts are in Kafka (``counted``) and the part before
+    was released; if either failed, they stay held (and so do all parts after them)."""
+    previous, released = turn
+    try:
+        await asyncio.shield(counted)
+        await asyncio.shield(previous)
+    except BaseException:
+        released.cancel()
+        raise
     release(stream, events)
+    released.set_result(None)
 
 
 class BulkWrites:
@@ -264,9 +291,9 @@ class BulkWrites:
         except BaseException:
             write.close()  # never started: its batch stays held, so its offsets are not committed
             raise
-        self.track(self._run(write, then)).add_done_callback(lambda _: write.close())  # dropped before it began
+        self._spawn(self._run(write, then)).add_done_callback(lambda _: write.close())  # dropped before it began
 
-    def track(self, step: Coroutine[Any, Any, None]) -> asyncio.Future:
+    def track(self, step: Coroutine[Any, Any, None]) -> None:
         """Run ``step`` (without a slot) among the writes: its failure fails the next write, and
         it is finished or dropped with them. Finished steps are forgotten (raising a failure)."""
         try:
@@ -274,6 +301,9 @@ class BulkWrites:
         except BaseException:
             step.close()
             raise
+        self._spawn(step)
+
+    def _spawn(self, step: Coroutine[Any, Any, None]) -> asyncio.Future:
         task = asyncio.ensure_future(step)
         task.add_done_callback(log_failed_write)
         self.tasks.append(task)
@@ -288,8 +318,13 @@ class BulkWrites:
             await then(result)
 
     def raise_failed(self) -> None:
+        """Forget the finished writes and steps at the head; raise what one of them raised (a
+        cancelled one leaves its records, and all after them, held: that fails the agent too)."""
         while self.tasks and self.tasks[0].done():
-            self.tasks.popleft().result()
+            task = self.tasks.popleft()
+            if task.cancelled():
+                raise RuntimeError("a log write was cancelled; its records and the ones after them are not released")
+            task.result()
 
     async def finish(self, cancel: bool) -> None:
         """On shutdown (``cancel``) drop the writes: their records are not committed and are read
@@ -306,7 +341,7 @@ def log_failed_write(task: asyncio.Future) -> None:
         log.error("Writing a batch of log lines failed; its offsets stay uncommitted", exc_info=task.exception())
 
 
-async def ship_batch(stream: Any, events: List[EventT], writes: BulkWrites) -> None:
+async def ship_batch(stream: Any, events: List[EventT], writes: BulkWrites, order: ReleaseOrder) -> None:
     """Parse a held batch, starting each part's bulk write as soon as it is parsed; dead-letter the
     invalid records and send the batch's counts. Every part is released once its lines are stored
     and Kafka has acknowledged the counts (``counted``), in the background: the next batch is
@@ -316,12 +351,9 @@ async def ship_batch(stream: Any, events: List[EventT], writes: BulkWrites) -> N
     try:
         for part in parse_parts(batch, events, settings.log_bulk_lines):
             if writer is None or not part.actions:
-                writes.track(release_when_counted(stream, part.events, counted))
+                writes.track(release_in_order(stream, part.events, counted, order.next_turn()))
             else:
-                await writes.start(
-                    writer.write(part.actions),
-                    partial(finish_part, stream, batch, part, counted),
-                )
+                await writes.start(writer.write(part.actions), partial(finish_part, stream, batch, part, counted, order.next_turn()))
         for event, reason in batch.invalid:
             await dead_letter(reason, event)
         counters.dead_lettered += len(batch.invalid)
@@ -352,12 +384,12 @@ async def ship_logs(stream) -> None:
             writer.client, INDEX_TEMPLATE, index_template_patterns(settings.log_index_pattern), INDEX_MAPPINGS,
             max_backoff=settings.elasticsearch_max_backoff,
         )
-    writes = BulkWrites(settings.log_bulk_in_flight)
+    writes, order = BulkWrites(settings.log_bulk_in_flight), ReleaseOrder()
     cancelled = False
     try:
         async for events in stream.take_events(settings.log_batch_max, within=settings.log_batch_within):
             hold(events)  # take_events acknowledges the batch when this body returns; we release it
-            await ship_batch(stream, events, writes)
+            await ship_batch(stream, events, writes, order)
     except asyncio.CancelledError:
         cancelled = True
         raise

@@ -82,3 +82,59 @@ async def test_finished_steps_are_forgotten_so_a_worker_without_elasticsearch_ke
         await asyncio.sleep(0.001)
     assert len(writes.tasks) <= 2
     await writes.finish(cancel=False)
+
+
+async def test_parts_are_released_in_the_order_they_were_read(monkeypatch):
+    """Faust's commit lets a one-offset gap at the head pass, so a later part must not be released
+    before an earlier one whose lines are still being written."""
+    import agents.logs as logs
+
+    released = []
+    monkeypatch.setattr(logs, "release", lambda stream, events: released.extend(events))
+    order, counted = logs.ReleaseOrder(), asyncio.get_running_loop().create_future()
+    first, second = order.next_turn(), order.next_turn()
+    later = asyncio.ensure_future(logs.release_in_order(None, ["offset 8"], counted, second))
+    counted.set_result(None)
+    await asyncio.sleep(0.01)
+    assert released == []  # its write is done, but the part before is not released yet
+
+    await logs.release_in_order(None, ["offset 7"], counted, first)
+    await asyncio.wait_for(later, 1)
+    assert released == ["offset 7", "offset 8"]
+
+
+async def test_a_part_never_released_holds_every_later_one(monkeypatch):
+    import agents.logs as logs
+
+    released = []
+    monkeypatch.setattr(logs, "release", lambda stream, events: released.extend(events))
+    order, counted = logs.ReleaseOrder(), asyncio.get_running_loop().create_future()
+    counted.set_result(None)
+    first, second, third = order.next_turn(), order.next_turn(), order.next_turn()
+    stuck = asyncio.ensure_future(logs.release_in_order(None, ["a"], asyncio.get_running_loop().create_future(), first))
+    rest = [asyncio.ensure_future(logs.release_in_order(None, [name], counted, turn)) for name, turn in (("b", second), ("c", third))]
+    await asyncio.sleep(0.01)
+    stuck.cancel()  # e.g. shutdown while its counts were not acknowledged
+    results = await asyncio.gather(stuck, *rest, return_exceptions=True)
+    assert released == [] and all(isinstance(result, asyncio.CancelledError) for result in results)
+
+
+async def test_a_cancelled_acknowledgement_of_the_counts_is_a_failure_not_a_shutdown():
+    from agents.logs import settle
+
+    loop = asyncio.get_running_loop()
+    counted, acknowledged = loop.create_future(), loop.create_future()
+    acknowledged.cancel()
+    settle(counted, acknowledged)
+    with pytest.raises(RuntimeError, match="cancelled"):
+        counted.result()
+
+    writes = BulkWrites(2)
+
+    async def cancelled() -> None:
+        raise asyncio.CancelledError
+
+    writes.track(cancelled())
+    await asyncio.sleep(0)
+    with pytest.raises(RuntimeError, match="cancelled"):
+        writes.raise_failed()
