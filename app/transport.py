@@ -67,12 +67,12 @@ import asyncio
 from typing import Any, AsyncIterator, Callable, ClassVar, Dict, Iterable, List, Mapping, Set, Tuple, Type, cast
 
 import faust
+from aiokafka import TopicPartition
 from faust.exceptions import ValueDecodeError
 from faust.transport import conductor as faust_conductor
 from faust.transport.consumer import CONSUMER_FETCHING, ensure_TPset
 from faust.transport.drivers import aiokafka
 from faust.transport.producer import ProducerBuffer as FaustProducerBuffer
-from aiokafka import TopicPartition
 from faust.types import TP, AppT, ConsumerT, ProducerT
 from faust.types.transports import ConductorT, ConsumerCallback
 from faust.types.tuples import Message
