@@ -31,7 +31,11 @@ class Settings(BaseSettings):
     broker_rebalance_timeout: float = Field(6.0, gt=0, le=300)
     broker_heartbeat_interval: float = Field(1.0, gt=0, le=60)
     fast_consumer: bool = True
-    consumer_fetch_wait_ms: int = Field(20, ge=1, le=30000)
+    # Longest wait of a consumer fetch for new data: Kafka's own default. A Kafka broker answers a
+    # waiting fetch as soon as data arrives, so the wait only paces the polling of idle partitions
+    # (about 30 topics x TOPIC_PARTITIONS per worker). The local broker holds every fetch for the full
+    # wait: `make run` and the tests use 20 ms there (app/local_broker.py: WORKER_ENV).
+    consumer_fetch_wait_ms: int = Field(500, ge=1, le=30000)
     # Bytes per producer batch. Tansu 0.6 (the local broker) answers ListOffsets with the base offset
     # of the last record batch + 1, which made Faust refuse to recover tables (ConsistencyError)
     # unless every record was its own batch (1); app/transport.py now checks each changelog end

@@ -22,8 +22,9 @@ What it changes, with the measurements behind it (bench/README.md has the profil
 3. Faust builds its aiokafka consumer with ``fetch_max_wait_ms=1500`` and no setting to change it.
    A broker that does not answer a waiting fetch as soon as data arrives (the local broker, Tansu
    0.6, holds it the full wait: 381 ms median latency per hop with 1500, 3 ms with 20) then adds up
-   to that wait to every record. Here it is ``CONSUMER_FETCH_WAIT_MS`` (default 20 ms); a real
-   Kafka answers early anyway, so the lower wait only costs a few more fetches while idle.
+   to that wait to every record. Here it is ``CONSUMER_FETCH_WAIT_MS``: 500 ms (Kafka's default;
+   a real Kafka answers early anyway), 20 ms against the local broker (app/local_broker.py), where
+   polling the idle partitions that often costs CPU (bench/README.md, "Logging, fifth round").
 4. Table recovery asks the broker for each changelog partition's end offset (ListOffsets). Tansu
    0.6 answers with the base offset of the last record batch + 1 (15 records in batches of 10 and
    5: 11), while its fetch responses carry the true high watermark (15). With multi-record
@@ -95,12 +96,15 @@ class ConsumerThread(aiokafka.AIOKafkaConsumerThread):
         consumer._fetch_max_wait_ms = settings.consumer_fetch_wait_ms
         return consumer
 
+    not_fetching: Set[TP] = frozenset()  # type: ignore[assignment]  # paused by set_fetching
+
     def set_fetching(self, tps: Set[TP], fetch: bool) -> None:
         """Resume (``fetch``) or pause fetching ``tps`` in aiokafka, in the consumer thread and in
         the order of the calls; partitions not assigned (any more) are left alone."""
         consumer, loop = self._consumer, self.thread_loop
         if consumer is None or not tps or loop.is_closed():
             return
+        self.not_fetching = (self.not_fetching - tps) if fetch else (self.not_fetching | tps)
         partitions = [TopicPartition(tp.topic, tp.partition) for tp in tps]
 
         def apply() -> None:
@@ -109,6 +113,13 @@ class ConsumerThread(aiokafka.AIOKafkaConsumerThread):
             (consumer.resume if fetch else consumer.pause)(*mine)
 
         loop.call_soon_threadsafe(apply)
+
+    def verify_event_path(self, now: float, tp: TP) -> None:
+        """Faust's check that aiokafka fetches every assigned partition (it logs an error for each
+        one not fetched for a while), except the partitions paused here on purpose: an idle
+        worker logged one error per paused changelog partition at every check."""
+        if tp not in self.not_fetching:
+            super().verify_event_path(now, tp)
 
     async def _highwaters(self, partitions: List[TP]) -> Mapping[TP, int]:
         ends = dict(await super()._highwaters(partitions))

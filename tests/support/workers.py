@@ -12,6 +12,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Tuple
 
+from app.local_broker import WORKER_ENV
 from tests.support.ports import free_port
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -55,6 +56,7 @@ class WorkerProcess:
         self.work_dir = work_dir
         self.log_path = work_dir / "worker.log"
         self.env = {
+            **WORKER_ENV,  # the tests run against the local broker
             **os.environ,
             "KAFKA_BROKER": broker_url,
             "APP_ID": app_id,

@@ -6,6 +6,9 @@ if a Faust upgrade or a refactor brings back the per-record task hand-off or the
 from __future__ import annotations
 
 import asyncio
+import logging
+from pathlib import Path
+from time import monotonic
 from types import SimpleNamespace
 
 import faust
@@ -17,6 +20,8 @@ from faust.types import TP
 from faust.types.tuples import Message
 
 from app import app, settings, transport
+from app.settings import Settings
+from tests.support.workers import WorkerProcess
 from faust.transport.drivers.aiokafka import AIOKafkaConsumerThread as aiokafka_thread
 from app.transport import (
     GETMANY_TIMEOUT, PRODUCER_BUFFER_MAX, Consumer, FastSchema, Producer, ProducerBuffer, Transport,
@@ -94,7 +99,15 @@ async def test_the_fetch_wait_is_the_configured_one_not_fausts_fixed_1500_ms():
     thread = app.consumer._thread
     aiokafka_consumer = thread._create_worker_consumer(app.transport)
 
-    assert aiokafka_consumer._fetch_max_wait_ms == settings.consumer_fetch_wait_ms == 20
+    assert aiokafka_consumer._fetch_max_wait_ms == settings.consumer_fetch_wait_ms
+    assert Settings.model_fields["consumer_fetch_wait_ms"].default == 500  # Kafka's own default
+
+
+def test_workers_against_the_local_broker_wait_20_ms_per_fetch_unless_told_otherwise(monkeypatch):
+    monkeypatch.delenv("CONSUMER_FETCH_WAIT_MS", raising=False)
+    assert WorkerProcess("kafka://127.0.0.1:1", Path("/tmp/unused"), app_id="t").env["CONSUMER_FETCH_WAIT_MS"] == "20"
+    monkeypatch.setenv("CONSUMER_FETCH_WAIT_MS", "300")
+    assert WorkerProcess("kafka://127.0.0.1:1", Path("/tmp/unused"), app_id="t").env["CONSUMER_FETCH_WAIT_MS"] == "300"
 
 
 async def test_getmany_yields_every_record_and_reads_each_high_watermark_once_per_batch():
@@ -400,4 +413,47 @@ async def test_changelog_partitions_faust_pauses_are_not_fetched_by_aiokafka_eit
         assert fetching.paused() == set()
     finally:
         consumer._thread._consumer = None
+        await fetching.stop()
+
+
+async def test_fausts_fetch_check_leaves_out_the_partitions_paused_on_purpose(kafka_broker, caplog):
+    """Faust logs an error for every assigned partition aiokafka has not fetched for a while; an
+    idle worker logged one per paused changelog partition at every check (7,680 lines in 12 min)."""
+    bootstrap = kafka_broker.bootstrap
+    changelog = sorted(app.tables.changelog_topics)[0]
+    stream = f"checked-stream-{asyncio.get_running_loop().time():.0f}"
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        await admin.create_topics([NewTopic(changelog, 1, 1), NewTopic(stream, 1, 1)])
+    finally:
+        await admin.close()
+    fetching = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=None)
+    await fetching.start()
+    consumer = new_consumer()
+    thread = consumer._thread
+    try:
+        fetching.assign([TopicPartition(changelog, 0), TopicPartition(stream, 0)])
+        # Neither partition is ever fetched here: the stream one not by this project's choice.
+        fetching.pause(TopicPartition(stream, 0), TopicPartition(changelog, 0))
+        thread._consumer = fetching
+        thread.thread_loop = asyncio.get_running_loop()
+        thread.time_started = monotonic()
+        consumer.pause_partitions({TP(changelog, 0)})
+        await asyncio.sleep(0)
+        never_fetched = thread.time_started + thread.tp_fetch_request_timeout_secs + 1
+
+        with caplog.at_level(logging.ERROR):
+            thread.verify_event_path(never_fetched, TP(changelog, 0))
+            assert not caplog.records  # paused on purpose
+            thread.verify_event_path(never_fetched, TP(stream, 0))
+            assert "has not sent fetch request" in caplog.text  # still checked
+
+        caplog.clear()
+        consumer.resume_partitions({TP(changelog, 0)})
+        with caplog.at_level(logging.ERROR):
+            thread.verify_event_path(never_fetched, TP(changelog, 0))
+        assert "has not sent fetch request" in caplog.text  # fetched again, so checked again
+    finally:
+        thread._consumer = None
         await fetching.stop()
