@@ -157,7 +157,8 @@ item_follower = TopicFollower({
     recs_item_stats.changelog_topic.get_topic_name: (settings.topic_partitions, lambda key, value: catalogue.put_stats(key.decode(), json_value(value))),
     recs_item_meta.changelog_topic.get_topic_name: (settings.topic_partitions, lambda key, value: catalogue.put_meta(key.decode(), json_value(value))),
 })
-# Models are rare: a long fetch wait keeps this consumer from polling the broker 50 times a second.
+# Models are rare: a long fetch wait keeps this consumer from polling the broker 50 times a second
+# when the worker runs with a short one (the local broker: app/local_broker.py WORKER_ENV).
 model_follower = TopicFollower({models_topic.get_topic_name: (1, model_holder.receive)}, latest_only=True, fetch_wait_ms=500)
 
 

@@ -64,7 +64,7 @@ def main() -> None:
     if "KAFKA_BROKER" not in os.environ:
         broker = LocalBroker(port=int(os.environ.get("LOCAL_BROKER_PORT", 9092))).start()
         env["KAFKA_BROKER"] = broker.url
-        env.update({name: value for name, value in WORKER_ENV.items() if name not in os.environ})
+        env.update({name: value for name, value in WORKER_ENV.items() if not os.environ.get(name)})  # empty = unset
         if "DATA_DIR" not in os.environ:
             # The local broker keeps topics in memory: table state from an earlier run would
             # describe changelogs that no longer exist, so every run starts with empty tables.

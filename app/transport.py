@@ -65,7 +65,7 @@ and Faust's locked lookup is used otherwise. The per-partition delivery itself s
 from __future__ import annotations
 
 import asyncio
-from typing import Any, AsyncIterator, Callable, ClassVar, Dict, Iterable, List, Mapping, Set, Tuple, Type, cast
+from typing import Any, AsyncIterator, Callable, ClassVar, Dict, FrozenSet, Iterable, List, Mapping, Set, Tuple, Type, cast
 
 import faust
 from aiokafka import TopicPartition
@@ -96,7 +96,7 @@ class ConsumerThread(aiokafka.AIOKafkaConsumerThread):
         consumer._fetch_max_wait_ms = settings.consumer_fetch_wait_ms
         return consumer
 
-    not_fetching: Set[TP] = frozenset()  # type: ignore[assignment]  # paused by set_fetching
+    not_fetching: FrozenSet[TP] = frozenset()  # paused in aiokafka by set_fetching
 
     def set_fetching(self, tps: Set[TP], fetch: bool) -> None:
         """Resume (``fetch``) or pause fetching ``tps`` in aiokafka, in the consumer thread and in

@@ -57,7 +57,7 @@ class WorkerProcess:
         self.log_path = work_dir / "worker.log"
         self.env = {
             **WORKER_ENV,  # the tests run against the local broker
-            **os.environ,
+            **{name: value for name, value in os.environ.items() if value or name not in WORKER_ENV},  # empty = unset
             "KAFKA_BROKER": broker_url,
             "APP_ID": app_id,
             "DATA_DIR": str(work_dir / "data"),
