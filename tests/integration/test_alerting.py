@@ -65,6 +65,19 @@ async def read_alerts(bootstrap: str, idle: float = 4.0):
     return [json.loads(record.value) for record in records]
 
 
+def last_cpu_window(worker) -> dict:
+    """checkout-1's cpu window as a worker's /metrics/checkout/ shows it ({} if not there yet)."""
+    status, windows = worker.get("/metrics/checkout/")
+    if status != 200:
+        return {}
+    return windows.get("metrics", {}).get("cpu", {}).get("instances", {}).get("checkout-1", {})
+
+
+def last_window_filled(worker) -> bool:
+    window = last_cpu_window(worker)
+    return window.get("window_end") == T0 + 159 and window.get("count", 0) >= 15
+
+
 @pytest.fixture
 def rules_file(tmp_path):
     path = tmp_path / "rules.yaml"
@@ -84,6 +97,9 @@ def test_spikes_fire_and_resolve_once_short_spikes_stay_quiet_and_anomalies_fire
         produce_sync(isolated_broker.bootstrap, "metrics", sorted(records, key=lambda r: r[1]["ts"]))
 
         wait_for(lambda: first.get("/metrics/services/checkout/")[1].get("samples") == 160, timeout=60, message="samples in")
+        # A batch's latest values are stored before its panes (agents/metrics.py observe_service), so
+        # the last window may still be filling when the sample count is complete.
+        wait_for(lambda: last_window_filled(first), timeout=30, message="last checkout window")
         for worker in (first, second):  # routed to the owner of "checkout"
             status, windows = worker.get("/metrics/checkout/")
             assert status == 200 and windows["window_s"] == 20
