@@ -14,7 +14,7 @@ import urllib.request
 from pathlib import Path
 from typing import List
 
-from app.local_broker import WORKER_ENV, LocalBroker
+from app.local_broker import LocalBroker, worker_env_defaults
 from app.settings import load_settings
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -64,7 +64,7 @@ def main() -> None:
     if "KAFKA_BROKER" not in os.environ:
         broker = LocalBroker(port=int(os.environ.get("LOCAL_BROKER_PORT", 9092))).start()
         env["KAFKA_BROKER"] = broker.url
-        env.update({name: value for name, value in WORKER_ENV.items() if not os.environ.get(name)})  # empty = unset
+        env.update(worker_env_defaults(os.environ))
         if "DATA_DIR" not in os.environ:
             # The local broker keeps topics in memory: table state from an earlier run would
             # describe changelogs that no longer exist, so every run starts with empty tables.

@@ -14,7 +14,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import IO, Optional
+from typing import IO, Dict, Mapping, Optional
 
 
 # What a worker against the local broker runs with unless told otherwise. Tansu 0.6 holds a waiting
@@ -23,6 +23,12 @@ from typing import IO, Optional
 # and the tests; 20 ms keeps a hop at a few ms, at the price of polling every idle partition 50
 # times a second (2 cores: about 50 % of a core in the broker and 25 % in an idle worker).
 WORKER_ENV = {"CONSUMER_FETCH_WAIT_MS": "20"}
+
+
+def worker_env_defaults(environ: Mapping[str, str]) -> Dict[str, str]:
+    """The WORKER_ENV entries ``environ`` does not set (an empty variable counts as unset, as for
+    the settings)."""
+    return {name: value for name, value in WORKER_ENV.items() if not environ.get(name)}
 
 
 def free_port(host: str = "127.0.0.1") -> int:

@@ -33,6 +33,7 @@ import compare  # noqa: E402
 from aiokafka import AIOKafkaProducer  # noqa: E402
 from metrics import Worker, bare_ceiling, percentile, rate_until  # noqa: E402
 
+from app import settings  # noqa: E402  (the settings the ceiling and the worker read from the same environment)
 from app.local_broker import LocalBroker  # noqa: E402
 from tests.support.es_server import ElasticsearchTestServer  # noqa: E402
 
@@ -112,14 +113,6 @@ async def delays(bootstrap: str, counter: IndexedCounter, rate: float, probes: i
     return sorted(counter.probe_arrivals[p] - sent[p] for p in sent if p in counter.probe_arrivals)
 
 
-def fetch_wait_ms() -> int:
-    """The fetch wait of the ceiling and the worker: CONSUMER_FETCH_WAIT_MS, else the default (the
-    production one; the local broker holds a waiting fetch for the whole wait, see README)."""
-    from app.settings import Settings
-    value = os.environ.get("CONSUMER_FETCH_WAIT_MS")
-    return int(value) if value else Settings.model_fields["consumer_fetch_wait_ms"].default
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--records", type=int, default=60000, help="one-line records")
@@ -148,7 +141,7 @@ def main() -> int:
         shutil.rmtree(work_dir, ignore_errors=True)
     print(f"command: python bench/logs.py --records {args.records} --batched-records {args.batched_records} "
           f"--rate {args.rate:g} --probes {args.probes}  ({os.cpu_count()} cores, local broker, in-repo search server, "
-          f"CONSUMER_FETCH_WAIT_MS={fetch_wait_ms()})")
+          f"CONSUMER_FETCH_WAIT_MS={settings.consumer_fetch_wait_ms})")
     print(f"bare agent ceiling (streamspine-bare)       {ceiling:10,.0f} records/s")
     print(f"indexed, one line per record                {single:10,.0f} lines/s  ({single / ceiling:.0%} of the ceiling)")
     print(f"indexed, 100 lines per record               {batched:10,.0f} lines/s")

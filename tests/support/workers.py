@@ -12,7 +12,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Tuple
 
-from app.local_broker import WORKER_ENV
+from app.local_broker import worker_env_defaults
 from tests.support.ports import free_port
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -56,8 +56,8 @@ class WorkerProcess:
         self.work_dir = work_dir
         self.log_path = work_dir / "worker.log"
         self.env = {
-            **WORKER_ENV,  # the tests run against the local broker
-            **{name: value for name, value in os.environ.items() if value or name not in WORKER_ENV},  # empty = unset
+            **os.environ,
+            **worker_env_defaults(os.environ),  # the tests run against the local broker
             "KAFKA_BROKER": broker_url,
             "APP_ID": app_id,
             "DATA_DIR": str(work_dir / "data"),

@@ -6,10 +6,12 @@ if a Faust upgrade or a refactor brings back the per-record task hand-off or the
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from pathlib import Path
 from time import monotonic
 from types import SimpleNamespace
+from typing import AsyncIterator, Dict, List, Sequence, Tuple
 
 import faust
 import pytest
@@ -385,26 +387,39 @@ async def test_delivery_waits_while_the_callback_map_is_being_rebuilt(conductor_
     assert topic.queue.get_nowait().message.offset == 10
 
 
-async def test_changelog_partitions_faust_pauses_are_not_fetched_by_aiokafka_either(kafka_broker):
-    """Faust's pause only drops what is fetched; a recovered table's changelog partitions were
-    fetched every round (128 of the worker's 233 partitions). Stream partitions keep Faust's pause."""
-    bootstrap = kafka_broker.bootstrap
-    changelog = sorted(app.tables.changelog_topics)[0]
-    stream = f"paused-stream-{asyncio.get_running_loop().time():.0f}"
+@contextlib.asynccontextmanager
+async def consumer_assigned(bootstrap: str, partitions: Dict[str, int], assigned: List[TopicPartition],
+                            *, paused: Sequence[TopicPartition] = ()) -> AsyncIterator[Tuple[Consumer, AIOKafkaConsumer]]:
+    """A Consumer whose consumer thread drives a real aiokafka consumer of ``assigned`` (the topics
+    created with ``partitions`` each), ``paused`` in aiokafka before the Consumer sees it."""
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
     await admin.start()
     try:
-        await admin.create_topics([NewTopic(changelog, 2, 1), NewTopic(stream, 1, 1)])
+        await admin.create_topics([NewTopic(topic, count, 1) for topic, count in partitions.items()])
     finally:
         await admin.close()
     fetching = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=None)
     await fetching.start()
     consumer = new_consumer()
     try:
-        fetching.assign([TopicPartition(changelog, 0), TopicPartition(stream, 0)])
+        fetching.assign(assigned)
+        if paused:
+            fetching.pause(*paused)
         consumer._thread._consumer = fetching
         consumer._thread.thread_loop = asyncio.get_running_loop()  # the consumer thread's loop, here this one
+        yield consumer, fetching
+    finally:
+        consumer._thread._consumer = None
+        await fetching.stop()
 
+
+async def test_changelog_partitions_faust_pauses_are_not_fetched_by_aiokafka_either(kafka_broker):
+    """Faust's pause only drops what is fetched; a recovered table's changelog partitions were
+    fetched every round (128 of the worker's 233 partitions). Stream partitions keep Faust's pause."""
+    changelog = sorted(app.tables.changelog_topics)[0]
+    stream = f"paused-stream-{asyncio.get_running_loop().time():.0f}"
+    async with consumer_assigned(kafka_broker.bootstrap, {changelog: 2, stream: 1},
+                                 [TopicPartition(changelog, 0), TopicPartition(stream, 0)]) as (consumer, fetching):
         consumer.pause_partitions({TP(changelog, 0), TP(changelog, 1), TP(stream, 0)})  # changelog 1 is not assigned
         await asyncio.sleep(0)
         assert fetching.paused() == {TopicPartition(changelog, 0)}
@@ -413,33 +428,18 @@ async def test_changelog_partitions_faust_pauses_are_not_fetched_by_aiokafka_eit
         consumer.resume_partitions({TP(changelog, 0), TP(stream, 0)})
         await asyncio.sleep(0)
         assert fetching.paused() == set()
-    finally:
-        consumer._thread._consumer = None
-        await fetching.stop()
 
 
 async def test_fausts_fetch_check_leaves_out_the_partitions_paused_on_purpose(kafka_broker, caplog):
     """Faust logs an error for every assigned partition aiokafka has not fetched for a while; an
     idle worker logged one per paused changelog partition at every check (7,680 lines in 12 min)."""
-    bootstrap = kafka_broker.bootstrap
     changelog = sorted(app.tables.changelog_topics)[0]
     stream = f"checked-stream-{asyncio.get_running_loop().time():.0f}"
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
-    await admin.start()
-    try:
-        await admin.create_topics([NewTopic(changelog, 1, 1), NewTopic(stream, 1, 1)])
-    finally:
-        await admin.close()
-    fetching = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=None)
-    await fetching.start()
-    consumer = new_consumer()
-    thread = consumer._thread
-    try:
-        fetching.assign([TopicPartition(changelog, 0), TopicPartition(stream, 0)])
-        # Neither partition is ever fetched here: the stream one not by this project's choice.
-        fetching.pause(TopicPartition(stream, 0), TopicPartition(changelog, 0))
-        thread._consumer = fetching
-        thread.thread_loop = asyncio.get_running_loop()
+    partitions = [TopicPartition(changelog, 0), TopicPartition(stream, 0)]
+    # Neither partition is ever fetched here: the stream one not by this project's choice.
+    async with consumer_assigned(kafka_broker.bootstrap, {changelog: 1, stream: 1}, partitions,
+                                 paused=partitions) as (consumer, _):
+        thread = consumer._thread
         thread.time_started = monotonic()
         consumer.pause_partitions({TP(changelog, 0)})
         await asyncio.sleep(0)
@@ -460,6 +460,3 @@ async def test_fausts_fetch_check_leaves_out_the_partitions_paused_on_purpose(ka
         with caplog.at_level(logging.ERROR):
             thread.verify_event_path(never_fetched, TP(changelog, 0))
         assert reported(changelog)
-    finally:
-        thread._consumer = None
-        await fetching.stop()
