@@ -26,8 +26,9 @@ from app.aggregation import hold, release
 from app.dead_letters import dead_letter
 from app.search import BulkPair, BulkWriter, Rejection, optional_writer, put_index_template
 from models.logs import (
-    LEVELS, InvalidRecord, LogCounts, RecordContext, document_id, document_origin, fold_counts, header_text, index_name,
-    index_template_patterns, is_error, parse_record, window_key, window_start, window_summary, windows_to_close,
+    LEVELS, InvalidRecord, LogCounts, RecordContext, count_rows, document_id, document_origin, fold_counts, header_text,
+    index_name, index_template_patterns, is_error, parse_record, window_key, window_start, window_summary,
+    windows_to_close,
 )
 from tables.logs import log_stats, recent_lines
 
@@ -89,7 +90,8 @@ class ParsedBatch:
     at parsing (the documents are in its parts, each dropped once written)."""
 
     records: Dict[Tuple[int, int], EventT] = field(default_factory=dict)  # (partition, offset) -> record
-    counts: Dict[Tuple[str, int], Dict[Tuple[int, float, str], int]] = field(default_factory=dict)
+    # (service, partition) -> {(window start, level): [offset of each line]}
+    counts: Dict[Tuple[str, int], Dict[Tuple[float, str], List[int]]] = field(default_factory=dict)
     recent: Dict[Tuple[str, int], List[Tuple[str, Dict[str, Any]]]] = field(default_factory=dict)  # (_id, doc)
     invalid: List[Tuple[EventT, str]] = field(default_factory=list)
     lines: int = 0
@@ -164,9 +166,9 @@ def parse_parts(batch: ParsedBatch, events: List[EventT], part_lines: int) -> It
             series = (service, partition)
             counts = batch.counts.get(series)
             if counts is None:
-                counts = batch.counts[series] = defaultdict(int)
+                counts = batch.counts[series] = defaultdict(list)
                 batch.recent[series] = []
-            counts[(offset, window_starts[timestamp[:19]], level)] += 1
+            counts[(window_starts[timestamp[:19]], level)].append(offset)
             recent = batch.recent[series]
             recent.append((doc_id, doc))
             if len(recent) > 2 * keep_recent:
@@ -176,18 +178,18 @@ def parse_parts(batch: ParsedBatch, events: List[EventT], part_lines: int) -> It
         yield part
 
 
-async def send_counts(batch: ParsedBatch) -> "asyncio.Future[Any]":
+def send_counts(batch: ParsedBatch) -> "asyncio.Future[Any]":
     """Send one LogCounts per service and source partition (the first of a service also carries its
-    newest lines); returns the future of Kafka's acknowledgement of them all (the batch's records
-    are released only after it)."""
+    newest lines) through the producer's buffer, in order, without waiting for room in a producer
+    batch (a LogCounts with recent lines is larger than one); returns the future of Kafka's
+    acknowledgement of them all (the batch's records are released only after it)."""
     deliveries = []
     with_lines: Set[str] = set()
     for (service, partition), counts in batch.counts.items():
-        rows = [[offset, start, level, lines] for (offset, start, level), lines in sorted(counts.items())]
         recent = [] if service in with_lines else newest_lines(batch, service, settings.log_recent_limit)
         with_lines.add(service)
-        value = LogCounts(service=service, source_partition=partition, counts=rows, recent=recent)
-        deliveries.append(await log_counts_topic.send(key=service.encode(), value=value))
+        value = LogCounts(service=service, source_partition=partition, counts=count_rows(counts), recent=recent)
+        deliveries.append(log_counts_topic.send_soon(key=service.encode(), value=value))
     return asyncio.gather(*deliveries)
 
 
@@ -357,7 +359,7 @@ async def ship_batch(stream: Any, events: List[EventT], writes: BulkWrites, orde
         for event, reason in batch.invalid:
             await dead_letter(reason, event)
         counters.dead_lettered += len(batch.invalid)
-        acknowledged = await send_counts(batch)
+        acknowledged = send_counts(batch)
     except BaseException:
         counted.cancel()  # the batch's parts stay held: their offsets are not committed
         raise

@@ -10,9 +10,11 @@ import json
 import math
 import re
 import shlex
-from functools import lru_cache
+from bisect import bisect_right
+from collections import Counter
 from datetime import datetime, timezone
-from typing import Any, Dict, Iterable, List, Mapping, Optional, Tuple, Union
+from functools import lru_cache
+from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Tuple, Union
 
 import faust
 import orjson
@@ -71,8 +73,11 @@ MAX_LINES_PER_RECORD = 10_000
 class LogCounts(faust.Record, serializer="json"):
     """What one batch of one source partition adds to a service's log statistics.
 
-    ``counts`` rows are ``[offset, window_start, level, lines]``: per record offset, so a
-    statistics partition can skip records it already counted (at-least-once redelivery).
+    ``counts`` rows are ``[window_start, level, offsets, lines]``: the record offsets (ascending)
+    with lines of that level in that window, and how many lines each has there, so a statistics
+    partition can skip records it already counted (at-least-once redelivery) with one bisection
+    per row (``counted_rows``). Rows of the earlier form ``[offset, window_start, level, lines]``
+    (one per record, level and window) are still read.
     ``recent`` holds the batch's latest lines of the service (id, @timestamp, level, message, ...).
     """
 
@@ -443,22 +448,48 @@ def window_start(timestamp: str, window: float) -> float:
 # --- statistics: pure folds over a service's state -------------------------------------------------
 
 
+def count_rows(counts: Mapping[Tuple[float, str], List[int]]) -> List[List[Any]]:
+    """LogCounts rows of one batch and source partition: ``{(window_start, level): [offset per
+    line, ascending]}`` -> ``[[window_start, level, offsets, lines], ...]``."""
+    rows = []
+    for (start, level), line_offsets in counts.items():
+        per_record = Counter(line_offsets)  # insertion order: ascending offsets
+        rows.append([start, level, list(per_record), list(per_record.values())])
+    return rows
+
+
+def counted_rows(rows: Iterable[List[Any]], counted: int) -> Iterator[Tuple[float, str, int, int]]:
+    """``(window_start, level, lines, newest offset)`` of each row, leaving out the lines of
+    records at or below ``counted``. Reads both row forms (see LogCounts)."""
+    for row in rows:
+        if row[2].__class__ is list:
+            start, level, offsets, lines = row
+            if offsets:
+                yield start, level, sum(lines[bisect_right(offsets, counted):]), offsets[-1]
+        else:  # [offset, window_start, level, lines]
+            offset, start, level, lines = row
+            yield start, level, lines if offset > counted else 0, offset
+
+
 def fold_counts(state: Mapping[str, Any], counts: LogCounts, *, window: float, keep: int) -> Dict[str, Any]:
-    """Add a LogCounts to a service's statistics; rows at or below the last counted offset of their
-    source partition were counted before (redelivery) and are skipped. Keeps ``keep`` windows."""
+    """Add a LogCounts to a service's statistics; lines of records at or below the last counted
+    offset of their source partition were counted before (redelivery) and are skipped. Keeps
+    ``keep`` windows."""
     windows: Dict[str, Dict[str, int]] = {start: dict(levels) for start, levels in state.get("windows", {}).items()}
     offsets: Dict[str, int] = dict(state.get("offsets", {}))
     partition = str(counts.source_partition)
     counted = offsets.get(partition, -1)
     newest = state.get("newest_window")
-    for offset, start, level, lines in counts.counts:
-        if offset <= counted:
+    top = counted
+    for start, level, lines, last_offset in counted_rows(counts.counts, counted):
+        top = max(top, last_offset)
+        if not lines:
             continue
         levels = windows.setdefault(window_key(start), {})
         levels[level] = levels.get(level, 0) + lines
         newest = start if newest is None else max(newest, start)
-    if counts.counts and counts.source_partition >= 0:
-        offsets[partition] = max(counted, max(row[0] for row in counts.counts))
+    if counts.source_partition >= 0 and top > counted:
+        offsets[partition] = top
     if newest is not None:
         horizon = newest - keep * window
         windows = {start: levels for start, levels in windows.items() if float(start) > horizon}

@@ -1,13 +1,24 @@
 """Log statistics folds (models/logs.py): windows, redelivery, closing."""
 from __future__ import annotations
 
-from models.logs import LogCounts, fold_counts, window_summary, windows_to_close
+from collections import defaultdict
+
+from models.logs import LogCounts, count_rows, fold_counts, window_summary, windows_to_close
 
 WINDOW = 60.0
 
 
 def counts(partition: int, rows, service: str = "cart") -> LogCounts:
-    return LogCounts(service=service, source_partition=partition, counts=[list(row) for row in rows], recent=[])
+    """A LogCounts of ``(offset, window_start, level, lines)`` tuples, in the form the agent sends."""
+    line_offsets = defaultdict(list)
+    for offset, start, level, lines in rows:
+        line_offsets[(start, level)].extend([offset] * lines)
+    return LogCounts(service=service, source_partition=partition, counts=count_rows(line_offsets), recent=[])
+
+
+def test_rows_carry_each_records_offset_once_with_its_lines():
+    rows = count_rows({(600.0, "info"): [7, 7, 7, 8], (600.0, "error"): [7]})
+    assert rows == [[600.0, "info", [7, 8], [3, 1]], [600.0, "error", [7], [1]]]
 
 
 def test_counts_fold_into_windows_per_level():
@@ -24,6 +35,21 @@ def test_redelivered_rows_are_not_counted_twice():
     # Offsets are tracked per source partition: partition 1's offset 10 is a different record.
     other = fold_counts(replayed, counts(1, [(10, 600.0, "info", 1)]), window=WINDOW, keep=10)
     assert other["windows"]["600.000"] == {"info": 3, "error": 1}
+
+
+def test_a_replay_that_starts_inside_a_multi_line_row_counts_only_the_new_records():
+    first = fold_counts({}, counts(0, [(10, 600.0, "info", 5), (11, 600.0, "info", 2)]), window=WINDOW, keep=10)
+    replayed = fold_counts(first, counts(0, [(11, 600.0, "info", 2), (12, 600.0, "info", 4)]), window=WINDOW, keep=10)
+    assert replayed["windows"]["600.000"] == {"info": 11}
+    assert replayed["offsets"] == {"0": 12}
+
+
+def test_rows_of_the_earlier_per_record_form_are_still_counted():
+    old = LogCounts(service="cart", source_partition=0, counts=[[10, 600.0, "info", 2], [11, 600.0, "error", 1]], recent=[])
+    state = fold_counts({}, old, window=WINDOW, keep=10)
+    assert state["windows"]["600.000"] == {"info": 2, "error": 1}
+    again = fold_counts(state, old, window=WINDOW, keep=10)
+    assert again["windows"]["600.000"] == {"info": 2, "error": 1} and again["offsets"] == {"0": 11}
 
 
 def test_only_the_newest_windows_are_kept():
