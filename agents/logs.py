@@ -14,8 +14,9 @@ import time
 from collections import defaultdict, deque
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any, Awaitable, Callable, Coroutine, Deque, Dict, Iterator, List, Optional, Set, Tuple
+from typing import Any, Awaitable, Callable, Coroutine, Deque, Dict, Iterable, Iterator, List, Optional, Set, Tuple
 
+import orjson
 from faust import web
 from faust.types import EventT
 
@@ -47,6 +48,11 @@ log_counts_topic = app.topic(
 INDEX_TEMPLATE = "streamspine-logs"
 CLOSE_GRACE = 5.0  # seconds past a window's end (wall clock) before a quiet service's window closes
 KEEP_WINDOWS = 10
+# log_recent keeps a line's message up to RECENT_MESSAGE_CHARS (the whole line is in Elasticsearch)
+# and a service's newest lines up to RECENT_BYTES of JSON, so they fit in one Kafka record (1 MB by
+# default) in a LogCounts and in log_recent's changelog, whatever the lines' length.
+RECENT_MESSAGE_CHARS = 8192
+RECENT_BYTES = 256 * 1024
 LOG_ERROR_RATE = "log_error_rate"
 INDEX_MAPPINGS: Dict[str, Any] = {
     "dynamic_templates": [
@@ -116,8 +122,11 @@ def record_context(event: EventT) -> RecordContext:
 
 
 def recent_entry(doc_id: str, doc: Dict[str, Any]) -> Dict[str, Any]:
-    """The fields of a line kept in log_recent."""
-    entry = {"id": doc_id, "@timestamp": doc["@timestamp"], "level": doc["log"]["level"], "message": doc["message"]}
+    """The fields of a line kept in log_recent (a long message cut, marked ``truncated``)."""
+    message = doc["message"]
+    entry = {"id": doc_id, "@timestamp": doc["@timestamp"], "level": doc["log"]["level"], "message": message}
+    if len(message) > RECENT_MESSAGE_CHARS:
+        entry["message"], entry["truncated"] = message[:RECENT_MESSAGE_CHARS], True
     trace = doc.get("trace")
     if isinstance(trace, dict) and "id" in trace:
         entry["trace_id"] = trace["id"]
@@ -194,29 +203,45 @@ def send_counts(batch: ParsedBatch) -> "asyncio.Future[Any]":
 
 
 def newest_lines(batch: ParsedBatch, service: str, limit: int) -> List[Dict[str, Any]]:
-    """The ``limit`` newest lines (by @timestamp) of a service in a batch, oldest first: what
-    log_recent would keep of them, so each service's lines are sent and merged once per batch."""
+    """The ``limit`` newest lines (by @timestamp) of a service in a batch, oldest first, at most
+    RECENT_BYTES of them: what log_recent would keep of them, so each service's lines are sent and
+    merged once per batch."""
     lines = [line for (name, _), kept in batch.recent.items() if name == service for line in kept[-limit:]]
     lines.sort(key=line_time)
-    return [recent_entry(doc_id, doc) for doc_id, doc in lines[-limit:]]
+    entries = [recent_entry(doc_id, doc) for doc_id, doc in lines[-limit:]]
+    return entries[len(entries) - entries_within(reversed(entries), RECENT_BYTES):]
+
+
+def entries_within(entries: Iterable[Dict[str, Any]], budget: int) -> int:
+    """How many of ``entries`` (the ones to keep first) fit in ``budget`` bytes of JSON."""
+    size = count = 0
+    for entry in entries:
+        size += len(orjson.dumps(entry)) + 1
+        if size > budget:
+            break
+        count += 1
+    return count
 
 
 def line_time(line: Tuple[str, Dict[str, Any]]) -> str:
     return line[1]["@timestamp"]
 
 
-def settle(target: asyncio.Future, source: asyncio.Future) -> None:
-    """Give ``target`` the outcome of ``source`` (a done callback of ``source``); a cancelled
-    acknowledgement is a failure, not a shutdown."""
-    if target.done():
-        return
-    error = None if source.cancelled() else source.exception()
-    if source.cancelled() or isinstance(error, asyncio.CancelledError):
-        target.set_exception(RuntimeError("Kafka's acknowledgement of the batch's LogCounts was cancelled"))
-    elif error is not None:
-        target.set_exception(error)
-    else:
-        target.set_result(None)
+async def send_counts_in_turn(batch: ParsedBatch, previous: asyncio.Future, counted: asyncio.Future) -> None:
+    """Send a batch's counts once Kafka acknowledged the batch before's (``previous``), and settle
+    ``counted`` with the outcome. If the earlier counts failed, these are not sent: the statistics
+    skip a partition's records up to the newest offset counted, so a later batch counted before an
+    earlier batch's redelivery would lose the earlier batch's lines."""
+    try:
+        await asyncio.shield(previous)
+        await send_counts(batch)
+    except asyncio.CancelledError:
+        counted.cancel()  # its parts, and every later one, stay held
+        raise
+    except BaseException as error:
+        counted.set_exception(error)
+        raise
+    counted.set_result(None)
 
 
 async def dead_letter_rejections(rejections: List[Rejection], batch: ParsedBatch) -> None:
@@ -247,16 +272,25 @@ class ReleaseOrder:
     """Parts are released in the order they were read, each after the one before. Faust commits up
     to the first offset not acknowledged, but lets a gap of one offset at the head pass
     (``Consumer._new_offset``: ``min(acked) - committed > 1``, and no check before the first
-    commit), so a part released before an earlier one could let an unstored record be committed."""
+    commit), so a part released before an earlier one could let an unstored record be committed.
+    Batches' counts are sent in order too, each after the one before was acknowledged."""
 
     def __init__(self) -> None:
-        self.last: asyncio.Future = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        self.last: asyncio.Future = loop.create_future()
         self.last.set_result(None)
+        self.last_counted: asyncio.Future = loop.create_future()
+        self.last_counted.set_result(None)
 
     def next_turn(self) -> Tuple[asyncio.Future, asyncio.Future]:
         """(the release to wait for, this part's release)."""
         previous, self.last = self.last, asyncio.get_running_loop().create_future()
         return previous, self.last
+
+    def counts_turn(self, counted: asyncio.Future) -> asyncio.Future:
+        """The acknowledgement of the batch before's counts, to wait for before sending ``counted``'s."""
+        previous, self.last_counted = self.last_counted, counted
+        return previous
 
 
 async def release_in_order(stream: Any, events: List[EventT], counted: asyncio.Future,
@@ -345,9 +379,9 @@ def log_failed_write(task: asyncio.Future) -> None:
 
 async def ship_batch(stream: Any, events: List[EventT], writes: BulkWrites, order: ReleaseOrder) -> None:
     """Parse a held batch, starting each part's bulk write as soon as it is parsed; dead-letter the
-    invalid records and send the batch's counts. Every part is released once its lines are stored
-    and Kafka has acknowledged the counts (``counted``), in the background: the next batch is
-    parsed meanwhile."""
+    invalid records and send the batch's counts (after the batch before's). Every part is released
+    once its lines are stored and Kafka has acknowledged the counts (``counted``), in the
+    background: the next batch is parsed meanwhile."""
     batch = ParsedBatch()
     counted = asyncio.get_running_loop().create_future()
     try:
@@ -359,11 +393,10 @@ async def ship_batch(stream: Any, events: List[EventT], writes: BulkWrites, orde
         for event, reason in batch.invalid:
             await dead_letter(reason, event)
         counters.dead_lettered += len(batch.invalid)
-        acknowledged = send_counts(batch)
+        writes.track(send_counts_in_turn(batch, order.counts_turn(counted), counted))
     except BaseException:
         counted.cancel()  # the batch's parts stay held: their offsets are not committed
         raise
-    acknowledged.add_done_callback(partial(settle, counted))
     counters.records += len(events)
     counters.lines += batch.lines
     counters.last_batch_at = time.time()
@@ -403,11 +436,13 @@ async def ship_logs(stream) -> None:
 
 
 def merge_recent(current: List[Dict[str, Any]], new: List[Dict[str, Any]], limit: int) -> List[Dict[str, Any]]:
-    """Newest first, each line once (a redelivered record keeps its place), at most ``limit``."""
+    """Newest first, each line once (a redelivered record keeps its place), at most ``limit``
+    lines and RECENT_BYTES."""
     seen = {entry["id"] for entry in new}
     merged = list(reversed(new)) + [entry for entry in current if entry["id"] not in seen]
     merged.sort(key=lambda entry: entry["@timestamp"], reverse=True)
-    return merged[:limit]
+    del merged[limit:]
+    return merged[:entries_within(merged, RECENT_BYTES)]
 
 
 async def send_error_rate(service: str, start: float, levels: Dict[str, int]) -> None:

@@ -450,11 +450,13 @@ def window_start(timestamp: str, window: float) -> float:
 
 def count_rows(counts: Mapping[Tuple[float, str], List[int]]) -> List[List[Any]]:
     """LogCounts rows of one batch and source partition: ``{(window_start, level): [offset per
-    line, ascending]}`` -> ``[[window_start, level, offsets, lines], ...]``."""
+    line]}`` -> ``[[window_start, level, offsets, lines], ...]``, offsets ascending (``counted_rows``
+    bisects them; a batch read across a seek back may hold a partition's offsets out of order)."""
     rows = []
     for (start, level), line_offsets in counts.items():
-        per_record = Counter(line_offsets)  # insertion order: ascending offsets
-        rows.append([start, level, list(per_record), list(per_record.values())])
+        per_record = Counter(line_offsets)
+        offsets = sorted(per_record)
+        rows.append([start, level, offsets, [per_record[offset] for offset in offsets]])
     return rows
 
 

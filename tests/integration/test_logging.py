@@ -180,3 +180,26 @@ def test_every_worker_answers_for_every_service_from_the_owner(isolated_broker, 
         answers = [worker.get(f"/logs/recent/{service}/?level=warn") for worker in workers]
         assert answers[0] == answers[1]
         assert answers[0][0] == 200 and [line["message"] for line in answers[0][1]["lines"]] == [f"{service} line 0"]
+
+
+def test_a_burst_of_long_stack_traces_is_counted_and_kept_short_enough_for_kafka(isolated_broker, start_workers):
+    """200 newest lines of 20 kB would make a 4 MB LogCounts and log_recent value, over Kafka's 1 MB
+    record limit: the recent lines are cut to fit, and the statistics and the worker go on."""
+    (worker,) = start_workers(isolated_broker, 1)
+    service = new_service("billing")
+    trace = "java.lang.IllegalStateException: ledger closed\n" + "\tat com.shop.Ledger.post(Ledger.java:42)\n" * 500
+    produce_sync(isolated_broker.bootstrap, "logs", [
+        (service, {"level": "error", "message": f"payment {i} failed\n{trace}"}) for i in range(250)
+    ], max_batch_size=1 << 20)
+    produce_sync(isolated_broker.bootstrap, "logs", [(service, {"level": "info", "message": "recovered"})])
+
+    def counted() -> int:
+        status, body = worker.get(f"/logs/stats/{service}/")
+        return sum(window["total"] for window in body["windows"]) if status == 200 else 0
+
+    assert wait_for(lambda: counted() == 251, timeout=60, message="251 lines counted")
+    status, recent = worker.get(f"/logs/recent/{service}/?limit=200")
+    lines = recent["lines"]
+    assert status == 200 and lines[0]["message"] == "recovered"
+    assert 1 < len(lines) < 200 and len(json.dumps(lines)) <= 256 * 1024
+    assert lines[1]["truncated"] is True and lines[1]["message"].startswith("payment 249 failed\njava.lang.")

@@ -21,6 +21,15 @@ def test_rows_carry_each_records_offset_once_with_its_lines():
     assert rows == [[600.0, "info", [7, 8], [3, 1]], [600.0, "error", [7], [1]]]
 
 
+def test_a_batch_that_read_a_partition_out_of_order_still_counts_each_record_once():
+    # A seek back (rebalance) inside one batch: offsets 20-21, then 15-16 read again.
+    rows = count_rows({(600.0, "info"): [20, 21, 15, 16]})
+    assert rows == [[600.0, "info", [15, 16, 20, 21], [1, 1, 1, 1]]]
+    state = {"offsets": {"0": 18}}
+    folded = fold_counts(state, LogCounts(service="cart", source_partition=0, counts=rows, recent=[]), window=WINDOW, keep=10)
+    assert folded["windows"]["600.000"] == {"info": 2} and folded["offsets"]["0"] == 21  # 20 and 21, once
+
+
 def test_counts_fold_into_windows_per_level():
     state = fold_counts({}, counts(0, [(0, 600.0, "info", 3), (1, 600.0, "error", 1), (2, 660.0, "info", 2)]), window=WINDOW, keep=10)
     assert state["windows"] == {"600.000": {"info": 3, "error": 1}, "660.000": {"info": 2}}

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 
+import orjson
 import pytest
 
 from agents.logs import BulkWrites
@@ -119,16 +120,38 @@ async def test_a_part_never_released_holds_every_later_one(monkeypatch):
     assert released == [] and all(isinstance(result, asyncio.CancelledError) for result in results)
 
 
-async def test_a_cancelled_acknowledgement_of_the_counts_is_a_failure_not_a_shutdown():
-    from agents.logs import settle
+async def test_a_batchs_counts_wait_for_the_batch_befores_and_are_not_sent_if_those_failed(monkeypatch):
+    """Statistics skip a partition's records up to the newest offset counted: a later batch's counts
+    acknowledged before an earlier batch's redelivery would lose the earlier batch's lines."""
+    import agents.logs as logs
 
+    sent = []
+
+    async def send_counts(batch) -> None:  # stands in for Kafka's acknowledgement
+        sent.append(batch)
+
+    monkeypatch.setattr(logs, "send_counts", send_counts)
     loop = asyncio.get_running_loop()
-    counted, acknowledged = loop.create_future(), loop.create_future()
-    acknowledged.cancel()
-    settle(counted, acknowledged)
-    with pytest.raises(RuntimeError, match="cancelled"):
-        counted.result()
+    order = logs.ReleaseOrder()
+    first, second, third = loop.create_future(), loop.create_future(), loop.create_future()
+    assert order.counts_turn(first).done()  # nothing before the first batch
+    after_first = asyncio.ensure_future(logs.send_counts_in_turn("batch 2", order.counts_turn(second), second))
+    after_second = asyncio.ensure_future(logs.send_counts_in_turn("batch 3", order.counts_turn(third), third))
+    await asyncio.sleep(0.01)
+    assert sent == []  # the first batch's counts are not acknowledged yet
 
+    first.set_exception(ConnectionError("request timed out"))
+    results = await asyncio.gather(after_first, after_second, return_exceptions=True)
+    assert sent == [] and all(isinstance(result, ConnectionError) for result in results)
+    assert isinstance(second.exception(), ConnectionError) and isinstance(third.exception(), ConnectionError)
+
+    ok, fourth = loop.create_future(), loop.create_future()
+    ok.set_result(None)
+    await logs.send_counts_in_turn("batch 4", ok, fourth)
+    assert sent == ["batch 4"] and fourth.result() is None
+
+
+async def test_a_cancelled_write_or_count_fails_the_next_batch():
     writes = BulkWrites(2)
 
     async def cancelled() -> None:
@@ -138,3 +161,25 @@ async def test_a_cancelled_acknowledgement_of_the_counts_is_a_failure_not_a_shut
     await asyncio.sleep(0)
     with pytest.raises(RuntimeError, match="cancelled"):
         writes.raise_failed()
+
+
+def test_recent_lines_fit_in_a_kafka_record_however_long_the_lines():
+    from agents.logs import RECENT_BYTES, RECENT_MESSAGE_CHARS, ParsedBatch, merge_recent, newest_lines
+
+    stack_trace = "java.lang.IllegalStateException: boom\n" + "\tat com.shop.Cart.add(Cart.java:42)\n" * 400
+    batch = ParsedBatch()
+    batch.recent[("cart", 0)] = [
+        (f"logs-0-{n}-0", {"@timestamp": f"2024-11-01T12:{n // 60:02d}:{n % 60:02d}.000Z", "message": stack_trace,
+                           "log": {"level": "error"}})
+        for n in range(200)
+    ]
+
+    newest = newest_lines(batch, "cart", limit=200)
+
+    assert 0 < len(newest) < 200 and len(orjson.dumps(newest)) <= RECENT_BYTES
+    assert newest[-1]["id"] == "logs-0-199-0"  # the newest are the ones kept
+    assert all(len(entry["message"]) == RECENT_MESSAGE_CHARS and entry["truncated"] for entry in newest)
+    merged = merge_recent(newest, newest_lines(batch, "cart", limit=200), limit=200)
+    assert len(orjson.dumps(merged)) <= RECENT_BYTES and merged[0]["id"] == "logs-0-199-0"
+    short = [{"id": f"x-{n}", "@timestamp": f"2024-11-01T13:00:{n:02d}.000Z", "level": "info", "message": "ok"} for n in range(50)]
+    assert len(merge_recent(merged, short, limit=200)) > 50  # short lines leave room for older ones
