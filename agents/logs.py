@@ -28,7 +28,7 @@ from app.dead_letters import dead_letter
 from app.search import BulkPair, BulkWriter, Rejection, optional_writer, put_index_template
 from models.logs import (
     LEVELS, InvalidRecord, LogCounts, RecordContext, count_rows, document_id, document_origin, fold_counts, header_text,
-    index_name, index_template_patterns, is_error, parse_record, window_key, window_start, window_summary,
+    index_name, index_template_patterns, is_error, parse_record, split_rows, window_key, window_start, window_summary,
     windows_to_close,
 )
 from tables.logs import log_stats, recent_lines
@@ -53,6 +53,9 @@ KEEP_WINDOWS = 10
 # default) in a LogCounts and in log_recent's changelog, whatever the lines' length.
 RECENT_MESSAGE_CHARS = 8192
 RECENT_BYTES = 256 * 1024
+# Offsets in one LogCounts (about 13 bytes each with its line count): a batch of many records, each
+# with lines at several levels or in two windows, is sent as several, in offset order.
+MAX_COUNTED_OFFSETS = 20_000
 LOG_ERROR_RATE = "log_error_rate"
 INDEX_MAPPINGS: Dict[str, Any] = {
     "dynamic_templates": [
@@ -161,6 +164,8 @@ def parse_parts(batch: ParsedBatch, events: List[EventT], part_lines: int) -> It
             part = BulkPart()
         part.events.append(event)
         message = event.message
+        if (message.partition, message.offset) in batch.records:
+            continue  # read twice in one batch (a seek back across it): its lines count once
         try:
             docs = parse_record(message.value, record_context(event))
         except InvalidRecord as error:
@@ -197,8 +202,10 @@ def send_counts(batch: ParsedBatch) -> "asyncio.Future[Any]":
     for (service, partition), counts in batch.counts.items():
         recent = [] if service in with_lines else newest_lines(batch, service, settings.log_recent_limit)
         with_lines.add(service)
-        value = LogCounts(service=service, source_partition=partition, counts=count_rows(counts), recent=recent)
-        deliveries.append(log_counts_topic.send_soon(key=service.encode(), value=value))
+        for rows in split_rows(count_rows(counts), MAX_COUNTED_OFFSETS):
+            value = LogCounts(service=service, source_partition=partition, counts=rows, recent=recent)
+            deliveries.append(log_counts_topic.send_soon(key=service.encode(), value=value))
+            recent = []
     return asyncio.gather(*deliveries)
 
 
@@ -214,7 +221,7 @@ def newest_lines(batch: ParsedBatch, service: str, limit: int) -> List[Dict[str,
 
 def entries_within(entries: Iterable[Dict[str, Any]], budget: int) -> int:
     """How many of ``entries`` (the ones to keep first) fit in ``budget`` bytes of JSON."""
-    size = count = 0
+    size, count = 1, 0  # "[" and "]", and a "," after every entry but the last
     for entry in entries:
         size += len(orjson.dumps(entry)) + 1
         if size > budget:
@@ -234,7 +241,7 @@ async def send_counts_in_turn(batch: ParsedBatch, previous: asyncio.Future, coun
     earlier batch's redelivery would lose the earlier batch's lines."""
     try:
         await asyncio.shield(previous)
-        await send_counts(batch)
+        await asyncio.shield(send_counts(batch))  # cancelling this task must not cancel Kafka's acknowledgements
     except asyncio.CancelledError:
         counted.cancel()  # its parts, and every later one, stay held
         raise

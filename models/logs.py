@@ -10,7 +10,7 @@ import json
 import math
 import re
 import shlex
-from bisect import bisect_right
+from bisect import bisect_left, bisect_right
 from collections import Counter
 from datetime import datetime, timezone
 from functools import lru_cache
@@ -458,6 +458,24 @@ def count_rows(counts: Mapping[Tuple[float, str], List[int]]) -> List[List[Any]]
         offsets = sorted(per_record)
         rows.append([start, level, offsets, [per_record[offset] for offset in offsets]])
     return rows
+
+
+def split_rows(rows: List[List[Any]], max_offsets: int) -> Iterator[List[List[Any]]]:
+    """``count_rows`` rows in parts of at most about ``max_offsets`` offsets, each part a range of
+    records after the part before (so folding the parts in order skips and counts as the whole)."""
+    if sum(len(row[2]) for row in rows) <= max_offsets:
+        yield rows
+        return
+    records = sorted({offset for row in rows for offset in row[2]})
+    step = max(1, max_offsets // len(rows))  # a record is in at most len(rows) rows
+    for first in range(0, len(records), step):
+        low, high = records[first], records[min(first + step, len(records)) - 1]
+        part = []
+        for start, level, offsets, lines in rows:
+            begin, end = bisect_left(offsets, low), bisect_right(offsets, high)
+            if begin < end:
+                part.append([start, level, offsets[begin:end], lines[begin:end]])
+        yield part
 
 
 def counted_rows(rows: Iterable[List[Any]], counted: int) -> Iterator[Tuple[float, str, int, int]]:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 
-from models.logs import LogCounts, count_rows, fold_counts, window_summary, windows_to_close
+from models.logs import LogCounts, count_rows, fold_counts, split_rows, window_summary, windows_to_close
 
 WINDOW = 60.0
 
@@ -28,6 +28,30 @@ def test_a_batch_that_read_a_partition_out_of_order_still_counts_each_record_onc
     state = {"offsets": {"0": 18}}
     folded = fold_counts(state, LogCounts(service="cart", source_partition=0, counts=rows, recent=[]), window=WINDOW, keep=10)
     assert folded["windows"]["600.000"] == {"info": 2} and folded["offsets"]["0"] == 21  # 20 and 21, once
+
+
+def test_a_large_batch_is_sent_in_parts_that_fold_like_the_whole():
+    # 3,000 records, each with lines at three levels in two windows: six rows of 3,000 offsets.
+    line_offsets = defaultdict(list)
+    for offset in range(1000, 4000):
+        for start in (600.0, 660.0):
+            for level in ("info", "warn", "error"):
+                line_offsets[(start, level)].extend([offset] * 2)
+    rows = count_rows(line_offsets)
+
+    parts = list(split_rows(rows, 1200))
+
+    assert len(parts) > 1 and all(sum(len(row[2]) for row in part) <= 1200 for part in parts)
+    whole = fold_counts({}, LogCounts(service="cart", source_partition=0, counts=rows, recent=[]), window=WINDOW, keep=10)
+    state: dict = {}
+    for part in parts:
+        state = fold_counts(state, LogCounts(service="cart", source_partition=0, counts=part, recent=[]), window=WINDOW, keep=10)
+    assert state["windows"] == whole["windows"] == {"600.000": {"info": 6000, "warn": 6000, "error": 6000},
+                                                     "660.000": {"info": 6000, "warn": 6000, "error": 6000}}
+    for part in parts:  # redelivered: nothing counted again
+        state = fold_counts(state, LogCounts(service="cart", source_partition=0, counts=part, recent=[]), window=WINDOW, keep=10)
+    assert state["windows"] == whole["windows"] and state["offsets"] == {"0": 3999}
+    assert list(split_rows(rows, 18000)) == [rows]
 
 
 def test_counts_fold_into_windows_per_level():

@@ -183,3 +183,42 @@ def test_recent_lines_fit_in_a_kafka_record_however_long_the_lines():
     assert len(orjson.dumps(merged)) <= RECENT_BYTES and merged[0]["id"] == "logs-0-199-0"
     short = [{"id": f"x-{n}", "@timestamp": f"2024-11-01T13:00:{n:02d}.000Z", "level": "info", "message": "ok"} for n in range(50)]
     assert len(merge_recent(merged, short, limit=200)) > 50  # short lines leave room for older ones
+
+
+def test_a_record_read_twice_in_one_batch_counts_once_and_is_released_with_its_part():
+    from faust.types import Message
+
+    from agents.logs import ParsedBatch, parse_parts
+
+    class Event:  # what parse_parts reads of a faust Event
+        def __init__(self, offset: int) -> None:
+            value = orjson.dumps({"message": f"line {offset}", "level": "info", "ts": 1730462400})
+            self.message = Message("logs", 0, offset, 1730462400.0, 0, [], b"cart", value, None)
+
+    events = [Event(5), Event(6), Event(5), Event(7)]  # a seek back read offset 5 again
+    batch = ParsedBatch()
+
+    parts = list(parse_parts(batch, events, 100))
+
+    assert [len(part.events) for part in parts] == [4]  # every event is released
+    assert [pair[0]["index"]["_id"] for pair in parts[0].actions] == ["logs-0-5-0", "logs-0-6-0", "logs-0-7-0"]
+    assert sum(len(offsets) for offsets in batch.counts[("cart", 0)].values()) == 3 and batch.lines == 3
+
+
+async def test_shutdown_while_counts_are_in_flight_leaves_kafkas_acknowledgements_alone(monkeypatch):
+    """The producer settles its futures later: a cancelled one would make it fail (InvalidStateError)."""
+    import agents.logs as logs
+
+    loop = asyncio.get_running_loop()
+    acknowledgement = loop.create_future()
+    monkeypatch.setattr(logs, "send_counts", lambda batch: acknowledgement)
+    done, counted = loop.create_future(), loop.create_future()
+    done.set_result(None)
+    task = asyncio.ensure_future(logs.send_counts_in_turn("batch", done, counted))
+    await asyncio.sleep(0.01)
+
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+
+    assert counted.cancelled() and not acknowledgement.cancelled()
+    acknowledgement.set_result(None)
