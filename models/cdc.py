@@ -574,9 +574,14 @@ def fill_unavailable(after: Dict[str, Any], previous: Optional[Dict[str, Any]]) 
 
 
 def latest_per_row(changes: Sequence[Change]) -> List[Change]:
-    """The last change of each row of a batch (earlier ones are superseded), in batch order."""
+    """The newest change of each row of a batch (highest LSN; of equal LSNs, one transaction's, the
+    later in the batch), in batch order. A row's changes may come from two partitions (a Debezium
+    key converter that wrapped one key in a schema envelope), so batch order is not LSN order."""
     latest: Dict[Tuple[str, str], Change] = {}
     for change in changes:
-        latest.pop((change.table_name, change.row_id), None)
-        latest[(change.table_name, change.row_id)] = change
+        ident = (change.table_name, change.row_id)
+        kept = latest.get(ident)
+        if kept is None or kept.lsn <= change.lsn:
+            latest.pop(ident, None)
+            latest[ident] = change
     return list(latest.values())

@@ -190,6 +190,12 @@ def test_only_the_last_change_of_each_row_of_a_batch_is_applied():
     assert [(c.key["id"], c.lsn) for c in latest_per_row(batch)] == [(1, 12), (3, 13), (2, 14)]
 
 
+def test_a_rows_newest_change_wins_even_when_another_partition_delivered_it_first():
+    # The delete (LSN 20) came from one partition before the insert (LSN 10) from another.
+    batch = [change(3, 20, "d"), change(1, 15), change(3, 10, "c")]
+    assert [(c.key["id"], c.op, c.lsn) for c in latest_per_row(batch)] == [(3, "d", 20), (1, "u", 15)]
+
+
 def test_unchanged_toast_values_come_from_the_previous_image():
     after = {"id": 1, "body": UNAVAILABLE, "n": 2}
     assert fill_unavailable(after, {"id": 1, "body": "long text", "n": 1}) == {"id": 1, "body": "long text", "n": 2}
