@@ -13,12 +13,12 @@ import uuid
 from datetime import date, datetime, timedelta, timezone
 from decimal import Decimal
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, Iterable, List, Optional, Tuple
 
 import psycopg
 import pytest
 import redis
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from psycopg.types.json import Json, Jsonb
 
 from models.cdc import UNAVAILABLE, python_value
@@ -53,7 +53,8 @@ ITEM_COLUMNS = ["id", "name", "price", "big", "happened", "local_ts", "day", "do
 class Scenario:
     """One test's source database, replica database, Redis database, schema, slot and topics."""
 
-    def __init__(self, postgres, redis_server, es_server, index: int) -> None:
+    def __init__(self, postgres, redis_server, es_server, index: int, kafka: Tuple[str, str]) -> None:
+        self.kafka = kafka  # bootstrap servers and the workers' consumer group, for diagnostics
         suffix = uuid.uuid4().hex[:8]
         self.schema = f"s_{suffix}"
         self.source_dsn = postgres.create_database(f"source_{suffix}")
@@ -83,10 +84,10 @@ class Scenario:
 
 
 @pytest.fixture
-def scenario(request, postgres_server, redis_server, es_server) -> Scenario:
+def scenario(request, postgres_server, redis_server, es_server, kafka_broker, app_id) -> Scenario:
     index = 1 + (abs(hash(request.node.name)) % 15)
     redis.Redis.from_url(f"{redis_server.url.rsplit('/', 1)[0]}/{index}").flushdb()
-    return Scenario(postgres_server, redis_server, es_server, index)
+    return Scenario(postgres_server, redis_server, es_server, index, kafka=(kafka_broker.bootstrap, app_id))
 
 
 # --- a seeded random workload -----------------------------------------------------------------------
@@ -224,29 +225,39 @@ def index_rows(es_server, table: str, types: Dict[str, str], skip: Tuple[str, ..
     return {doc_id: decoded(source, types) for doc_id, source in es_server.docs(table.lower()).items() if doc_id not in skip}
 
 
-def differences(scenario: Scenario, table: str) -> List[str]:
-    """What differs between the source and each copy ([] when all are equal)."""
+def row_differences(scenario: Scenario, table: str) -> Dict[str, Tuple[set, set, List[str]]]:
+    """Per copy that differs from the source: (ids missing, ids extra, ids whose row differs)."""
     source = database_rows(scenario.source_dsn, table)
     types = column_types(scenario.source_dsn, table)
     by_id = {redis_row_id(key): row for key, row in source.items()}
-    problems = []
     try:
         replica = database_rows(scenario.replica_dsn, table)
     except psycopg.errors.UndefinedTable:
         replica = {}
     copies = {"replica": ({redis_row_id(k): v for k, v in replica.items()}), "redis": redis_rows(scenario.redis_url, table, types),
               "index": index_rows(scenario.es_server, table, types)}
+    found = {}
     for name, rows in copies.items():
         missing, extra = by_id.keys() - rows.keys(), rows.keys() - by_id.keys()
         wrong = [row_id for row_id in by_id.keys() & rows.keys() if rows[row_id] != by_id[row_id]]
         if missing or extra or wrong:
-            sample = wrong[0] if wrong else None
-            problems.append(f"{table} {name}: {len(missing)} missing, {len(extra)} extra, {len(wrong)} differ"
-                            + (f" e.g. {rows[sample]} != {by_id[sample]}" if sample else ""))
+            found[name] = (missing, extra, wrong, rows, by_id)
+    return found
+
+
+def differences(scenario: Scenario, table: str) -> List[str]:
+    """What differs between the source and each copy ([] when all are equal)."""
+    problems = []
+    for name, (missing, extra, wrong, rows, by_id) in row_differences(scenario, table).items():
+        sample = wrong[0] if wrong else None
+        problems.append(f"{table} {name}: {len(missing)} missing, {len(extra)} extra, {len(wrong)} differ"
+                        + (f" e.g. {rows[sample]} != {by_id[sample]}" if sample else ""))
     return problems
 
 
 def wait_until_copies_equal(scenario: Scenario, timeout: float = 120.0) -> None:
+    """Fails with what differs, and where the differing rows' last change events are in their
+    topics, next to the workers' committed offsets."""
     last: List[str] = []
 
     def equal() -> bool:
@@ -257,7 +268,48 @@ def wait_until_copies_equal(scenario: Scenario, timeout: float = 120.0) -> None:
     try:
         wait_for(equal, timeout=timeout, interval=1.0, message="replica, Redis and index equal to the source")
     except TimeoutError:
-        raise AssertionError("copies differ from the source: " + "; ".join(last)) from None
+        try:
+            diagnosis = "\n".join(asyncio.run(topic_diagnosis(*scenario.kafka, scenario, table))
+                                  for table in scenario.tables if row_differences(scenario, table))
+        except Exception as error:  # the differences above are the failure; this only explains them
+            diagnosis = f"(topics not read: {error!r})"
+        raise AssertionError("copies differ from the source: " + "; ".join(last) + "\n" + diagnosis) from None
+
+
+async def committed_offsets(bootstrap: str, group: str, topic: str, partitions: Iterable[int]) -> Dict[int, Any]:
+    """The group's committed offset of each partition (None where it committed none)."""
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=group, enable_auto_commit=False)
+    await consumer.start()
+    try:
+        return {p: await consumer.committed(TopicPartition(topic, p)) for p in sorted(partitions)}
+    finally:
+        await consumer.stop()
+
+
+async def topic_diagnosis(bootstrap: str, group: str, scenario: Scenario, table: str) -> str:
+    """For a table whose replica differs: per partition of its topic the end offset and the group's
+    committed offset, and for each differing row the last change event of its key (partition,
+    offset, op): tells a change never published from one published but never applied."""
+    topic = f"{scenario.prefix}.{table}"
+    records = await read_topic(bootstrap, topic)
+    committed = await committed_offsets(bootstrap, group, topic, {record.partition for record in records})
+    ends: Dict[int, int] = {}
+    last_event: Dict[str, Any] = {}
+    for record in records:
+        ends[record.partition] = max(ends.get(record.partition, 0), record.offset + 1)
+        key = json.loads(record.key)
+        key = key.get("payload", key)
+        row_id = redis_row_id(tuple(key[column] for column in key_columns(table)))
+        op = json.loads(record.value)["op"] if record.value else "tombstone"
+        last_event[row_id] = (record.partition, record.offset, op)
+    lines = [f"{topic}: partition end/committed " + ", ".join(
+        f"{p}: {ends.get(p, 0)}/{committed.get(p, '-')}" for p in sorted(set(ends) | set(committed)))]
+    differing = row_differences(scenario, table).get("replica")
+    if differing is not None:
+        missing, extra, wrong = differing[:3]
+        for kind, ids in (("missing", missing), ("extra", extra), ("differs", wrong)):
+            lines.extend(f"  {kind} {row_id}: last event {last_event.get(row_id)}" for row_id in sorted(ids)[:30])
+    return "\n".join(lines)
 
 
 async def read_topic(bootstrap: str, topic: str) -> List[Any]:
