@@ -46,10 +46,13 @@ VARIANTS: Dict[str, str] = {
     "faust-bare": "stock Faust (kafka://, default settings): agent only iterates",
     "faust-table": "stock Faust: RocksDB table, table[key] += 1 per record",
     "streamspine-bare": "faust_settings() + streamspine:// transport: agent only iterates",
+    "streamspine-take": "same app: take_events(5000, 0.2), each batch's events held, then released (the logging agent's batching)",
+    "streamspine-held": "same app: events one by one, each held, released 5000 at a time (batching without take_events)",
     "streamspine-batch": "same app: RocksDB table, DeltaBuffer (one write per key per flush/commit), events one by one",
     "streamspine-perbatch": "same app: RocksDB table, take_events + fold_deltas/write_deltas (one write per key per batch)",
 }
 BASELINE = "quix"
+HOLDING = {"streamspine-take", "streamspine-held"}
 STATEFUL = {"quix", "faust-table", "streamspine-batch", "streamspine-perbatch"}
 RETENTION = {"retention.ms": "604800000", "retention.bytes": "-1"}  # Tansu needs both for Quix
 
@@ -195,6 +198,35 @@ def add_iterating_agent(app: Any, topic: Any, meter: Meter) -> None:
                 meter.finish()
 
 
+def add_holding_agent(app: Any, topic: Any, meter: Meter, variant: str) -> None:
+    """The logging agent's two ways of batching held events, without its parsing and writes."""
+    from app.aggregation import hold, release
+
+    if variant == "streamspine-take":  # counted from its first batch: the rate leaves out one batch's wait
+        @app.agent(topic)
+        async def take(stream: Any) -> None:
+            async for events in stream.take_events(5000, within=0.2):
+                hold(events)
+                release(stream, events)
+                if meter.add(len(events)):
+                    meter.finish()
+        return
+
+    @app.agent(topic)
+    async def held(stream: Any) -> None:
+        events: List[Any] = []
+        async for _value in stream:
+            event = stream.current_event
+            event.message.incref()
+            events.append(event)
+            done = meter.add(1)
+            if len(events) >= 5000 or done:
+                release(stream, events)
+                events = []
+            if done:
+                meter.finish()
+
+
 def add_counting_agent(app: Any, topic: Any, meter: Meter, args: argparse.Namespace) -> None:
     """Variants d and f: per-key counts in a RocksDB table, naive or with the project's batch pattern."""
     from app.aggregation import BATCH_MAX, BATCH_WITHIN, FLUSH_INTERVAL, DeltaBuffer, fold_deltas, write_deltas
@@ -253,6 +285,8 @@ def run_faust(args: argparse.Namespace, meter: Meter) -> None:
     topic = app.topic(args.topic, key_type=bytes, value_serializer="json", partitions=args.partitions)
     if args.variant in STATEFUL:
         add_counting_agent(app, topic, meter, args)
+    elif args.variant in HOLDING:
+        add_holding_agent(app, topic, meter, args.variant)
     else:
         add_iterating_agent(app, topic, meter)
     # loglevel "info": Faust's default (WARN) keeps its spinner, which sets the root logger to DEBUG.
@@ -265,6 +299,8 @@ RUNNERS: Dict[str, Callable[[argparse.Namespace, Meter], None]] = {
     "faust-bare": run_faust,
     "faust-table": run_faust,
     "streamspine-bare": run_faust,
+    "streamspine-take": run_faust,
+    "streamspine-held": run_faust,
     "streamspine-batch": run_faust,
     "streamspine-perbatch": run_faust,
 }
@@ -465,11 +501,12 @@ def broker_at(bootstrap: Optional[str], workdir: Path) -> Iterator[str]:
 
 def compare(args: argparse.Namespace) -> int:
     """The whole run: broker, one fresh topic, every variant (in order, ``--repeat`` times), report."""
-    require_quixstreams()
-    variants = args.variants.split(",") if args.variants else list(VARIANTS)
+    variants = args.variants.split(",") if args.variants else [v for v in VARIANTS if v not in HOLDING]
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown:
         raise SystemExit(f"unknown variant(s) {', '.join(unknown)}; known: {', '.join(VARIANTS)}")
+    if "quix" in variants:
+        require_quixstreams()
     load_before = os.getloadavg()[0]
     workdir = Path(tempfile.mkdtemp(prefix="streamspine-bench-"))
     results: List[Result] = []
