@@ -12,6 +12,7 @@ import json
 import logging
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import psycopg
@@ -406,6 +407,10 @@ class ReplicaSink:
         INSERT INTO public._cdc_versions (table_name, row_id, lsn) VALUES (%s, %s, %s)
         ON CONFLICT (table_name, row_id) DO UPDATE SET lsn = EXCLUDED.lsn WHERE _cdc_versions.lsn <= EXCLUDED.lsn
         RETURNING 1"""  # the row's LSN moved: this change is the newest seen
+    # Every worker creates what the replica lacks. PostgreSQL's IF NOT EXISTS does not make two
+    # sessions' concurrent CREATEs safe (one fails on pg_type's unique index), so the replica's DDL
+    # runs one session at a time, under this transaction-level advisory lock.
+    DDL_LOCK = "SELECT pg_advisory_xact_lock(hashtext('streamspine-cdc-replica-ddl'))"
 
     def __init__(self, dsn: str) -> None:
         self.dsn = dsn
@@ -416,9 +421,11 @@ class ReplicaSink:
     async def connection(self) -> psycopg.AsyncConnection:
         if self.conn is None or self.conn.closed:
             self.conn = await psycopg.AsyncConnection.connect(self.dsn, autocommit=True)
-            await self.conn.execute(
-                "CREATE TABLE IF NOT EXISTS public._cdc_versions (table_name text, row_id text, lsn bigint NOT NULL,"
-                " PRIMARY KEY (table_name, row_id))")
+            async with self.conn.transaction():
+                await self.conn.execute(self.DDL_LOCK)
+                await self.conn.execute(
+                    "CREATE TABLE IF NOT EXISTS public._cdc_versions (table_name text, row_id text, lsn bigint NOT NULL,"
+                    " PRIMARY KEY (table_name, row_id))")
             self.tables.clear()
             self.statements.clear()
         return self.conn
@@ -467,8 +474,13 @@ class ReplicaSink:
             if not await self.load_table(conn, change.table_name):
                 if not change.columns:
                     return f"replica has no table {change.table_name} and the event carries no column definitions"
-                await self.create_table(conn, change)
-                await self.load_table(conn, change.table_name)
+                try:
+                    await self.create_table(conn, change)
+                except REPLICA_REFUSALS as error:  # e.g. a column type the replica does not know
+                    if not await self.load_table(conn, change.table_name):  # unless created by another client meanwhile
+                        return f"replica could not create {change.table_name}: {error}".strip()
+                else:
+                    await self.load_table(conn, change.table_name)
         types, key = self.tables[change.table_name]
         row = change.after or change.before or {}
         unknown = [name for name in list(row) + list(change.key) if name not in types]
@@ -490,9 +502,11 @@ class ReplicaSink:
     async def create_table(self, conn: psycopg.AsyncConnection, change: Change) -> None:
         columns = [sql.SQL("{} {}").format(sql.Identifier(c.name), sql.SQL(c.sql_type)) for c in change.columns]
         key = sql.SQL(", ").join(sql.Identifier(name) for name in change.key)
-        await conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(change.schema)))
-        await conn.execute(sql.SQL("CREATE TABLE IF NOT EXISTS {} ({}, PRIMARY KEY ({}))").format(
-            quoted(change.table_name), sql.SQL(", ").join(columns), key))
+        async with conn.transaction():
+            await conn.execute(self.DDL_LOCK)
+            await conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(change.schema)))
+            await conn.execute(sql.SQL("CREATE TABLE IF NOT EXISTS {} ({}, PRIMARY KEY ({}))").format(
+                quoted(change.table_name), sql.SQL(", ").join(columns), key))
         log.info("replica: created %s from the source columns", change.table_name)
 
     def grouped_statements(self, changes: List[Tuple[Change, List[Any]]]) -> List[Tuple[sql.Composed, List[List[Any]]]]:
@@ -650,16 +664,27 @@ def configured_sinks() -> List[Any]:
 
 
 async def apply_to_sink(sink: Any, changes: List[Change]) -> Rejected:
-    """The one retry mechanism of every sink: a transient failure retries the whole batch with
-    backoff (sinks are idempotent and LSN-guarded, so a retried change changes nothing twice)."""
+    """The one retry mechanism of every sink: a failure retries the whole batch with backoff
+    (sinks are idempotent and LSN-guarded, so a retried change changes nothing twice). What a sink
+    refuses because of the data comes back as rejections; anything else it raises, expected
+    (TransientSinkError) or not, is retried for as long as it lasts: a batch that raised out of
+    the agent would be acknowledged by ``take_events`` and lost for this sink."""
     async for attempt in AsyncRetrying(
         wait=wait_exponential(multiplier=0.1, max=BACKOFF_MAX), reraise=True,
-        retry=lambda state: isinstance(state.outcome.exception(), TransientSinkError),
-        before_sleep=lambda state: log.warning("CDC sink %s: %s; retrying", sink.name, state.outcome.exception()),
+        retry=retry_if_exception(_not_cancelled), before_sleep=partial(log_sink_retry, sink),
     ):
         with attempt:
             return await sink.apply(changes)
     return []  # not reached
+
+
+def log_sink_retry(sink: Any, state: Any) -> None:
+    error = state.outcome.exception()
+    if isinstance(error, TransientSinkError):
+        log.warning("CDC sink %s: %s; retrying", sink.name, error)
+    else:
+        log.error("CDC sink %s failed unexpectedly; retrying the batch (its offsets stay uncommitted)",
+                  sink.name, exc_info=error)
 
 
 # --- apply ---------------------------------------------------------------------------------------

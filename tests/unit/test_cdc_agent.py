@@ -1,5 +1,5 @@
 """The pure parts of agents/cdc.py and the CDC settings: row paths, status merging, replica
-parameters, CDC_TABLES validation."""
+parameters, CDC_TABLES validation, the sinks' retry."""
 from __future__ import annotations
 
 from decimal import Decimal
@@ -7,8 +7,9 @@ from decimal import Decimal
 import pytest
 from pydantic import ValidationError
 
-from agents.cdc import key_from_path, merge_table_stats, replica_value
+from agents.cdc import apply_to_sink, key_from_path, merge_table_stats, replica_value
 from app.settings import Settings
+from models.cdc import Change
 
 
 def test_row_paths_name_key_columns_or_give_the_json_key():
@@ -49,3 +50,26 @@ def test_slot_names_follow_postgresql_rules(monkeypatch):
     monkeypatch.setenv("CDC_SLOT", "Bad-Slot")
     with pytest.raises(ValidationError):
         Settings()
+
+
+class SinkFailingOnce:
+    """A sink whose first write raises an error it does not expect (not a TransientSinkError)."""
+
+    name = "failing-once"
+
+    def __init__(self) -> None:
+        self.batches: list = []
+
+    async def apply(self, changes):
+        self.batches.append(list(changes))
+        if len(self.batches) == 1:
+            raise RuntimeError("an error nobody planned for")
+        return []
+
+
+async def test_a_sink_error_nobody_planned_for_retries_the_batch_instead_of_losing_it():
+    """Raised out of the agent, the batch would be acknowledged by take_events: lost for that sink."""
+    sink = SinkFailingOnce()
+    change = Change(schema="s", table="t", op="c", key={"id": 1}, before=None, after={"id": 1}, lsn=5, ts_ms=0)
+    assert await apply_to_sink(sink, [change]) == []
+    assert sink.batches == [[change], [change]]
