@@ -8,10 +8,13 @@
     logging.getLogger("cart").error("payment declined", extra={"trace_id": "abc", "order_id": 42})
 
 Each record becomes one JSON line with ECS field names; a background thread sends the lines in
-JSON-array records (up to ``batch_lines`` lines) keyed by the service, so ``emit`` never blocks the
-service on Kafka. When the queue is full (Kafka away for long) new lines are counted in
-``dropped`` instead of growing memory; ``close()`` (called by ``logging.shutdown``) sends what is
-queued.
+JSON-array records (up to ``batch_lines`` lines and ``max_record_bytes``, below Kafka's 1 MB) keyed
+by the service, so ``emit`` never blocks the service on Kafka. A message or stack trace longer than
+``max_field_chars`` is cut (the line marked ``truncated``). While Kafka cannot take a record for
+now (not reachable, topic not there yet) the thread retries it; when the queue is full new lines
+are counted in ``dropped`` instead of growing memory, as are lines Kafka refused for good (each
+such failure is reported on stderr). ``sent`` counts the lines Kafka acknowledged. ``close()``
+(called by ``logging.shutdown``) sends what is queued.
 """
 from __future__ import annotations
 
@@ -20,12 +23,15 @@ import json
 import logging
 import queue
 import socket
+import sys
 import threading
 import traceback
 from datetime import datetime, timezone
-from typing import Any, Dict, List, Optional
+from functools import partial
+from typing import Any, Dict, List, Optional, Tuple
 
 from aiokafka import AIOKafkaProducer
+from aiokafka.errors import KafkaError
 
 # Attributes every LogRecord has; anything else came in through ``extra=`` and is shipped.
 STANDARD_ATTRIBUTES = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime", "taskName"}
@@ -36,7 +42,8 @@ class KafkaLogHandler(logging.Handler):
 
     def __init__(
         self, bootstrap_servers: str, service: str, *, topic: str = "logs", host: Optional[str] = None,
-        max_queue: int = 100_000, batch_lines: int = 100, level: int = logging.NOTSET,
+        max_queue: int = 100_000, batch_lines: int = 100, max_record_bytes: int = 900_000,
+        max_field_chars: int = 65_536, level: int = logging.NOTSET,
     ) -> None:
         super().__init__(level)
         self.bootstrap_servers = bootstrap_servers
@@ -44,6 +51,9 @@ class KafkaLogHandler(logging.Handler):
         self.topic = topic
         self.host = host or socket.gethostname()
         self.batch_lines = batch_lines
+        self.max_record_bytes = max_record_bytes
+        self.max_field_chars = max_field_chars
+        self._carried: Optional[bytes] = None  # a line that did not fit in the record before
         self.dropped = 0
         self.sent = 0
         self._queue: "queue.Queue[Dict[str, Any]]" = queue.Queue(maxsize=max_queue)
@@ -69,6 +79,10 @@ class KafkaLogHandler(logging.Handler):
         for name, value in vars(record).items():
             if name not in STANDARD_ATTRIBUTES and not name.startswith("_"):
                 line[name] = value if isinstance(value, (str, int, float, bool, type(None))) else repr(value)
+        for name in ("message", "error.stack_trace"):
+            value = line.get(name)
+            if isinstance(value, str) and len(value) > self.max_field_chars:
+                line[name], line["truncated"] = value[:self.max_field_chars], True
         return line
 
     def emit(self, record: logging.LogRecord) -> None:
@@ -88,14 +102,25 @@ class KafkaLogHandler(logging.Handler):
     def _run(self) -> None:
         asyncio.run(self._ship())
 
-    def _take_batch(self) -> List[Dict[str, Any]]:
-        lines: List[Dict[str, Any]] = []
+    def _next_record(self) -> Tuple[bytes, int]:
+        """The next JSON-array record of queued lines (at most ``batch_lines`` lines and
+        ``max_record_bytes``; a line that does not fit starts the next one) and its line count."""
+        lines: List[bytes] = []
+        size = 2  # "[" and "]"
         while len(lines) < self.batch_lines:
-            try:
-                lines.append(self._queue.get_nowait())
-            except queue.Empty:
+            encoded = self._carried
+            if encoded is None:
+                try:
+                    encoded = json.dumps(self._queue.get_nowait(), default=str).encode()
+                except queue.Empty:
+                    break
+            if lines and size + len(encoded) + 1 > self.max_record_bytes:
+                self._carried = encoded
                 break
-        return lines
+            self._carried = None
+            lines.append(encoded)
+            size += len(encoded) + 1
+        return b"[" + b",".join(lines) + b"]", len(lines)
 
     async def _ship(self) -> None:
         producer = AIOKafkaProducer(bootstrap_servers=self.bootstrap_servers, linger_ms=20)
@@ -110,14 +135,39 @@ class KafkaLogHandler(logging.Handler):
         try:
             key = self.service.encode()
             while True:
-                lines = self._take_batch()
+                value, lines = self._next_record()
                 if lines:
-                    await producer.send(self.topic, json.dumps(lines, default=str).encode(), key=key)
-                    self.sent += len(lines)
+                    await self._send(producer, key, value, lines)
                 elif self._closing.is_set():
                     break
                 else:
                     await asyncio.sleep(0.05)
         finally:
-            await producer.stop()
+            await producer.stop()  # waits for the acknowledgements of what was sent
 
+    async def _send(self, producer: AIOKafkaProducer, key: bytes, value: bytes, lines: int) -> None:
+        """Hand one record to the producer, retrying while Kafka cannot take it for now."""
+        while True:
+            try:
+                delivery = await producer.send(self.topic, value, key=key)
+            except KafkaError as error:
+                if error.retriable and not self._closing.is_set():
+                    await asyncio.sleep(1.0)
+                    continue
+                self._lost(lines, error)
+                return
+            except Exception as error:  # noqa: BLE001 - the shipping thread must outlive any record
+                self._lost(lines, error)
+                return
+            delivery.add_done_callback(partial(self._delivered, lines))
+            return
+
+    def _delivered(self, lines: int, delivery: "asyncio.Future[Any]") -> None:
+        if delivery.cancelled() or delivery.exception() is not None:
+            self._lost(lines, delivery.exception() if not delivery.cancelled() else "cancelled")
+        else:
+            self.sent += lines
+
+    def _lost(self, lines: int, error: Any) -> None:
+        self.dropped += lines
+        print(f"KafkaLogHandler: {lines} log lines of {self.service} not shipped: {error!r}", file=sys.stderr)

@@ -1,6 +1,7 @@
 """app/log_handler.py: a service's Python logging reaches the ``logs`` topic as lines the worker parses."""
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
@@ -8,7 +9,7 @@ from datetime import datetime, timezone
 
 from app.log_handler import KafkaLogHandler
 from models.logs import RecordContext, parse_record
-from tests.support.kafka import consume_sync
+from tests.support.kafka import consume_sync, consume_to_end
 
 
 def test_python_log_records_arrive_as_ecs_json_lines(isolated_broker):
@@ -43,3 +44,30 @@ def test_python_log_records_arrive_as_ecs_json_lines(isolated_broker):
     assert abs(datetime.fromisoformat(placed["@timestamp"].replace("Z", "+00:00")).timestamp() - time.time()) < 60
     assert failed["log"]["level"] == "error"
     assert failed["error"]["type"] == "ValueError" and "card expired" in failed["error"]["stack_trace"]
+
+
+def test_long_lines_go_in_records_that_fit_kafka_and_an_overlong_message_is_cut(isolated_broker):
+    """Thirty 60 kB lines were one 1.8 MB record, over Kafka's 1 MB limit: the send failed, the
+    shipping thread ended and every line after it was dropped."""
+    handler = KafkaLogHandler(isolated_broker.bootstrap, service="search", host="search-pod-1")
+    logger = logging.getLogger("search.indexer.test")
+    logger.setLevel(logging.INFO)
+    logger.addHandler(handler)
+    try:
+        for i in range(30):
+            logger.warning("slow query %d: %s", i, "x" * 60_000)
+        logger.error("result too large: %s", "y" * 200_000)
+        logger.info("still shipping")
+    finally:
+        logger.removeHandler(handler)
+        handler.close(timeout=30)
+    assert handler.sent == 32 and handler.dropped == 0
+
+    records = asyncio.run(consume_to_end(isolated_broker.bootstrap, "logs"))
+    assert len(records) >= 3 and all(len(record.value) <= handler.max_record_bytes for record in records)
+    lines = [line for record in records for line in json.loads(record.value)]
+    assert len(lines) == 32
+    assert all(line["message"].startswith(f"slow query {i}: x") for i, line in enumerate(lines[:30]))
+    cut = lines[30]
+    assert len(cut["message"]) == handler.max_field_chars and cut["truncated"] is True
+    assert lines[31]["message"] == "still shipping" and "truncated" not in lines[31]
