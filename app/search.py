@@ -6,6 +6,9 @@ document and never give up while the cluster is away.
 - connection errors, timeouts and whole-request 429/5xx answers are retried with exponential
   backoff (capped at ELASTICSEARCH_MAX_BACKOFF) for as long as it takes; the caller's events stay
   unacknowledged meanwhile, so the worker does not commit offsets past unwritten records;
+- so are whole-request 401/403/404 answers (credentials expired or lacking a privilege, an index
+  that may not be created automatically): they say nothing about the documents, and an operator
+  fixes them, after which every document is written;
 - per-document 429/5xx answers are retried the same way, only for those documents;
 - per-document refusals (400 mapping errors, 409 version conflicts the caller did not expect...)
   are returned as ``Rejection``s for the caller to dead-letter.
@@ -34,6 +37,8 @@ from tenacity import AsyncRetrying, retry_if_exception, stop_never, wait_exponen
 log = logging.getLogger(__name__)
 
 RETRYABLE_STATUS = (408, 429, 500, 502, 503, 504)
+# A whole bulk request answered with one of these is retried too (see the module docstring).
+RETRYABLE_REQUEST_STATUS = (401, 403, 404)
 CHUNK_SIZE = 2000
 MAX_CHUNK_BYTES = 16 * 1024 * 1024
 # What the writer reads of a bulk answer: per item its index, id, status and error. Elasticsearch
@@ -72,6 +77,13 @@ class Rejection:
 
 class RetryLater(Exception):
     """Some documents met a transient failure; they are retried after a backoff."""
+
+
+def is_retried(info: Mapping[str, Any]) -> bool:
+    """A failed item to write again: a transient status, or a whole-request failure (the helpers
+    report one per document, with the request's exception) that waits for an operator."""
+    status = info.get("status")
+    return is_transient(status) or ("exception" in info and status in RETRYABLE_REQUEST_STATUS)
 
 
 class DocumentSerializer(OrjsonSerializer):
@@ -143,15 +155,17 @@ class BulkWriter:
         )
         async for attempt in retrying:
             with attempt:
-                pending = await self._write_once(pending, rejections)
+                pending, reason = await self._write_once(pending, rejections)
                 if pending:
-                    raise RetryLater(f"{len(pending)} documents met a transient failure")
+                    raise RetryLater(f"{len(pending)} documents to write again ({reason})")
         return rejections
 
-    async def _write_once(self, actions: List[Action], rejections: List[Rejection]) -> List[Action]:
-        """One pass over ``actions``; returns those to retry, appends permanent refusals."""
+    async def _write_once(self, actions: List[Action], rejections: List[Rejection]) -> Tuple[List[Action], str]:
+        """One pass over ``actions``; returns those to retry (and why, for the log), appends
+        permanent refusals."""
         by_id: Optional[Dict[Tuple[Optional[str], Optional[str]], Action]] = None
         retry: List[Action] = []
+        reason = ""
         async for ok, item in async_streaming_bulk(
             self.client, actions, chunk_size=CHUNK_SIZE, max_chunk_bytes=MAX_CHUNK_BYTES,
             expand_action_callback=bulk_pair, raise_on_error=False, raise_on_exception=False,
@@ -170,11 +184,12 @@ class BulkWriter:
                 action = next((a for a in actions if action_target(a)[1] == info.get("_id")), None)
             if action is None:
                 continue
-            if is_transient(status):
+            if is_retried(info):
                 retry.append(action)
+                reason = reason or f"{status}: {failure_reason(info)}"
             else:
                 rejections.append(Rejection(action, status, failure_reason(info)))
-        return retry
+        return retry, reason
 
     def _log_retry(self, state: Any) -> None:
         self.retries += 1

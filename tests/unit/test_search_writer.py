@@ -41,6 +41,33 @@ async def test_whole_request_and_per_document_rejections_are_retried_until_store
         assert writer.retries >= 4
 
 
+async def test_a_request_refused_for_its_credentials_is_waited_out_not_dead_lettered():
+    """401/403 for the whole request (credentials rotated, a privilege missing) say nothing about
+    the documents: they are written once an operator fixes it, none comes back as refused."""
+    async with ElasticsearchTestServer() as server:
+        server.fail_next(2, status=401)
+        server.fail_next(1, status=403)
+        writer = BulkWriter(search_client(server.url), initial_backoff=0.01, max_backoff=0.05)
+        try:
+            assert await writer.write(actions(10)) == []
+        finally:
+            await writer.close()
+        assert len(server.docs("logs-cart-2024.11.01")) == 10
+        assert writer.retries == 3
+
+
+async def test_a_whole_request_refused_as_malformed_comes_back_for_every_document():
+    async with ElasticsearchTestServer() as server:
+        server.fail_next(1, status=400)
+        writer = BulkWriter(search_client(server.url), initial_backoff=0.01)
+        try:
+            rejections = await writer.write(actions(3))
+        finally:
+            await writer.close()
+        assert [(r.action["_id"], r.status) for r in rejections] == [("doc-0", 400), ("doc-1", 400), ("doc-2", 400)]
+        assert server.docs("logs-cart-2024.11.01") == {} and writer.retries == 0
+
+
 async def test_an_unavailable_cluster_is_waited_for():
     async with ElasticsearchTestServer() as server:
         server.set_unavailable(True)
