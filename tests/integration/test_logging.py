@@ -203,3 +203,23 @@ def test_a_burst_of_long_stack_traces_is_counted_and_kept_short_enough_for_kafka
     assert status == 200 and lines[0]["message"] == "recovered"
     assert 1 < len(lines) < 200 and len(json.dumps(lines)) <= 256 * 1024
     assert lines[1]["truncated"] is True and lines[1]["message"].startswith("payment 249 failed\njava.lang.")
+
+
+def test_a_refused_record_too_large_to_copy_is_dead_lettered_without_its_value(isolated_broker, start_workers):
+    """A 999,950-byte record that does not parse: its DLQ copy with the headers was over the
+    producer's 1,000,000-byte request limit, the send raised, and the agent died on it again after
+    every restart (the record stayed held). It now goes without its value, saying where it is."""
+    (worker,) = start_workers(isolated_broker, 1)
+    service = new_service("upload")
+    produce_sync(isolated_broker.bootstrap, "logs", [(service, b'{"message": "' + b"x" * 999_937)])
+    produce_sync(isolated_broker.bootstrap, "logs", [(service, {"level": "info", "message": "next"})])
+
+    stats = wait_for(lambda: (lambda r: r[0] == 200 and r[1])(worker.get(f"/logs/stats/{service}/")), timeout=60,
+                     message="the next record counted")
+    assert sum(window["total"] for window in stats["windows"]) == 1
+    (dead,) = consume_sync(isolated_broker.bootstrap, "logs.dlq", 1)
+    headers = dict(dead.headers)
+    assert dead.value is None and dead.key == service.encode()
+    assert headers["dlq.value-dropped"].startswith(b"999950 bytes") and b"does not parse" in headers["dlq.reason"]
+    assert headers["dlq.topic"] == b"logs" and int(headers["dlq.offset"]) >= 0
+    assert worker.process.poll() is None
