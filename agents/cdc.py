@@ -420,12 +420,17 @@ class ReplicaSink:
 
     async def connection(self) -> psycopg.AsyncConnection:
         if self.conn is None or self.conn.closed:
-            self.conn = await psycopg.AsyncConnection.connect(self.dsn, autocommit=True)
-            async with self.conn.transaction():
-                await self.conn.execute(self.DDL_LOCK)
-                await self.conn.execute(
-                    "CREATE TABLE IF NOT EXISTS public._cdc_versions (table_name text, row_id text, lsn bigint NOT NULL,"
-                    " PRIMARY KEY (table_name, row_id))")
+            conn = await psycopg.AsyncConnection.connect(self.dsn, autocommit=True)
+            try:
+                async with conn.transaction():
+                    await conn.execute(self.DDL_LOCK)
+                    await conn.execute(
+                        "CREATE TABLE IF NOT EXISTS public._cdc_versions (table_name text, row_id text, lsn bigint NOT NULL,"
+                        " PRIMARY KEY (table_name, row_id))")
+            except BaseException:
+                await conn.close()  # the next attempt connects and creates the guard table again
+                raise
+            self.conn = conn
             self.tables.clear()
             self.statements.clear()
         return self.conn
@@ -671,7 +676,8 @@ async def apply_to_sink(sink: Any, changes: List[Change]) -> Rejected:
     the agent would be acknowledged by ``take_events`` and lost for this sink."""
     async for attempt in AsyncRetrying(
         wait=wait_exponential(multiplier=0.1, max=BACKOFF_MAX), reraise=True,
-        retry=retry_if_exception(_not_cancelled), before_sleep=partial(log_sink_retry, sink),
+        retry=retry_if_exception(lambda error: isinstance(error, Exception)),  # not cancellation or exit
+        before_sleep=partial(log_sink_retry, sink),
     ):
         with attempt:
             return await sink.apply(changes)
@@ -679,12 +685,13 @@ async def apply_to_sink(sink: Any, changes: List[Change]) -> Rejected:
 
 
 def log_sink_retry(sink: Any, state: Any) -> None:
-    error = state.outcome.exception()
+    """Every retry in one line; the traceback of an unexpected error on the first and every 100th."""
+    error, attempt = state.outcome.exception(), state.attempt_number
     if isinstance(error, TransientSinkError):
-        log.warning("CDC sink %s: %s; retrying", sink.name, error)
+        log.warning("CDC sink %s: %s; retry %d", sink.name, error, attempt)
     else:
-        log.error("CDC sink %s failed unexpectedly; retrying the batch (its offsets stay uncommitted)",
-                  sink.name, exc_info=error)
+        log.error("CDC sink %s failed unexpectedly (%r); retry %d of the batch, its offsets stay uncommitted",
+                  sink.name, error, attempt, exc_info=error if attempt % 100 == 1 else None)
 
 
 # --- apply ---------------------------------------------------------------------------------------

@@ -9,12 +9,14 @@
 
 Each record becomes one JSON line with ECS field names; a background thread sends the lines in
 JSON-array records (up to ``batch_lines`` lines and ``max_record_bytes``, below Kafka's 1 MB) keyed
-by the service, so ``emit`` never blocks the service on Kafka. A message or stack trace longer than
-``max_field_chars`` is cut (the line marked ``truncated``). While Kafka cannot take a record for
-now (not reachable, topic not there yet) the thread retries it; when the queue is full new lines
-are counted in ``dropped`` instead of growing memory, as are lines Kafka refused for good (each
-such failure is reported on stderr). ``sent`` counts the lines Kafka acknowledged. ``close()``
-(called by ``logging.shutdown``) sends what is queued.
+by the service (a single line larger than that goes alone), so ``emit`` never blocks the service on
+Kafka. A message or stack trace longer than ``max_field_chars`` characters is cut (the line marked
+``truncated``). While Kafka cannot take a record for now (not reachable, no leader, topic not there
+yet) the thread sends it again, also after a failed delivery; when the queue is full new lines are
+counted in ``dropped`` instead of growing memory, as are lines Kafka refused for good and lines
+still unsent when ``close()`` (called by ``logging.shutdown``) gives up: each such failure is
+reported on stderr. ``sent`` counts the lines Kafka acknowledged. ``close()`` sends what is queued,
+waiting at most its ``timeout``.
 """
 from __future__ import annotations
 
@@ -26,12 +28,13 @@ import socket
 import sys
 import threading
 import traceback
+from collections import deque
 from datetime import datetime, timezone
 from functools import partial
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Deque, Dict, List, Optional, Tuple
 
 from aiokafka import AIOKafkaProducer
-from aiokafka.errors import KafkaError
+from aiokafka.errors import KafkaError, KafkaTimeoutError
 
 # Attributes every LogRecord has; anything else came in through ``extra=`` and is shipped.
 STANDARD_ATTRIBUTES = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime", "taskName"}
@@ -54,6 +57,8 @@ class KafkaLogHandler(logging.Handler):
         self.max_record_bytes = max_record_bytes
         self.max_field_chars = max_field_chars
         self._carried: Optional[bytes] = None  # a line that did not fit in the record before
+        self._resend: Deque[Tuple[bytes, int]] = deque()  # records whose delivery failed for now
+        self._counting = threading.Lock()
         self.dropped = 0
         self.sent = 0
         self._queue: "queue.Queue[Dict[str, Any]]" = queue.Queue(maxsize=max_queue)
@@ -89,7 +94,7 @@ class KafkaLogHandler(logging.Handler):
         try:
             self._queue.put_nowait(self.line(record))
         except queue.Full:
-            self.dropped += 1
+            self._count_dropped(1)
         except Exception:  # noqa: BLE001 - logging must never raise into the service
             self.handleError(record)
 
@@ -98,6 +103,10 @@ class KafkaLogHandler(logging.Handler):
         self._closing.set()
         self._thread.join(timeout)
         super().close()
+
+    def _count_dropped(self, lines: int) -> None:
+        with self._counting:  # service threads and the shipping thread both count
+            self.dropped += lines
 
     def _run(self) -> None:
         asyncio.run(self._ship())
@@ -128,14 +137,18 @@ class KafkaLogHandler(logging.Handler):
             try:
                 await producer.start()
                 break
-            except Exception:  # noqa: BLE001 - Kafka not reachable yet: keep queueing, try again
+            except Exception as error:  # noqa: BLE001 - Kafka not reachable yet: keep queueing, try again
                 if self._closing.is_set():
+                    self._lost(self._queue.qsize() + (self._carried is not None), error)
                     return
                 await asyncio.sleep(1.0)
         try:
             key = self.service.encode()
             while True:
-                value, lines = self._next_record()
+                if self._resend:
+                    value, lines = self._resend.popleft()
+                else:
+                    value, lines = self._next_record()
                 if lines:
                     await self._send(producer, key, value, lines)
                 elif self._closing.is_set():
@@ -150,24 +163,32 @@ class KafkaLogHandler(logging.Handler):
         while True:
             try:
                 delivery = await producer.send(self.topic, value, key=key)
-            except KafkaError as error:
-                if error.retriable and not self._closing.is_set():
+            except Exception as error:  # noqa: BLE001 - the shipping thread must outlive any record
+                if is_retriable(error) and not self._closing.is_set():
                     await asyncio.sleep(1.0)
                     continue
                 self._lost(lines, error)
                 return
-            except Exception as error:  # noqa: BLE001 - the shipping thread must outlive any record
-                self._lost(lines, error)
-                return
-            delivery.add_done_callback(partial(self._delivered, lines))
+            delivery.add_done_callback(partial(self._delivered, value, lines))
             return
 
-    def _delivered(self, lines: int, delivery: "asyncio.Future[Any]") -> None:
-        if delivery.cancelled() or delivery.exception() is not None:
-            self._lost(lines, delivery.exception() if not delivery.cancelled() else "cancelled")
+    def _delivered(self, value: bytes, lines: int, delivery: "asyncio.Future[Any]") -> None:
+        """Count an acknowledged record; send one that failed for now again (after the others)."""
+        error = None if delivery.cancelled() else delivery.exception()
+        if delivery.cancelled() or error is not None:
+            if error is not None and is_retriable(error) and not self._closing.is_set():
+                self._resend.append((value, lines))
+            else:
+                self._lost(lines, error or "cancelled")
         else:
             self.sent += lines
 
     def _lost(self, lines: int, error: Any) -> None:
-        self.dropped += lines
+        self._count_dropped(lines)
         print(f"KafkaLogHandler: {lines} log lines of {self.service} not shipped: {error!r}", file=sys.stderr)
+
+
+def is_retriable(error: BaseException) -> bool:
+    """Kafka cannot take the record for now (no leader, broker away, no room in the producer's
+    buffer before the timeout); it may later."""
+    return isinstance(error, KafkaTimeoutError) or (isinstance(error, KafkaError) and error.retriable)

@@ -6,9 +6,10 @@ document and never give up while the cluster is away.
 - connection errors, timeouts and whole-request 429/5xx answers are retried with exponential
   backoff (capped at ELASTICSEARCH_MAX_BACKOFF) for as long as it takes; the caller's events stay
   unacknowledged meanwhile, so the worker does not commit offsets past unwritten records;
-- so are whole-request 401/403/404 answers (credentials expired or lacking a privilege, an index
-  that may not be created automatically): they say nothing about the documents, and an operator
-  fixes them, after which every document is written;
+- so are whole-request 401/403/404 answers (credentials expired or lacking a privilege, a proxy
+  that does not route the path): they say nothing about the documents, and an operator fixes them,
+  after which every document is written (a per-document 404, such as an index that may not be
+  created automatically, is a refusal like any other);
 - per-document 429/5xx answers are retried the same way, only for those documents;
 - per-document refusals (400 mapping errors, 409 version conflicts the caller did not expect...)
   are returned as ``Rejection``s for the caller to dead-letter.

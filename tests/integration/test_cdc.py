@@ -225,8 +225,9 @@ def index_rows(es_server, table: str, types: Dict[str, str], skip: Tuple[str, ..
     return {doc_id: decoded(source, types) for doc_id, source in es_server.docs(table.lower()).items() if doc_id not in skip}
 
 
-def row_differences(scenario: Scenario, table: str) -> Dict[str, Tuple[set, set, List[str]]]:
-    """Per copy that differs from the source: (ids missing, ids extra, ids whose row differs)."""
+def row_differences(scenario: Scenario, table: str) -> Dict[str, Tuple[set, set, List[str], Dict[str, Any], Dict[str, Any]]]:
+    """Per copy that differs from the source: (ids missing, ids extra, ids whose row differs, the
+    copy's rows, the source's rows), by row id."""
     source = database_rows(scenario.source_dsn, table)
     types = column_types(scenario.source_dsn, table)
     by_id = {redis_row_id(key): row for key, row in source.items()}
