@@ -8,8 +8,9 @@ document and never give up while the cluster is away.
   unacknowledged meanwhile, so the worker does not commit offsets past unwritten records;
 - so are whole-request 401/403/404 answers (credentials expired or lacking a privilege, a proxy
   that does not route the path): they say nothing about the documents, and an operator fixes them,
-  after which every document is written (a per-document 404, such as an index that may not be
-  created automatically, is a refusal like any other);
+  after which every document is written; so is a write to an index the cluster may not create by
+  itself (per-document 404 ``index_not_found_exception``, ``action.auto_create_index`` false), until
+  an operator creates it;
 - per-document 429/5xx answers are retried the same way, only for those documents;
 - per-document refusals (400 mapping errors, 409 version conflicts the caller did not expect...)
   are returned as ``Rejection``s for the caller to dead-letter.
@@ -80,11 +81,18 @@ class RetryLater(Exception):
     """Some documents met a transient failure; they are retried after a backoff."""
 
 
-def is_retried(info: Mapping[str, Any]) -> bool:
-    """A failed item to write again: a transient status, or a whole-request failure (the helpers
-    report one per document, with the request's exception) that waits for an operator."""
+def is_retried(op_type: str, info: Mapping[str, Any]) -> bool:
+    """A failed item to write again: a transient status; a whole-request failure (the helpers
+    report one per document, with the request's exception) that waits for an operator; a write to
+    an index the cluster may not create by itself (until an operator creates it)."""
     status = info.get("status")
-    return is_transient(status) or ("exception" in info and status in RETRYABLE_REQUEST_STATUS)
+    if is_transient(status):
+        return True
+    if "exception" in info:
+        return status in RETRYABLE_REQUEST_STATUS
+    error = info.get("error")
+    return (status == 404 and op_type != "delete" and isinstance(error, Mapping)
+            and error.get("type") == "index_not_found_exception")
 
 
 class DocumentSerializer(OrjsonSerializer):
@@ -174,7 +182,7 @@ class BulkWriter:
         ):
             if ok:
                 continue
-            _, info = next(iter(item.items()))
+            op_type, info = next(iter(item.items()))
             status = info.get("status")
             if isinstance(status, int) and status in self.accept_status:
                 continue
@@ -185,7 +193,7 @@ class BulkWriter:
                 action = next((a for a in actions if action_target(a)[1] == info.get("_id")), None)
             if action is None:
                 continue
-            if is_retried(info):
+            if is_retried(op_type, info):
                 retry.append(action)
                 reason = reason or f"{status}: {failure_reason(info)}"
             else:

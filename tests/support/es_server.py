@@ -17,7 +17,8 @@ Fault injection: :meth:`ElasticsearchTestServer.fail_next` (reject the next
 ``_bulk`` requests, 429 by default), :meth:`fail_next_documents` (reject the
 next documents inside ``_bulk`` requests), :meth:`set_unavailable` (503 for every
 request), and any document with a top-level (or ``labels.``) ``"__reject__": "<reason>"``
-field is rejected per item with 400 ``mapper_parsing_exception``.
+field is rejected per item with 400 ``mapper_parsing_exception``. With ``auto_create_index``
+set to False, a write to a missing index is refused per item with 404 ``index_not_found_exception``.
 
 Usage::
 
@@ -295,6 +296,7 @@ class ElasticsearchTestServer:
         self._fail_items: list[int] = []
         self.on_write: Callable[[str, str, dict[str, Any]], None] | None = None  # (index, id, doc), benchmarks
         self._unavailable = False
+        self.auto_create_index = True  # False: a write to a missing index is refused (404), as action.auto_create_index=false does
         self._runner: web.AppRunner | None = None
         self._port: int | None = None
         self._thread: threading.Thread | None = None
@@ -378,6 +380,7 @@ class ElasticsearchTestServer:
         self._fail_bulk.clear()
         self._fail_items.clear()
         self._unavailable = False
+        self.auto_create_index = True
 
     def docs(self, index: str) -> dict[str, Any]:
         """``{id: _source}`` of one index (convenience for assertions)."""
@@ -457,7 +460,7 @@ class ElasticsearchTestServer:
                meta: dict[str, Any]) -> tuple[int, dict[str, Any]]:
         """Apply one index/create/update/delete; returns (status, result) or raises EsError."""
         if index not in self.indices:
-            if action == "delete":
+            if action == "delete" or not self.auto_create_index:
                 raise EsError(404, "index_not_found_exception", f"no such index [{index}]", index)
             self._create_index(index)
         docs, info = self.indices[index], self.index_meta[index]

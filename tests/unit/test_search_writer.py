@@ -56,6 +56,23 @@ async def test_a_request_refused_for_its_credentials_is_waited_out_not_dead_lett
         assert writer.retries == 3
 
 
+async def test_a_write_to_an_index_the_cluster_may_not_create_waits_for_an_operator_to_create_it():
+    async with ElasticsearchTestServer() as server:
+        server.auto_create_index = False
+        writer = BulkWriter(search_client(server.url), initial_backoff=0.01, max_backoff=0.05)
+        try:
+            write = asyncio.ensure_future(writer.write(actions(4)))
+            await asyncio.sleep(0.3)
+            assert not write.done() and writer.retries > 0  # held, not refused
+            await writer.client.indices.create(index="logs-cart-2024.11.01")
+            assert await asyncio.wait_for(write, 10) == []
+            deleted = await writer.write([{"_op_type": "delete", "_index": "logs-gone", "_id": "x"}])
+        finally:
+            await writer.close()
+        assert len(server.docs("logs-cart-2024.11.01")) == 4
+        assert [r.status for r in deleted] == [404]  # a delete in a missing index is not waited for
+
+
 async def test_a_whole_request_refused_as_malformed_comes_back_for_every_document():
     async with ElasticsearchTestServer() as server:
         server.fail_next(1, status=400)
