@@ -65,7 +65,7 @@ and Faust's locked lookup is used otherwise. The per-partition delivery itself s
 from __future__ import annotations
 
 import asyncio
-from typing import Any, AsyncIterator, Callable, ClassVar, Dict, FrozenSet, Iterable, List, Mapping, Set, Tuple, Type, cast
+from typing import Any, AsyncIterator, Callable, ClassVar, Dict, FrozenSet, Iterable, List, Mapping, Optional, Set, Tuple, Type, cast
 
 import faust
 from aiokafka import TopicPartition
@@ -120,6 +120,31 @@ class ConsumerThread(aiokafka.AIOKafkaConsumerThread):
         worker logged one error per paused changelog partition at every check."""
         if tp not in self.not_fetching:
             super().verify_event_path(now, tp)
+
+    async def seek_to_committed(self) -> Mapping[TP, int]:
+        """aiokafka's seek to the committed offsets, which moves only the partitions committed past
+        offset 0: one with no committed offset (or 0) stays at its fetch position. The Consumer's
+        drain loop drops what was fetched before a seek, because the seek fetches it again; for such
+        a partition nothing did, and a new member that fetched a whole partition of records nobody had
+        committed before the seek of its first assignment never delivered them (the CDC takeover
+        test: three partitions of a topic never applied). Those partitions go back too: to offset 0,
+        or where the reset policy starts a partition (``consumer_auto_offset_reset``)."""
+        committed = await super().seek_to_committed()
+        unmoved = {tp: offset for tp, offset in committed.items() if not offset}
+        if unmoved:
+            await self.call_thread(self._seek_unmoved, unmoved)
+        return committed
+
+    async def _seek_unmoved(self, unmoved: Mapping[Any, Optional[int]]) -> None:
+        consumer = self._ensure_consumer()
+        for tp, offset in unmoved.items():
+            if offset == 0:
+                consumer.seek(tp, 0)
+        fresh = [tp for tp, offset in unmoved.items() if offset is None]
+        if fresh and self.app.conf.consumer_auto_offset_reset == "latest":
+            await consumer.seek_to_end(*fresh)
+        elif fresh:
+            await consumer.seek_to_beginning(*fresh)
 
     async def _highwaters(self, partitions: List[TP]) -> Mapping[TP, int]:
         ends = dict(await super()._highwaters(partitions))

@@ -460,3 +460,49 @@ async def test_fausts_fetch_check_leaves_out_the_partitions_paused_on_purpose(ka
         with caplog.at_level(logging.ERROR):
             thread.verify_event_path(never_fetched, TP(changelog, 0))
         assert reported(changelog)
+
+
+async def test_the_seek_to_committed_offsets_also_moves_partitions_committed_at_zero_or_never(kafka_broker):
+    """aiokafka seeks only partitions committed past 0; the drain loop drops what was fetched
+    before a seek, counting on the seek to fetch it again. A partition nobody had committed stayed
+    at its fetch position, so its records fetched before the seek were never delivered."""
+    topic = f"seek-committed-{asyncio.get_running_loop().time():.0f}"
+    partitions = [TopicPartition(topic, p) for p in range(3)]
+    admin = AIOKafkaAdminClient(bootstrap_servers=kafka_broker.bootstrap)
+    await admin.start()
+    try:
+        await admin.create_topics([NewTopic(topic, 3, 1)])
+    finally:
+        await admin.close()
+    producer = AIOKafkaProducer(bootstrap_servers=kafka_broker.bootstrap, max_batch_size=1)
+    await producer.start()
+    try:
+        for tp in partitions:
+            for i in range(5):
+                await (await producer.send(topic, b"x", partition=tp.partition))
+    finally:
+        await producer.stop()
+    fetching = AIOKafkaConsumer(bootstrap_servers=kafka_broker.bootstrap, group_id=f"g-{topic}",
+                                enable_auto_commit=False, auto_offset_reset="earliest")
+    await fetching.start()
+    consumer = new_consumer()
+    try:
+        fetching.assign(partitions)
+        await fetching.commit({partitions[1]: 0, partitions[2]: 3})  # partition 0: never committed
+        for _ in range(50):  # fetch everything: every position at the end
+            await fetching.getmany(timeout_ms=100)
+            if all([await fetching.position(tp) == 5 for tp in partitions]):
+                break
+        consumer._thread._consumer = fetching
+        consumer._thread.thread_loop = asyncio.get_running_loop()
+
+        async def on_this_loop(fun, *args, **kwargs):  # mode's hop to the (not started) consumer thread
+            return await fun(*args, **kwargs)
+
+        consumer._thread.call_thread = on_this_loop
+        committed = await consumer._thread.seek_to_committed()
+        assert committed == {partitions[0]: None, partitions[1]: 0, partitions[2]: 3}
+        assert [await fetching.position(tp) for tp in partitions] == [0, 0, 3]
+    finally:
+        consumer._thread._consumer = None
+        await fetching.stop()
