@@ -422,11 +422,9 @@ class ReplicaSink:
         if self.conn is None or self.conn.closed:
             conn = await psycopg.AsyncConnection.connect(self.dsn, autocommit=True)
             try:
-                async with conn.transaction():
-                    await conn.execute(self.DDL_LOCK)
-                    await conn.execute(
-                        "CREATE TABLE IF NOT EXISTS public._cdc_versions (table_name text, row_id text, lsn bigint NOT NULL,"
-                        " PRIMARY KEY (table_name, row_id))")
+                await self.run_ddl(conn, sql.SQL(
+                    "CREATE TABLE IF NOT EXISTS public._cdc_versions (table_name text, row_id text, lsn bigint NOT NULL,"
+                    " PRIMARY KEY (table_name, row_id))"))
             except BaseException:
                 await conn.close()  # the next attempt connects and creates the guard table again
                 raise
@@ -507,12 +505,18 @@ class ReplicaSink:
     async def create_table(self, conn: psycopg.AsyncConnection, change: Change) -> None:
         columns = [sql.SQL("{} {}").format(sql.Identifier(c.name), sql.SQL(c.sql_type)) for c in change.columns]
         key = sql.SQL(", ").join(sql.Identifier(name) for name in change.key)
-        async with conn.transaction():
-            await conn.execute(self.DDL_LOCK)
-            await conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(change.schema)))
-            await conn.execute(sql.SQL("CREATE TABLE IF NOT EXISTS {} ({}, PRIMARY KEY ({}))").format(
+        await self.run_ddl(
+            conn, sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(change.schema)),
+            sql.SQL("CREATE TABLE IF NOT EXISTS {} ({}, PRIMARY KEY ({}))").format(
                 quoted(change.table_name), sql.SQL(", ").join(columns), key))
         log.info("replica: created %s from the source columns", change.table_name)
+
+    async def run_ddl(self, conn: psycopg.AsyncConnection, *statements: sql.Composable) -> None:
+        """``statements`` in one transaction, under DDL_LOCK (one session at a time)."""
+        async with conn.transaction():
+            await conn.execute(self.DDL_LOCK)
+            for statement in statements:
+                await conn.execute(statement)
 
     def grouped_statements(self, changes: List[Tuple[Change, List[Any]]]) -> List[Tuple[sql.Composed, List[List[Any]]]]:
         """The guarded statements of a batch, grouped (each row at most once: order does not matter)."""

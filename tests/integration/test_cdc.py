@@ -270,8 +270,9 @@ def wait_until_copies_equal(scenario: Scenario, timeout: float = 120.0) -> None:
         wait_for(equal, timeout=timeout, interval=1.0, message="replica, Redis and index equal to the source")
     except TimeoutError:
         try:
-            diagnosis = "\n".join(asyncio.run(topic_diagnosis(*scenario.kafka, scenario, table))
-                                  for table in scenario.tables if row_differences(scenario, table))
+            found = {table: row_differences(scenario, table) for table in scenario.tables}
+            diagnosis = "\n".join(asyncio.run(topic_diagnosis(*scenario.kafka, scenario, table, copies.get("replica")))
+                                  for table, copies in found.items() if copies)
         except Exception as error:  # the differences above are the failure; this only explains them
             diagnosis = f"(topics not read: {error!r})"
         raise AssertionError("copies differ from the source: " + "; ".join(last) + "\n" + diagnosis) from None
@@ -287,10 +288,11 @@ async def committed_offsets(bootstrap: str, group: str, topic: str, partitions: 
         await consumer.stop()
 
 
-async def topic_diagnosis(bootstrap: str, group: str, scenario: Scenario, table: str) -> str:
-    """For a table whose replica differs: per partition of its topic the end offset and the group's
-    committed offset, and for each differing row the last change event of its key (partition,
-    offset, op): tells a change never published from one published but never applied."""
+async def topic_diagnosis(bootstrap: str, group: str, scenario: Scenario, table: str, replica: Optional[Tuple]) -> str:
+    """For a table whose copies differ: per partition of its topic the end offset and the group's
+    committed offset, and for each row the replica has wrong (``replica``: its entry of
+    ``row_differences``, if any) the last change event of its key (partition, offset, op): tells a
+    change never published from one published but never applied."""
     topic = f"{scenario.prefix}.{table}"
     records = await read_topic(bootstrap, topic)
     committed = await committed_offsets(bootstrap, group, topic, {record.partition for record in records})
@@ -305,9 +307,8 @@ async def topic_diagnosis(bootstrap: str, group: str, scenario: Scenario, table:
         last_event[row_id] = (record.partition, record.offset, op)
     lines = [f"{topic}: partition end/committed " + ", ".join(
         f"{p}: {ends.get(p, 0)}/{committed.get(p, '-')}" for p in sorted(set(ends) | set(committed)))]
-    differing = row_differences(scenario, table).get("replica")
-    if differing is not None:
-        missing, extra, wrong = differing[:3]
+    if replica is not None:
+        missing, extra, wrong = replica[:3]
         for kind, ids in (("missing", missing), ("extra", extra), ("differs", wrong)):
             lines.extend(f"  {kind} {row_id}: last event {last_event.get(row_id)}" for row_id in sorted(ids)[:30])
     return "\n".join(lines)

@@ -11,7 +11,7 @@ import logging
 from pathlib import Path
 from time import monotonic
 from types import SimpleNamespace
-from typing import AsyncIterator, Dict, List, Sequence, Tuple
+from typing import AsyncIterator, Dict, List, Optional, Sequence, Tuple
 
 import faust
 import pytest
@@ -389,16 +389,19 @@ async def test_delivery_waits_while_the_callback_map_is_being_rebuilt(conductor_
 
 @contextlib.asynccontextmanager
 async def consumer_assigned(bootstrap: str, partitions: Dict[str, int], assigned: List[TopicPartition],
-                            *, paused: Sequence[TopicPartition] = ()) -> AsyncIterator[Tuple[Consumer, AIOKafkaConsumer]]:
+                            *, paused: Sequence[TopicPartition] = (),
+                            group_id: Optional[str] = None) -> AsyncIterator[Tuple[Consumer, AIOKafkaConsumer]]:
     """A Consumer whose consumer thread drives a real aiokafka consumer of ``assigned`` (the topics
-    created with ``partitions`` each), ``paused`` in aiokafka before the Consumer sees it."""
+    created with ``partitions`` each), ``paused`` in aiokafka before the Consumer sees it; with
+    ``group_id`` it can commit and read committed offsets."""
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
     await admin.start()
     try:
         await admin.create_topics([NewTopic(topic, count, 1) for topic, count in partitions.items()])
     finally:
         await admin.close()
-    fetching = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=None)
+    fetching = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=group_id, enable_auto_commit=False,
+                                auto_offset_reset="earliest")
     await fetching.start()
     consumer = new_consumer()
     try:
@@ -468,33 +471,20 @@ async def test_the_seek_to_committed_offsets_also_moves_partitions_committed_at_
     at its fetch position, so its records fetched before the seek were never delivered."""
     topic = f"seek-committed-{asyncio.get_running_loop().time():.0f}"
     partitions = [TopicPartition(topic, p) for p in range(3)]
-    admin = AIOKafkaAdminClient(bootstrap_servers=kafka_broker.bootstrap)
-    await admin.start()
-    try:
-        await admin.create_topics([NewTopic(topic, 3, 1)])
-    finally:
-        await admin.close()
-    producer = AIOKafkaProducer(bootstrap_servers=kafka_broker.bootstrap, max_batch_size=1)
-    await producer.start()
-    try:
-        for tp in partitions:
-            for i in range(5):
-                await (await producer.send(topic, b"x", partition=tp.partition))
-    finally:
-        await producer.stop()
-    fetching = AIOKafkaConsumer(bootstrap_servers=kafka_broker.bootstrap, group_id=f"g-{topic}",
-                                enable_auto_commit=False, auto_offset_reset="earliest")
-    await fetching.start()
-    consumer = new_consumer()
-    try:
-        fetching.assign(partitions)
+    async with consumer_assigned(kafka_broker.bootstrap, {topic: 3}, partitions, group_id=f"g-{topic}") as (consumer, fetching):
+        producer = AIOKafkaProducer(bootstrap_servers=kafka_broker.bootstrap, max_batch_size=1)
+        await producer.start()
+        try:
+            for tp in partitions:
+                for _ in range(5):
+                    await (await producer.send(topic, b"x", partition=tp.partition))
+        finally:
+            await producer.stop()
         await fetching.commit({partitions[1]: 0, partitions[2]: 3})  # partition 0: never committed
         for _ in range(50):  # fetch everything: every position at the end
             await fetching.getmany(timeout_ms=100)
             if all([await fetching.position(tp) == 5 for tp in partitions]):
                 break
-        consumer._thread._consumer = fetching
-        consumer._thread.thread_loop = asyncio.get_running_loop()
 
         async def on_this_loop(fun, *args, **kwargs):  # mode's hop to the (not started) consumer thread
             return await fun(*args, **kwargs)
@@ -503,6 +493,3 @@ async def test_the_seek_to_committed_offsets_also_moves_partitions_committed_at_
         committed = await consumer._thread.seek_to_committed()
         assert committed == {partitions[0]: None, partitions[1]: 0, partitions[2]: 3}
         assert [await fetching.position(tp) for tp in partitions] == [0, 0, 3]
-    finally:
-        consumer._thread._consumer = None
-        await fetching.stop()
