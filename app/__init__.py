@@ -5,11 +5,22 @@ import gc
 
 import faust
 
+from app.redaction import redact_log_records, remember_secrets
 from app.settings import Settings, faust_settings, load_settings
 
+redact_log_records()
 settings: Settings = load_settings()
+remember_secrets(settings.secret_values)
 
 app = faust.App(settings.app_id, **faust_settings(settings))
+
+
+
+@app.on_worker_init.connect
+def create_data_dir(sender: faust.App, **kwargs: object) -> None:
+    """Faust creates DATA_DIR without its parents: a fresh checkout has no ./data yet."""
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+
 
 # Register the platform pages and every job's agents, tables and pages.
 from app import web  # noqa: E402,F401

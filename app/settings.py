@@ -5,12 +5,16 @@ import re
 import sys
 from datetime import datetime, timezone
 from pathlib import Path
+from urllib.parse import unquote, urlsplit
 from typing import Any, Dict, List, Literal, Optional, Tuple
 
 from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from app.redaction import redact
+
 KAFKA_SCHEMES = ("kafka://", "aiokafka://")
+SECRET_FIELDS = ("admin_token",)  # never shown; URLs and DSNs are shown with their passwords masked
 STORE_SCHEMES = ("rocksdb://", "memory://")
 
 
@@ -57,6 +61,11 @@ class Settings(BaseSettings):
     metric_window: float = Field(60.0, gt=0, le=86400)
     metric_window_step: float = Field(10.0, gt=0, le=3600)
     metric_window_expires: float = Field(3600.0, gt=0, le=7 * 86400)
+    # A pending/firing alert whose series sent no sample for this long resolves (Prometheus: an
+    # absent series ends its alert); unset: the rule's window plus one METRIC_WINDOW_STEP.
+    alert_absent_after: Optional[float] = Field(None, gt=0, le=7 * 86400)
+    # Firing alerts are sent to the webhook again this often (Alertmanager's repeat_interval).
+    alert_repeat_interval: float = Field(14400.0, gt=0, le=7 * 86400)
     elasticsearch_url: Optional[str] = None
     # Centralized logging (agents/logs.py).
     log_index_pattern: str = "logs-{service}-{date:%Y.%m.%d}"
@@ -183,9 +192,27 @@ class Settings(BaseSettings):
         return self
 
     @property
+    def secret_values(self) -> List[str]:
+        """Values that must never appear in a log line: the admin token and every URL's password."""
+        values = [self.admin_token or ""]
+        for url in (self.kafka_broker, self.elasticsearch_url, self.redis_url, self.replica_dsn,
+                    self.cdc_source_dsn, self.alert_webhook_url):
+            values.append(url_password(url) if url else "")
+        return [value for value in values if len(value) >= 4]
+
+    @property
     def web_url(self) -> str:
         """The URL other workers use to reach this one (table routing)."""
         return self.canonical_url or f"http://{self.web_host}:{self.web_port}"
+
+
+def url_password(url: str) -> str:
+    """The password of ``scheme://user:password@host``, or "" (also for a URL that does not parse)."""
+    try:
+        password = urlsplit(url).password
+    except ValueError:
+        return ""
+    return unquote(password) if password else ""
 
 
 def bootstrap_servers(kafka_broker: str) -> List[str]:
@@ -225,6 +252,7 @@ def faust_settings(settings: Settings) -> Dict[str, Any]:
         broker_rebalance_timeout=settings.broker_rebalance_timeout,
         broker_heartbeat_interval=settings.broker_heartbeat_interval,
         web_host=settings.web_host,
+        web_bind=settings.web_host,  # Faust listens on 0.0.0.0 unless told otherwise
         web_port=settings.web_port,
         canonical_url=settings.web_url,
         key_serializer="raw",
@@ -244,9 +272,12 @@ def describe_error(error: ValidationError) -> str:
         if not item["loc"]:
             problems.append(reason)
             continue
-        value = item.get("input")
-        shown = f"={value!r}" if isinstance(value, (str, int, float)) else ""
-        problems.append(f"{str(item['loc'][0]).upper()}{shown}: {reason}")
+        value, field = item.get("input"), str(item["loc"][0])
+        if field in SECRET_FIELDS:
+            shown = "=<hidden>"
+        else:
+            shown = "=" + redact(repr(value)) if isinstance(value, (str, int, float)) else ""
+        problems.append(f"{field.upper()}{shown}: {redact(reason)}")
     return "invalid configuration: " + "; ".join(problems)
 
 

@@ -4,7 +4,9 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import shutil
 import sys
+from pathlib import Path
 
 import psutil
 
@@ -12,12 +14,29 @@ from tests.support.ports import free_port
 from tests.support.workers import REPO_ROOT, environment_with, http_get, wait_for
 
 
+def fresh_checkout(destination: Path) -> Path:
+    """The repository's tracked files as they are now, without data/ or anything a run left."""
+    files = subprocess.run(["git", "ls-files", "-z"], cwd=REPO_ROOT, capture_output=True, check=True).stdout
+    for name in filter(None, files.decode().split("\0")):
+        if (REPO_ROOT / name).is_file():
+            (destination / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO_ROOT / name, destination / name)
+    return destination
+
+
+def listening_addresses(process: psutil.Process, port: int) -> set:
+    return {c.laddr.ip for c in process.net_connections(kind="inet") if c.status == psutil.CONN_LISTEN and c.laddr.port == port}
+
+
 def test_dev_runner_serves_health_and_demo_data_then_stops_everything_on_ctrl_c(tmp_path):
     web_port, broker_port = free_port(), free_port()
-    env = environment_with(WEB_PORT=str(web_port), LOCAL_BROKER_PORT=str(broker_port), DATA_DIR=str(tmp_path), STORE="rocksdb://")
-    env.pop("KAFKA_BROKER", None)
+    checkout = fresh_checkout(tmp_path / "checkout")
+    assert not (checkout / "data").exists()
+    env = environment_with(WEB_PORT=str(web_port), LOCAL_BROKER_PORT=str(broker_port), STORE="rocksdb://")
+    for variable in ("KAFKA_BROKER", "DATA_DIR", "WEB_HOST"):
+        env.pop(variable, None)
     runner = subprocess.Popen(
-        [sys.executable, "-m", "app.dev"], cwd=REPO_ROOT, env=env, start_new_session=True,
+        [sys.executable, "-m", "app.dev"], cwd=checkout, env=env, start_new_session=True,
         stdout=open(tmp_path / "run.log", "wb"), stderr=subprocess.STDOUT,
     )
     web = f"http://127.0.0.1:{web_port}"
@@ -39,6 +58,8 @@ def test_dev_runner_serves_health_and_demo_data_then_stops_everything_on_ctrl_c(
         assert all(item["item_id"].startswith("sku-") for item in recommended["items"])
         children = psutil.Process(runner.pid).children(recursive=True)
         assert len(children) >= 3  # broker, worker, demo traffic
+        worker = next(child for child in children if "worker" in child.cmdline())
+        assert listening_addresses(worker, web_port) == {"127.0.0.1"}  # WEB_HOST's default, not 0.0.0.0
     finally:
         os.killpg(runner.pid, signal.SIGINT)
         runner.wait(timeout=60)

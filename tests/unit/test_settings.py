@@ -1,11 +1,13 @@
 """Settings are read from the environment and a bad value stops the worker with one clear line."""
 from __future__ import annotations
 
+import logging
 import subprocess
 import sys
 
 import pytest
 
+from app.redaction import RedactingLogRecord, remember_secrets
 from app.settings import Settings, describe_error
 from pydantic import ValidationError
 from tests.support.workers import REPO_ROOT, environment_with
@@ -60,7 +62,7 @@ def test_an_invalid_value_is_refused_naming_the_variable(monkeypatch, variable, 
 
     line = describe_error(raised.value)
     assert line.startswith("invalid configuration: ")
-    assert f"{variable}={value!r}" in line
+    assert (f"{variable}=<hidden>" if variable == "ADMIN_TOKEN" else f"{variable}={value!r}") in line
     assert "\n" not in line
 
 
@@ -121,3 +123,42 @@ def test_a_rule_window_that_is_not_whole_panes_stops_the_worker(tmp_path):
 
     assert result.returncode == 2
     assert "rule 'Fast': window 5s must be a whole number of METRIC_WINDOW_STEP (10s)" in result.stderr
+
+
+@pytest.mark.parametrize(
+    "variable, value, secret",
+    [
+        ("REPLICA_DSN", "mysql://replicator:hunter2-secret@db:5432/app", "hunter2-secret"),
+        ("REDIS_URL", "http://:s3cr3t-pass@cache:6379/0", "s3cr3t-pass"),
+        ("ADMIN_TOKEN", "short", "short"),
+        ("ALERT_WEBHOOK_URL", "hooks.example/x?token=abcd1234efgh", "abcd1234efgh"),
+    ],
+)
+def test_a_refused_value_is_named_without_its_secret(monkeypatch, variable, value, secret):
+    with pytest.raises(ValidationError) as raised:
+        settings_from(monkeypatch, **{variable: value})
+
+    line = describe_error(raised.value)
+    assert variable in line and secret not in line
+
+
+def test_log_lines_never_show_passwords_tokens_or_the_admin_token(caplog):
+    remember_secrets(["the-admin-token-value"])
+    logging.setLogRecordFactory(RedactingLogRecord)
+    try:
+        log = logging.getLogger("test.redaction")
+        with caplog.at_level(logging.INFO, logger="test.redaction"):
+            log.info("connecting to %s", "postgresql://cdc:p%40ss-word@db:5432/app")
+            log.info("header Authorization: Bearer abc.def-ghi sent")
+            log.info("token %s refused", "the-admin-token-value")
+            log.info("libpq dsn host=db password=topsecret user=x")
+    finally:
+        logging.setLogRecordFactory(logging.LogRecord)
+    text = "\n".join(record.getMessage() for record in caplog.records)
+    for secret in ("p%40ss-word", "abc.def-ghi", "the-admin-token-value", "topsecret"):
+        assert secret not in text
+    assert "postgresql://cdc:***@db:5432/app" in text
+
+
+def test_the_worker_masks_the_passwords_of_its_own_settings():
+    assert Settings(replica_dsn="postgresql://u:pa%2Fss@h/db", admin_token="0123456789").secret_values == ["0123456789", "pa/ss"]
