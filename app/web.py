@@ -1,14 +1,25 @@
-"""Platform pages: liveness, readiness and the admin-token guard for state-changing endpoints."""
+"""Platform pages: liveness, readiness, the admin-token guard for state-changing endpoints, and
+JSON answers for every error the web server gives."""
 from __future__ import annotations
 
 import hmac
+import json
+import logging
+import re
 import time
+from typing import Awaitable, Callable
 
+import faust
+from aiohttp import web as aiohttp_web
 from faust import web
 
 from app import app, settings
 
+log = logging.getLogger(__name__)
 STARTED_AT = time.time()
+# Faust's table views answer 503 "try again later" for a table that does not exist at all.
+TABLE_VIEW_PATH = re.compile(r"^/(?:table|router)/(?P<name>[^/]+)/")
+Handler = Callable[[aiohttp_web.Request], Awaitable[aiohttp_web.StreamResponse]]
 _routing_tables_known = False
 
 
@@ -78,3 +89,46 @@ async def ready(view: web.View, request: web.Request) -> web.Response:
         "in_recovery": app.in_recovery,
     }
     return view.json(body, status=200 if is_ready else 503)
+
+
+def json_error(status: int, message: str, **details: object) -> aiohttp_web.Response:
+    return aiohttp_web.json_response({"error": message, **details}, status=status)
+
+
+def unknown_table_in(path: str) -> str | None:
+    """The table named by a /table/<name>/... or /router/<name>/... path, when no such table exists."""
+    match = TABLE_VIEW_PATH.match(path)
+    if match is None or match["name"] in app.tables:
+        return None
+    return match["name"]
+
+
+@aiohttp_web.middleware
+async def json_errors(request: aiohttp_web.Request, handler: Handler) -> aiohttp_web.StreamResponse:
+    """Every error the server gives is JSON: a request's own fault (unknown path or table, wrong
+    method, oversized or undecodable body) a 4xx, anything else a 500."""
+    table = unknown_table_in(request.path)
+    if table is not None:
+        return json_error(404, "unknown table", name=table)
+    try:
+        return await handler(request)
+    except aiohttp_web.HTTPException as error:
+        if error.status < 400 or (error.content_type or "").endswith("json"):
+            raise
+        response = json_error(error.status, error.reason or "error", detail=error.text or "")
+        if "Allow" in error.headers:  # a 405 says which methods the path takes
+            response.headers["Allow"] = error.headers["Allow"]
+        return response
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        return json_error(400, f"request body is not JSON: {error}")
+    except RecursionError:
+        return json_error(400, "request body is nested too deeply")
+    except Exception:  # noqa: BLE001 - answered as JSON, logged with the traceback
+        log.exception("%s %s failed", request.method, request.path)
+        return json_error(500, "internal error")
+
+
+@app.on_worker_init.connect
+def answer_errors_as_json(sender: faust.App, **kwargs: object) -> None:
+    """Install ``json_errors`` on the worker's aiohttp application before it starts serving."""
+    sender.web.web_app.middlewares.append(json_errors)
