@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 INSTALLED := $(VENV)/.installed
 
-.PHONY: install run test bench clean
+.PHONY: install run test bench docs clean
 
 $(INSTALLED): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,10 @@ test: install
 bench: install
 	$(PY) -m pip install --quiet -e '.[dev,bench]'
 	$(PY) bench/compare.py $(BENCH_ARGS)
+
+## docs/configuration.md from the Settings class (tests/unit/test_settings.py checks it is current).
+docs: install
+	$(PY) -c 'import sys; from app.settings import configuration_markdown; sys.stdout.write(configuration_markdown())' > docs/configuration.md
 
 clean:
 	rm -rf $(VENV) data

@@ -23,83 +23,86 @@ class Settings(BaseSettings):
 
     model_config = SettingsConfigDict(extra="ignore", frozen=True, env_ignore_empty=True)
 
-    app_id: str = Field("streamspine", min_length=1, pattern=r"^[A-Za-z0-9._-]+$")
-    kafka_broker: str = "kafka://localhost:9092"
-    topic_partitions: int = Field(8, ge=1, le=1024)
-    store: str = "rocksdb://"
-    data_dir: Path = Path("./data")
-    web_host: str = "127.0.0.1"
-    web_port: int = Field(6066, ge=1, le=65535)
-    canonical_url: Optional[str] = None
-    broker_session_timeout: float = Field(6.0, gt=0, le=300)
-    broker_rebalance_timeout: float = Field(6.0, gt=0, le=300)
-    broker_heartbeat_interval: float = Field(1.0, gt=0, le=60)
-    fast_consumer: bool = True
-    # Longest wait of a consumer fetch for new data: Kafka's own default. A Kafka broker answers a
-    # waiting fetch as soon as data arrives, so the wait only paces the polling of idle partitions
-    # (about 30 topics x TOPIC_PARTITIONS per worker). The local broker holds every fetch for the full
-    # wait: `make run` and the tests use 20 ms there (app/local_broker.py: WORKER_ENV).
-    consumer_fetch_wait_ms: int = Field(500, ge=1, le=30000)
-    # Bytes per producer batch. Tansu 0.6 (the local broker) answers ListOffsets with the base offset
-    # of the last record batch + 1, which made Faust refuse to recover tables (ConsistencyError)
-    # unless every record was its own batch (1); app/transport.py now checks each changelog end
-    # offset with a fetch, so batches are safe for table recovery, and the stateful pattern spends
-    # ~45-55 us CPU per record with 16384 against ~65-97 with 1 (bench/README.md).
-    producer_max_batch_size: int = Field(16384, ge=1, le=64 * 1024 * 1024)
-    # Python's cyclic GC: generation thresholds "gen0,gen1,gen2", or "default" for Python's own
-    # (700,10,10). A worker allocates a few container objects per record; with gen0 at 700 a
-    # collection runs every ~100 records and every 100th one rescans the whole heap (Faust, tables,
-    # sklearn). bench/README.md: bare agent 32k -> 41k records/s, DeltaBuffer 29.5k -> 34k.
-    gc_thresholds: str = "50000,20,100"
-    # Move everything alive after the imports into the GC's permanent generation (never rescanned).
-    gc_freeze: bool = True
-    processing_guarantee: Literal["at_least_once", "exactly_once"] = "at_least_once"
-    admin_token: Optional[str] = Field(None, min_length=8)
-    log_level: Literal["debug", "info", "warning", "error", "critical"] = "info"
-    alert_rules: Path = Path(__file__).with_name("alert_rules.yaml")
-    alert_webhook_url: Optional[str] = None
-    metric_window: float = Field(60.0, gt=0, le=86400)
-    metric_window_step: float = Field(10.0, gt=0, le=3600)
-    metric_window_expires: float = Field(3600.0, gt=0, le=7 * 86400)
-    # A pending/firing alert whose series sent no sample for this long resolves (Prometheus: an
-    # absent series ends its alert); unset: the rule's window plus one METRIC_WINDOW_STEP.
-    alert_absent_after: Optional[float] = Field(None, gt=0, le=7 * 86400)
-    # Firing alerts are sent to the webhook again this often (Alertmanager's repeat_interval).
-    alert_repeat_interval: float = Field(14400.0, gt=0, le=7 * 86400)
-    elasticsearch_url: Optional[str] = None
-    # Centralized logging (agents/logs.py).
-    log_index_pattern: str = "logs-{service}-{date:%Y.%m.%d}"
-    log_batch_max: int = Field(5000, ge=1, le=30000)
-    log_batch_within: float = Field(0.2, gt=0, le=60)
-    log_bulk_lines: int = Field(2000, ge=1, le=100_000)  # lines per bulk write (whole records)
-    log_bulk_in_flight: int = Field(4, ge=1, le=16)  # bulk writes in progress at once
-    log_stats_window: int = Field(60, ge=1, le=86400)  # whole seconds
-    log_recent_limit: int = Field(200, ge=1, le=10000)
-    elasticsearch_max_backoff: float = Field(30.0, gt=0, le=3600)
-    # Zero-downtime migration (agents/migration.py).
-    migration_compare_window: float = Field(30.0, gt=0, le=86400)
-    migration_reconcile_grace: float = Field(60.0, gt=0, le=7 * 86400)
-    migration_ignore_fields: str = "source_version,event_id,processed_at"
-    migration_tolerance: float = Field(0.005, ge=0)
-    migration_samples: int = Field(20, ge=1, le=1000)
-    redis_url: Optional[str] = None
-    replica_dsn: Optional[str] = None
-    cdc_source_dsn: Optional[str] = None
-    # Realtime recommendations (agents/recommendations.py).
-    recs_session_timeout: float = Field(1800.0, gt=0, le=7 * 86400)
-    recs_neighbours: int = Field(50, ge=1, le=1000)
-    recs_refit_interval: float = Field(60.0, gt=0, le=86400)
-    recs_embedding_dims: int = Field(32, ge=2, le=256)
-    # Change data capture (agents/cdc.py). CDC_TABLES: comma-separated schema.table names.
-    cdc_tables: str = ""
-    cdc_slot: str = Field("streamspine_cdc", pattern=r"^[a-z0-9_]{1,63}$")
-    cdc_publication: str = Field("streamspine_cdc", pattern=r"^[a-z_][a-z0-9_]{0,62}$")
-    cdc_topic_prefix: str = Field("cdc", pattern=r"^[A-Za-z0-9_-]+$")
-    cdc_poll_interval: float = Field(0.1, gt=0, le=60)
-    cdc_max_changes: int = Field(5000, ge=1, le=1_000_000)
-    # Bytes per produce batch of the capture. Multi-record batches: one record per batch (as
-    # PRODUCER_MAX_BATCH_SIZE=1) published ~150 changes/s to the local broker.
-    cdc_producer_batch_size: int = Field(65536, ge=1, le=64 * 1024 * 1024)
+    # --- platform -----------------------------------------------------------------------------
+    app_id: str = Field("streamspine", min_length=1, pattern=r"^[A-Za-z0-9._-]+$",
+                        description="Faust app id: the consumer group and the prefix of changelog topics.")
+    kafka_broker: str = Field("kafka://localhost:9092",
+                              description="Bootstrap servers, `kafka://host:port[,host:port]` (`;` separates URLs).")
+    topic_partitions: int = Field(8, ge=1, le=1024,
+                                  description="Partitions of the topics and tables the worker creates.")
+    store: str = Field("rocksdb://", description="Table store: `rocksdb://` or `memory://`.")
+    data_dir: Path = Field(Path("./data"), description="Where RocksDB tables live; one per worker on the same host.")
+    web_host: str = Field("127.0.0.1", description="Address the web server binds to.")
+    web_port: int = Field(6066, ge=1, le=65535, description="Port of the web server.")
+    canonical_url: Optional[str] = Field(None, description="URL other workers use to reach this one; default `http://WEB_HOST:WEB_PORT`.")
+    broker_session_timeout: float = Field(6.0, gt=0, le=300, description="Seconds; short so a dead worker's partitions move quickly.")
+    broker_rebalance_timeout: float = Field(6.0, gt=0, le=300, description="Seconds a rebalance may take.")
+    broker_heartbeat_interval: float = Field(1.0, gt=0, le=60, description="Seconds between consumer heartbeats.")
+    fast_consumer: bool = Field(True, description="Consume and produce through app/transport.py; `false` uses Faust's stock consumer.")
+    consumer_fetch_wait_ms: int = Field(
+        500, ge=1, le=30000,
+        description="Longest wait of a consumer fetch for new data (Kafka's default). It only paces the polling of "
+                    "idle partitions; against the local broker, which holds every fetch for the full wait, `make run` "
+                    "and the tests use 20.")
+    producer_max_batch_size: int = Field(16384, ge=1, le=64 * 1024 * 1024, description="Bytes per producer batch.")
+    gc_thresholds: str = Field(
+        "50000,20,100",
+        description="Python's cyclic GC thresholds `gen0,gen1,gen2`, or `default` (700,10,10): fewer, cheaper "
+                    "collections for a worker that allocates a few objects per record.")
+    gc_freeze: bool = Field(True, description="After the imports, move every live object into the GC's permanent generation.")
+    processing_guarantee: Literal["at_least_once", "exactly_once"] = Field(
+        "at_least_once", description="`exactly_once` needs Kafka transactions (the local broker has none).")
+    admin_token: Optional[str] = Field(
+        None, min_length=8,
+        description="Bearer token of the state-changing endpoints (at least 8 characters); unset disables them. Never logged.")
+    log_level: Literal["debug", "info", "warning", "error", "critical"] = Field("info", description="Worker log level.")
+    # --- monitoring & alerting ------------------------------------------------------------------
+    alert_rules: Path = Field(Path(__file__).with_name("alert_rules.yaml"), description="The alert rules file.")
+    alert_webhook_url: Optional[str] = Field(None, description="Alertmanager-format webhook receiver.")
+    metric_window: float = Field(60.0, gt=0, le=86400, description="Seconds of the window the metric pages summarize.")
+    metric_window_step: float = Field(10.0, gt=0, le=3600, description="Seconds per pane; windows are whole panes.")
+    metric_window_expires: float = Field(3600.0, gt=0, le=7 * 86400, description="Seconds a pane is kept.")
+    alert_absent_after: Optional[float] = Field(
+        None, gt=0, le=7 * 86400,
+        description="Seconds without a sample after which a pending/firing alert of that series resolves "
+                    "(Prometheus: an absent series ends its alert); unset: the rule's window plus one METRIC_WINDOW_STEP.")
+    alert_repeat_interval: float = Field(
+        14400.0, gt=0, le=7 * 86400,
+        description="Seconds between re-sends of a still firing alert to the webhook (Alertmanager's repeat_interval).")
+    # --- centralized logging --------------------------------------------------------------------
+    elasticsearch_url: Optional[str] = Field(None, description="Elasticsearch for log lines and CDC rows; without it the log statistics still run.")
+    elasticsearch_max_backoff: float = Field(30.0, gt=0, le=3600, description="Seconds; the longest wait between retries of a write.")
+    log_index_pattern: str = Field(
+        "logs-{service}-{date:%Y.%m.%d}",
+        description="Index of a line: `{service}` (lower-cased, unsafe characters replaced) and `{date:<strftime>}` (UTC).")
+    log_batch_max: int = Field(5000, ge=1, le=30000, description="Records per bulk batch.")
+    log_batch_within: float = Field(0.2, gt=0, le=60, description="Seconds a record waits for its batch.")
+    log_bulk_lines: int = Field(2000, ge=1, le=100_000, description="Lines per bulk write (whole records).")
+    log_bulk_in_flight: int = Field(4, ge=1, le=16, description="Bulk writes in progress at once.")
+    log_stats_window: int = Field(60, ge=1, le=86400, description="Whole seconds per statistics window.")
+    log_recent_limit: int = Field(200, ge=1, le=10000, description="Newest lines kept per service (and at most 256 KiB of them).")
+    # --- zero-downtime migration ----------------------------------------------------------------
+    migration_compare_window: float = Field(30.0, gt=0, le=86400, description="Seconds a result waits for the other system's before it counts as missing.")
+    migration_reconcile_grace: float = Field(60.0, gt=0, le=7 * 86400, description="Seconds a V1 event id may wait for its V2 copy before it is reported missing.")
+    migration_ignore_fields: str = Field("source_version,event_id,processed_at", description="Result fields (V2 names) left out of the comparison.")
+    migration_tolerance: float = Field(0.005, ge=0, description="Numeric difference still counted as equal.")
+    migration_samples: int = Field(20, ge=1, le=1000, description="Mismatch samples and missing ids kept for the status.")
+    # --- realtime recommendations ---------------------------------------------------------------
+    recs_session_timeout: float = Field(1800.0, gt=0, le=7 * 86400, description="Seconds of inactivity (event time) that end a session.")
+    recs_neighbours: int = Field(50, ge=1, le=1000, description="Co-occurring items kept per item.")
+    recs_refit_interval: float = Field(60.0, gt=0, le=86400, description="Seconds between the leader's model refits (only when the item tables changed).")
+    recs_embedding_dims: int = Field(32, ge=2, le=256, description="TruncatedSVD components of the item model.")
+    # --- change data capture --------------------------------------------------------------------
+    cdc_source_dsn: Optional[str] = Field(None, description="`postgresql://` URL of the source (wal_level=logical, a REPLICATION role); enables capture.")
+    cdc_tables: str = Field("", description="Comma-separated `schema.table` to capture and apply; each needs a primary key.")
+    cdc_slot: str = Field("streamspine_cdc", pattern=r"^[a-z0-9_]{1,63}$", description="Replication slot name.")
+    cdc_publication: str = Field("streamspine_cdc", pattern=r"^[a-z_][a-z0-9_]{0,62}$", description="Publication name.")
+    cdc_topic_prefix: str = Field("cdc", pattern=r"^[A-Za-z0-9_-]+$", description="Prefix of the change topics (a Debezium connector's `topic.prefix`).")
+    cdc_poll_interval: float = Field(0.1, gt=0, le=60, description="Seconds between slot polls when the last poll was not full.")
+    cdc_max_changes: int = Field(5000, ge=1, le=1_000_000, description="Changes per poll (whole transactions: a poll may return more).")
+    cdc_producer_batch_size: int = Field(65536, ge=1, le=64 * 1024 * 1024, description="Bytes per produce batch of the capture.")
+    replica_dsn: Optional[str] = Field(None, description="`postgresql://` URL of the replica database.")
+    redis_url: Optional[str] = Field(None, description="`redis://` URL; CDC row hashes.")
 
     @field_validator("kafka_broker")
     @classmethod
@@ -279,6 +282,37 @@ def describe_error(error: ValidationError) -> str:
             shown = "=" + redact(repr(value)) if isinstance(value, (str, int, float)) else ""
         problems.append(f"{field.upper()}{shown}: {redact(reason)}")
     return "invalid configuration: " + "; ".join(problems)
+
+
+def shown_default(value: Any) -> str:
+    """A default as it would be written in the environment (``true``, ``6``, ``0.2``)."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, float):
+        return f"{value:g}"
+    return str(value)
+
+
+def configuration_markdown() -> str:
+    """docs/configuration.md: every variable, its default and meaning, from the Settings class."""
+    lines = [
+        "# Configuration",
+        "",
+        "Environment variables, read once at start and validated; a bad value stops the worker with one line",
+        "naming the variable (secrets masked). An empty variable counts as unset. Generated from",
+        "`app/settings.py` by `make docs`; a test fails when they differ.",
+        "",
+        "| variable | default | meaning |",
+        "|---|---|---|",
+    ]
+    for name, field in Settings.model_fields.items():
+        default = field.default
+        if isinstance(default, Path) and default.is_absolute():
+            default = default.relative_to(Path(__file__).resolve().parents[1])
+        shown = "unset" if default is None else "empty" if default == "" else f"`{shown_default(default)}`"
+        lines.append(f"| `{name.upper()}` | {shown} | {field.description or ''} |")
+    lines += ["", "`make run` also reads `LOCAL_BROKER_PORT` (default `9092`): the port of the local broker it starts."]
+    return "\n".join(lines) + "\n"
 
 
 def load_settings() -> Settings:

@@ -162,3 +162,11 @@ def test_log_lines_never_show_passwords_tokens_or_the_admin_token(caplog):
 
 def test_the_worker_masks_the_passwords_of_its_own_settings():
     assert Settings(replica_dsn="postgresql://u:pa%2Fss@h/db", admin_token="0123456789").secret_values == ["0123456789", "pa/ss"]
+
+
+def test_docs_configuration_lists_every_variable_as_the_settings_class_defines_it():
+    from app.settings import configuration_markdown
+
+    documented = (REPO_ROOT / "docs" / "configuration.md").read_text()
+    assert documented == configuration_markdown(), "docs/configuration.md is stale: run `make docs`"
+    assert all(f"`{name.upper()}`" in documented for name in Settings.model_fields)
