@@ -17,6 +17,11 @@ counted in ``dropped`` instead of growing memory, as are lines Kafka refused for
 still unsent when ``close()`` (called by ``logging.shutdown``) gives up: each such failure is
 reported on stderr. ``sent`` counts the lines Kafka acknowledged. ``close()`` sends what is queued,
 waiting at most its ``timeout``.
+
+The handler never ships the records of its own shipping thread (its Kafka client, asyncio) nor
+those of the Kafka client library's loggers (``excluded_loggers``, ``aiokafka`` by default):
+attached to a root logger at DEBUG it would otherwise ship the client's lines about sending
+lines, each send logging more.
 """
 from __future__ import annotations
 
@@ -31,13 +36,16 @@ import traceback
 from collections import deque
 from datetime import datetime, timezone
 from functools import partial
-from typing import Any, Deque, Dict, List, Optional, Tuple
+from typing import Any, Deque, Dict, Iterable, List, Optional, Tuple
 
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError, KafkaTimeoutError
 
 # Attributes every LogRecord has; anything else came in through ``extra=`` and is shipped.
 STANDARD_ATTRIBUTES = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime", "taskName"}
+# The loggers of the Kafka client the handler sends with: at DEBUG it logs every request, so
+# shipping its lines would log more lines, without end.
+KAFKA_CLIENT_LOGGERS = ("aiokafka",)
 
 
 class KafkaLogHandler(logging.Handler):
@@ -47,8 +55,10 @@ class KafkaLogHandler(logging.Handler):
         self, bootstrap_servers: str, service: str, *, topic: str = "logs", host: Optional[str] = None,
         max_queue: int = 100_000, batch_lines: int = 100, max_record_bytes: int = 900_000,
         max_field_chars: int = 65_536, level: int = logging.NOTSET,
+        excluded_loggers: Iterable[str] = KAFKA_CLIENT_LOGGERS,
     ) -> None:
         super().__init__(level)
+        self.excluded_loggers = tuple(excluded_loggers)
         self.bootstrap_servers = bootstrap_servers
         self.service = service
         self.topic = topic
@@ -89,6 +99,13 @@ class KafkaLogHandler(logging.Handler):
             if isinstance(value, str) and len(value) > self.max_field_chars:
                 line[name], line["truncated"] = value[:self.max_field_chars], True
         return line
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        """Leave out the shipping thread's own records (its Kafka client, asyncio) and those of
+        the ``excluded_loggers`` (and their children), then apply the handler's filters."""
+        if record.thread == self._thread.ident or is_logger_under(record.name, self.excluded_loggers):
+            return False
+        return bool(super().filter(record))
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
@@ -186,6 +203,11 @@ class KafkaLogHandler(logging.Handler):
     def _lost(self, lines: int, error: Any) -> None:
         self._count_dropped(lines)
         print(f"KafkaLogHandler: {lines} log lines of {self.service} not shipped: {error!r}", file=sys.stderr)
+
+
+def is_logger_under(name: str, parents: Tuple[str, ...]) -> bool:
+    """``"aiokafka.conn"`` is under ``("aiokafka",)``; ``"aiokafkaesque"`` is not."""
+    return any(name == parent or name.startswith(parent + ".") for parent in parents)
 
 
 def is_retriable(error: BaseException) -> bool:

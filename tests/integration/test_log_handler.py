@@ -10,6 +10,7 @@ from datetime import datetime, timezone
 from app.log_handler import KafkaLogHandler
 from models.logs import RecordContext, parse_record
 from tests.support.kafka import consume_sync, consume_to_end
+from tests.support.workers import wait_for
 
 
 def test_python_log_records_arrive_as_ecs_json_lines(isolated_broker):
@@ -71,3 +72,31 @@ def test_long_lines_go_in_records_that_fit_kafka_and_an_overlong_message_is_cut(
     cut = lines[30]
     assert len(cut["message"]) == handler.max_field_chars and cut["truncated"] is True
     assert lines[31]["message"] == "still shipping" and "truncated" not in lines[31]
+
+
+def test_with_the_root_logger_at_debug_only_the_applications_lines_are_shipped(isolated_broker):
+    """The handler's own Kafka client logs at DEBUG in its shipping thread: attached to the root
+    logger, it shipped those lines too (each send logging more), 50 application lines became
+    about 10,000 documents."""
+    root = logging.getLogger()
+    level = root.level
+    handler = KafkaLogHandler(isolated_broker.bootstrap, service="billing", host="billing-pod-1")
+    root.setLevel(logging.DEBUG)
+    root.addHandler(handler)
+    logger = logging.getLogger("billing.invoices.test")
+    try:
+        for i in range(50):
+            logger.log((logging.DEBUG, logging.INFO, logging.WARNING)[i % 3], "invoice %d issued", i)
+            if i % 10 == 9:  # let each ten be sent (and the client log about it) before the next
+                wait_for(lambda: handler.sent >= i + 1, interval=0.05, message=f"{i + 1} lines sent")
+        logging.getLogger("aiokafka.producer.test").debug("the Kafka client's own line: not shipped")
+    finally:
+        root.removeHandler(handler)
+        handler.close(timeout=30)
+        root.setLevel(level)
+
+    records = asyncio.run(consume_to_end(isolated_broker.bootstrap, "logs"))
+    lines = [line for record in records for line in json.loads(record.value)]
+    assert [line["message"] for line in lines] == [f"invoice {i} issued" for i in range(50)]
+    assert {line["log.logger"] for line in lines} == {"billing.invoices.test"}
+    assert handler.sent == 50 and handler.dropped == 0
