@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 INSTALLED := $(VENV)/.installed
 
-.PHONY: install run test bench docs clean
+.PHONY: install system-tools run test bench docs clean
 
 $(INSTALLED): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -14,12 +14,16 @@ $(INSTALLED): pyproject.toml
 
 install: $(INSTALLED)
 
+## Debian packages the tests use as real peers (promtool checks /metrics).
+system-tools:
+	@command -v promtool >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null; }
+
 ## Local broker (unless KAFKA_BROKER is set), one worker and demo traffic; Ctrl-C stops all.
 run: install
 	$(PY) -m app.dev
 
 ## The whole suite: unit tests and real workers against real services.
-test: install
+test: install system-tools
 	$(PY) -m pytest
 
 ## Throughput next to Quix Streams (bench/README.md): installs the bench extra, then one run.

@@ -16,7 +16,10 @@
 from __future__ import annotations
 
 import logging
-from typing import Any, AsyncIterator, Awaitable, Callable, Generic, List, NamedTuple, Optional, TypeVar
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Any, AsyncIterator, Awaitable, Callable, DefaultDict, Generic, List, NamedTuple, Optional, TypeVar
 
 import orjson
 from faust.types import EventT, StreamT
@@ -29,6 +32,18 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 MAX_BACKOFF = 30.0  # seconds between two attempts at the most
 MAX_INT_BITS = 63  # JSON integers a result may hold: what orjson (and Elasticsearch's long) can write
+
+
+@dataclass
+class ApplyStats:
+    """What ``until_applied`` and ``retrying`` did for one step (exposed on /metrics)."""
+
+    batches: int = 0
+    seconds: float = 0.0
+    retries: int = 0
+
+
+apply_stats: DefaultDict[str, ApplyStats] = defaultdict(ApplyStats)
 
 
 class Decoded(NamedTuple, Generic[T]):
@@ -84,6 +99,7 @@ async def decoded_batches(
 def _log_retry(what: str, state: RetryCallState) -> None:
     error = state.outcome.exception() if state.outcome else None
     attempt = state.attempt_number
+    apply_stats[what].retries += 1
     log.error(
         "%s: applying a batch failed (%r); retry %d, its offsets stay uncommitted", what, error, attempt,
         exc_info=error if attempt % 100 == 1 else None,  # the traceback on the 1st and every 100th
@@ -102,7 +118,11 @@ def retrying(what: str, *, max_backoff: float = MAX_BACKOFF, initial: float = 0.
 
 async def until_applied(apply: Callable[..., Awaitable[T]], *args: Any, what: str, max_backoff: float = MAX_BACKOFF) -> T:
     """``await apply(*args)`` until it returns, under the one retry policy."""
+    started = time.perf_counter()
     async for attempt in retrying(what, max_backoff=max_backoff):
         with attempt:
-            return await apply(*args)
-    raise AssertionError("not reached: the policy retries forever")
+            result = await apply(*args)
+    stats = apply_stats[what]
+    stats.batches += 1
+    stats.seconds += time.perf_counter() - started
+    return result
