@@ -10,8 +10,8 @@
 Each record becomes one JSON line with ECS field names; a background thread sends the lines in
 JSON-array records (up to ``batch_lines`` lines and ``max_record_bytes``, below Kafka's 1 MB) keyed
 by the service (a single line larger than that goes alone), so ``emit`` never blocks the service on
-Kafka. A message or stack trace longer than ``max_field_chars`` characters is cut (the line marked
-``truncated``). While Kafka cannot take a record for now (not reachable, no leader, topic not there
+Kafka. A message, error message or stack trace longer than ``max_field_chars`` characters is cut
+(the line marked ``truncated``). While Kafka cannot take a record for now (not reachable, no leader, topic not there
 yet) the thread sends it again, also after a failed delivery; when the queue is full new lines are
 counted in ``dropped`` instead of growing memory, as are lines Kafka refused for good and lines
 still unsent when ``close()`` (called by ``logging.shutdown``) gives up: each such failure is
@@ -90,11 +90,14 @@ class KafkaLogHandler(logging.Handler):
         }
         if record.exc_info:
             line["error.type"] = record.exc_info[0].__name__ if record.exc_info[0] else None
+            message = exception_message(record.exc_info[1])
+            if message:
+                line["error.message"] = message
             line["error.stack_trace"] = "".join(traceback.format_exception(*record.exc_info))
         for name, value in vars(record).items():
             if name not in STANDARD_ATTRIBUTES and not name.startswith("_"):
                 line[name] = value if isinstance(value, (str, int, float, bool, type(None))) else repr(value)
-        for name in ("message", "error.stack_trace"):
+        for name in ("message", "error.message", "error.stack_trace"):
             value = line.get(name)
             if isinstance(value, str) and len(value) > self.max_field_chars:
                 line[name], line["truncated"] = value[:self.max_field_chars], True
@@ -203,6 +206,14 @@ class KafkaLogHandler(logging.Handler):
     def _lost(self, lines: int, error: Any) -> None:
         self._count_dropped(lines)
         print(f"KafkaLogHandler: {lines} log lines of {self.service} not shipped: {error!r}", file=sys.stderr)
+
+
+def exception_message(error: Optional[BaseException]) -> str:
+    """``str(error)``, or "" when it has none or its ``__str__`` fails (a log call must not)."""
+    try:
+        return str(error) if error is not None else ""
+    except Exception:  # noqa: BLE001 - a hostile __str__ is the service's bug, not a lost line
+        return ""
 
 
 def is_logger_under(name: str, parents: Tuple[str, ...]) -> bool:

@@ -98,13 +98,86 @@ def normalize_level(value: Any) -> Optional[str]:
     return None
 
 
-def guess_level(text: str) -> str:
-    """The level of a plain-text line from common markers (``ERROR``, ``[warn]``, tracebacks)."""
+def guess_level(text: str, default: str = "info") -> str:
+    """The level of a plain-text line from common markers (``ERROR``, ``[warn]``, tracebacks),
+    ``default`` when it has none."""
     for match in LEVEL_MARKER.finditer(text):
         level = normalize_level(match.group(1) or match.group(2))
         if level is not None:
             return level
-    return "error" if ERROR_MARKER.search(text) else "info"
+    return "error" if ERROR_MARKER.search(text) else default
+
+
+# --- Python tracebacks in text lines -----------------------------------------------------------
+
+# The first line of a traceback; "  + Exception Group Traceback ..." opens an exception group.
+TRACEBACK_HEADER = re.compile(
+    r"^(?P<indent>[ \t]*)(?P<group>\+ )?(?:Exception Group )?Traceback \(most recent call last\):[ \t]*$", re.MULTILINE,
+)
+# Between the tracebacks of a chain, at the start of a line: the last exception follows the last one.
+CHAIN_SEPARATOR = re.compile(
+    r"^(?:The above exception was the direct cause of the following exception:"
+    r"|During handling of the above exception, another exception occurred:)[ \t]*$", re.MULTILINE,
+)
+# "ValueError: card expired", "ValueError", "requests.exceptions.HTTPError: 502 ..."
+EXCEPTION_LINE = re.compile(r"^(?P<type>[A-Za-z_][\w.]*)(?:: ?(?P<message>.*))?$", re.DOTALL)
+
+
+def split_traceback(text: str) -> Tuple[str, Optional[str]]:
+    """``(the text before the first traceback, the traceback)``, or ``(text, None)`` when the text
+    holds no traceback (a header on a line of its own)."""
+    match = TRACEBACK_HEADER.search(text)
+    if match is None:
+        return text, None
+    return text[:match.start()].rstrip(), text[match.start():].rstrip()
+
+
+def traceback_error(stack_trace: str) -> Dict[str, str]:
+    """``error.type`` and ``error.message`` of the exception a traceback ends with (the last of a
+    chain), as far as they can be read; the message is left out when the exception has none."""
+    last = stack_trace
+    for last_separator in CHAIN_SEPARATOR.finditer(stack_trace):
+        last = stack_trace[last_separator.end():]
+    lines = [text.rstrip("\r") for text in last.strip("\r\n").split("\n")]
+    start, prefix = 0, ""  # prefix: "  | " on the lines of an exception group's own level
+    for number, text in enumerate(lines):
+        header = TRACEBACK_HEADER.match(text)
+        if header is not None:
+            start, prefix = number + 1, (header.group("indent") + "| ") if header.group("group") else ""
+            break
+    exception: List[str] = []
+    for text in lines[start:]:
+        if not text.startswith(prefix):
+            if exception:
+                break  # an exception group's sub-exceptions follow its own exception
+            continue
+        text = text[len(prefix):]
+        if exception or (text and not text[0].isspace()):  # frames, source and carets are indented
+            exception.append(text)
+    found = EXCEPTION_LINE.match("\n".join(exception).rstrip())
+    if found is None:
+        return {}
+    error = {"type": found.group("type")}
+    if found.group("message"):
+        error["message"] = found.group("message")
+    return error
+
+
+def exception_summary(stack_trace: str) -> str:
+    """The last line a reader sees of a traceback: ``ValueError: card expired``."""
+    error = traceback_error(stack_trace)
+    if "type" not in error:
+        return stack_trace.rstrip().rsplit("\n", 1)[-1].strip()
+    return f"{error['type']}: {error['message']}" if "message" in error else error["type"]
+
+
+def add_traceback_error(doc: Dict[str, Any], stack_trace: str) -> None:
+    """Set ``error.stack_trace``, and ``error.type``/``error.message`` read from it where the
+    line did not give them."""
+    error = child(doc, "error")
+    error.setdefault("stack_trace", stack_trace)
+    for name, value in traceback_error(stack_trace).items():
+        error.setdefault(name, value)
 
 
 EPOCH_TEXT = re.compile(r"^\d{9,13}(\.\d+)?$")
@@ -233,8 +306,10 @@ def flatten_ecs_objects(fields: Mapping[str, Any]) -> Dict[str, Any]:
     return flat
 
 
-def ecs_document(fields: Mapping[str, Any], context: "RecordContext", line: int) -> Dict[str, Any]:
-    """One line's fields (from JSON or logfmt) as an ECS document."""
+def ecs_document(fields: Mapping[str, Any], context: "RecordContext", line: int,
+                 default_level: str = "info") -> Dict[str, Any]:
+    """One line's fields (from JSON or logfmt) as an ECS document; a Python stack trace without
+    ``error.type``/``error.message`` gives them."""
     doc: Dict[str, Any] = {}
     labels: Dict[str, str] = {}
     found: Dict[str, Any] = {}
@@ -265,14 +340,18 @@ def ecs_document(fields: Mapping[str, Any], context: "RecordContext", line: int)
     if service is not None and (not isinstance(service, str) or not service.strip()):
         raise InvalidRecord(f"line {line}: service must be a non-empty string, got {service!r}")
     timestamp = found.pop("@timestamp", None)
-    return finish_document(
+    doc = finish_document(
         doc, context, line,
         message=message,
-        level=level or guess_level(message),
+        level=level or guess_level(message, default_level),
         service=(service or "").strip() or None,
         timestamp=timestamp_text(timestamp) if timestamp is not None else None,
         extra=found, labels=labels,
     )
+    stack_trace = found.get("error.stack_trace")
+    if isinstance(stack_trace, str) and TRACEBACK_HEADER.search(stack_trace):
+        add_traceback_error(doc, stack_trace)
+    return doc
 
 
 LEADING_TIMESTAMP = re.compile(
@@ -280,7 +359,7 @@ LEADING_TIMESTAMP = re.compile(
 )
 
 
-def plain_document(text: str, context: "RecordContext", line: int) -> Dict[str, Any]:
+def plain_document(text: str, context: "RecordContext", line: int, default_level: str = "info") -> Dict[str, Any]:
     """A plain-text line: the whole line is the message, the level is guessed from its markers,
     the time is a leading ISO-8601 timestamp if the line starts with one, else the record's."""
     match = LEADING_TIMESTAMP.match(text)
@@ -290,7 +369,7 @@ def plain_document(text: str, context: "RecordContext", line: int) -> Dict[str, 
             timestamp = timestamp_text(match.group(1).replace(",", "."))
         except InvalidRecord:
             timestamp = None
-    return finish_document({}, context, line, message=text, level=guess_level(text), service=None,
+    return finish_document({}, context, line, message=text, level=guess_level(text, default_level), service=None,
                            timestamp=timestamp, extra={}, labels={})
 
 
@@ -336,6 +415,24 @@ class RecordContext:
         return moment  # type: ignore[return-value]
 
 
+def text_document(text: str, context: RecordContext, line: int) -> Dict[str, Any]:
+    """A logfmt or plain-text line, possibly followed by a Python traceback (a multi-line
+    record): the line before the traceback is parsed as usual (the exception's last line when
+    there is none), its level defaults to error, and the traceback gives the ``error`` fields."""
+    head, stack_trace = split_traceback(text)
+    default_level = "info"
+    if stack_trace is not None:
+        head, default_level = head or exception_summary(stack_trace), "error"
+    fields = parse_logfmt(head)
+    if fields is not None:
+        doc = ecs_document(fields, context, line, default_level)
+    else:
+        doc = plain_document(head, context, line, default_level)
+    if stack_trace is not None:
+        add_traceback_error(doc, stack_trace)
+    return doc
+
+
 def line_documents(item: Any, context: RecordContext, line: int) -> Dict[str, Any]:
     """One element of a record (a JSON object, or a string holding logfmt or plain text)."""
     if isinstance(item, dict):
@@ -351,8 +448,7 @@ def line_documents(item: Any, context: RecordContext, line: int) -> Dict[str, An
                 return ecs_document(decoded, context, line)
         if not text.strip():
             raise InvalidRecord(f"line {line}: empty line")
-        fields = parse_logfmt(text)
-        return ecs_document(fields, context, line) if fields is not None else plain_document(text, context, line)
+        return text_document(text, context, line)
     raise InvalidRecord(f"line {line}: a line must be a JSON object or a string, got {type(item).__name__}")
 
 

@@ -34,6 +34,7 @@ def test_python_log_records_arrive_as_ecs_json_lines(isolated_broker):
     assert {record.key for record in records} == {b"cart"}
     lines = [line for record in records for line in json.loads(record.value)]
     assert [line["message"] for line in lines] == ["order 42 placed", "payment failed"]
+    assert (lines[1]["error.type"], lines[1]["error.message"]) == ("ValueError", "card expired")
 
     context = RecordContext("cart", None, datetime.now(timezone.utc))
     docs = [doc for record in records for doc in parse_record(record.value, context)]
