@@ -31,7 +31,7 @@ from app.aggregation import BATCH_MAX, enter_partition
 from app.dead_letters import dead_letter
 from app.settings import bootstrap_servers
 from models.recommendations import (
-    Catalogue, ItemEmbeddings, UserEvent, add_purchase, apply_item_update, fit_item_embeddings,
+    Catalogue, InvalidModel, ItemEmbeddings, UserEvent, add_purchase, apply_item_update, fit_item_embeddings,
     item_updates, load_latest_model, model_from_bytes, model_to_bytes, parse_item, parse_item_updates,
     parse_user_event, recommend, save_model, update_session,
 )
@@ -52,7 +52,7 @@ def raw_topic(name: str, partitions: int = settings.topic_partitions):
 user_events_topic = raw_topic("user-events")
 items_topic = raw_topic("items")
 item_updates_topic = raw_topic("recs-item-updates")  # re-keys a user's event by the items it touches
-models_topic = raw_topic("recs-models", partitions=1)  # the leader's item models (joblib); trusted, internal
+models_topic = raw_topic("recs-models", partitions=1)  # the leader's item models (.npz of numbers, checked on load)
 
 MODEL_DIR = settings.data_dir / "recommendations"
 MAX_K = 100
@@ -138,9 +138,16 @@ class ModelHolder:
             log.info("serving item model version %s from %s", self.current.version, MODEL_DIR)
 
     def receive(self, key: Optional[bytes], value: Optional[bytes]) -> None:
+        """A record of recs-models: a newer valid model replaces the current one; anything else is
+        refused with the reason logged, and the current model goes on serving."""
         if not value:
             return
-        model = model_from_bytes(value)
+        try:
+            model = model_from_bytes(value)
+        except InvalidModel as error:
+            serving = self.current.version if self.current else "none"
+            log.error("refused a record of recs-models (%s bytes): %s; still serving model version %s", len(value), error, serving)
+            return
         if self.current is None or model.version > self.current.version:
             save_model(model, MODEL_DIR)  # persisted before it serves: a restart serves it at once
             self.current = model

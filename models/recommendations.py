@@ -19,20 +19,24 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import math
 import os
 import time
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import faust
-import joblib
 import numpy as np
+import orjson
 from scipy import sparse
 from sklearn.decomposition import TruncatedSVD
 
 from models.metrics import InvalidRecord
+
+log = logging.getLogger(__name__)
 
 
 class InvalidEvent(InvalidRecord):
@@ -416,16 +420,9 @@ class ItemEmbeddings:
 
     def __post_init__(self) -> None:
         self.index = {item: position for position, item in enumerate(self.items)}
-        # float16 on the wire and on disk; float32 copies for the arithmetic, rebuilt on load.
+        # float16 on the wire and on disk; float32 copies for the arithmetic.
         self._rows32 = self.row_factors.astype(np.float32)
         self._cols32 = self.col_factors.astype(np.float32)
-
-    def __getstate__(self) -> Dict[str, Any]:
-        return {name: value for name, value in self.__dict__.items() if name not in ("index", "_rows32", "_cols32")}
-
-    def __setstate__(self, state: Dict[str, Any]) -> None:
-        self.__dict__.update(state)
-        self.__post_init__()
 
     def scores(self, session_items: Sequence[Sequence[Any]], limit: int = 200) -> Dict[str, float]:
         """Predicted affinity of the ``limit`` best items to the recency-weighted session profile."""
@@ -466,26 +463,138 @@ def fit_item_embeddings(
     )
 
 
-# --- persistence ---------------------------------------------------------------------------------
+# --- persistence: a format that holds numbers only ------------------------------------------------
+#
+# A model travels on recs-models and lies in DATA_DIR, both writable by more than the leader, so it is
+# never unpickled: it is an .npz archive of exactly three members, each read with allow_pickle=False
+# after its header was checked (dtype, shape, size), and refused whole on any deviation:
+#
+# - ``metadata.npy``: uint8, the UTF-8 JSON {"format", "format_version", "version", "fingerprint",
+#   "fitted_at", "explained_variance", "items"};
+# - ``row_factors.npy`` and ``col_factors.npy``: float16 (items x dims), finite.
 
-MODEL_GLOB = "model-*.joblib"
+MODEL_FORMAT = "streamspine.item-model"
+MODEL_FORMAT_VERSION = 1
+MODEL_SUFFIX = ".npz"
+MODEL_GLOB = f"model-*{MODEL_SUFFIX}"
+MAX_MODEL_BYTES = 16 * 1024 * 1024  # a model record or file; one on the topic is under 1 MB
+MAX_MODEL_ITEMS = 20_000
+MAX_MODEL_DIMS = 512
+MAX_ITEM_ID_CHARS = 256  # as user events allow
+MAX_FINGERPRINT_CHARS = 1_000_000
+MAX_METADATA_BYTES = 8 * 1024 * 1024
+METADATA_KEYS = {"format", "format_version", "version", "fingerprint", "fitted_at", "explained_variance", "items"}
+FACTOR_DTYPE = np.dtype("<f2")
+METADATA_DTYPE = np.dtype("|u1")
+ZIP_MAGIC = b"PK\x03\x04"  # an .npz is a zip archive; anything else (a pickle, a bare .npy) is refused unread
+
+
+class InvalidModel(ValueError):
+    """A model record or file that is not a well-formed item model; the message says why."""
 
 
 def model_path(directory: Path, version: int) -> Path:
-    return directory / f"model-{version:08d}.joblib"
+    return directory / f"model-{version:08d}{MODEL_SUFFIX}"
+
+
+def model_metadata(model: ItemEmbeddings) -> Dict[str, Any]:
+    return {
+        "format": MODEL_FORMAT, "format_version": MODEL_FORMAT_VERSION, "version": model.version,
+        "fingerprint": model.fingerprint, "fitted_at": model.fitted_at,
+        "explained_variance": model.explained_variance, "items": list(model.items),
+    }
 
 
 def model_to_bytes(model: ItemEmbeddings) -> bytes:
+    """The model as an .npz archive of numbers and JSON (see above)."""
     buffer = io.BytesIO()
-    joblib.dump(model, buffer, compress=3)
+    np.savez_compressed(
+        buffer,
+        metadata=np.frombuffer(orjson.dumps(model_metadata(model)), dtype=METADATA_DTYPE),
+        row_factors=np.ascontiguousarray(model.row_factors, dtype=FACTOR_DTYPE),
+        col_factors=np.ascontiguousarray(model.col_factors, dtype=FACTOR_DTYPE),
+    )
     return buffer.getvalue()
 
 
 def model_from_bytes(data: bytes) -> ItemEmbeddings:
-    model = joblib.load(io.BytesIO(data))
-    if not isinstance(model, ItemEmbeddings):
-        raise ValueError(f"not an ItemEmbeddings model: {type(model).__name__}")
-    return model
+    """Read a model written by ``model_to_bytes``; raises InvalidModel for anything else. Never
+    unpickles: nothing in ``data`` can run code."""
+    if not isinstance(data, (bytes, bytearray)) or len(data) > MAX_MODEL_BYTES:
+        raise InvalidModel(f"not a model: {type(data).__name__} of {len(data) if isinstance(data, (bytes, bytearray)) else '?'} bytes")
+    try:
+        return _read_model(bytes(data))
+    except InvalidModel:
+        raise
+    except Exception as error:  # noqa: BLE001 - whatever a malformed archive raises, it is refused
+        raise InvalidModel(f"not a readable model archive: {type(error).__name__}: {error}") from None
+
+
+def _read_model(data: bytes) -> ItemEmbeddings:
+    if not data.startswith(ZIP_MAGIC):
+        raise InvalidModel(f"not an .npz archive: starts with {data[:8]!r}")
+    archive = np.load(io.BytesIO(data), allow_pickle=False)
+    with archive:
+        members = {"metadata": (METADATA_DTYPE, 1), "row_factors": (FACTOR_DTYPE, 2), "col_factors": (FACTOR_DTYPE, 2)}
+        if sorted(archive.files) != sorted(members) or len(archive.zip.namelist()) != len(members):
+            raise InvalidModel(f"archive members must be {sorted(members)}, got {sorted(archive.zip.namelist())[:10]}")
+        for name, (dtype, ndim) in members.items():
+            _check_array_header(archive.zip, name, dtype, ndim)
+        metadata = _model_metadata(archive["metadata"])
+        rows, cols = archive["row_factors"], archive["col_factors"]
+    items = metadata["items"]
+    if rows.shape != cols.shape or rows.shape[0] != len(items) or not 1 <= rows.shape[1] <= MAX_MODEL_DIMS:
+        raise InvalidModel(f"factors must both be ({len(items)} items x 1..{MAX_MODEL_DIMS} dims), got {rows.shape} and {cols.shape}")
+    if not (np.isfinite(rows).all() and np.isfinite(cols).all()):
+        raise InvalidModel("factors hold NaN or infinite values")
+    return ItemEmbeddings(
+        version=metadata["version"], fingerprint=metadata["fingerprint"], fitted_at=metadata["fitted_at"],
+        items=items, row_factors=rows, col_factors=cols, explained_variance=metadata["explained_variance"],
+    )
+
+
+def _check_array_header(archive: zipfile.ZipFile, name: str, dtype: np.dtype, ndim: int) -> None:
+    """Refuse a member whose header is not ``dtype`` with ``ndim`` dimensions of a plausible size,
+    before its data is read (an object array, or a shape that would allocate gigabytes)."""
+    with archive.open(f"{name}.npy") as member:
+        version = np.lib.format.read_magic(member)
+        if version == (1, 0):
+            shape, _fortran, found = np.lib.format.read_array_header_1_0(member)
+        elif version == (2, 0):
+            shape, _fortran, found = np.lib.format.read_array_header_2_0(member)
+        else:
+            raise InvalidModel(f"{name}: unsupported .npy version {version}")
+    if found != dtype or len(shape) != ndim:
+        raise InvalidModel(f"{name} must be {dtype.str} with {ndim} dimension(s), got {found.str} {shape}")
+    limit = MAX_METADATA_BYTES if ndim == 1 else MAX_MODEL_ITEMS * MAX_MODEL_DIMS
+    if math.prod(shape) > limit or (ndim == 2 and shape[0] > MAX_MODEL_ITEMS):
+        raise InvalidModel(f"{name} is too large: {shape}")
+
+
+def _model_metadata(raw: np.ndarray) -> Dict[str, Any]:
+    metadata = orjson.loads(raw.tobytes())
+    if not isinstance(metadata, dict) or set(metadata) != METADATA_KEYS:
+        raise InvalidModel(f"metadata must be an object with the keys {sorted(METADATA_KEYS)}")
+    if metadata["format"] != MODEL_FORMAT or metadata["format_version"] != MODEL_FORMAT_VERSION:
+        raise InvalidModel(f"not {MODEL_FORMAT} version {MODEL_FORMAT_VERSION}: {metadata['format']!r} {metadata['format_version']!r}")
+    version = metadata["version"]
+    if isinstance(version, bool) or not isinstance(version, int) or not 1 <= version < 2 ** 63:
+        raise InvalidModel(f"version must be a positive 64-bit integer, got {version!r}")
+    if not isinstance(metadata["fingerprint"], str) or len(metadata["fingerprint"]) > MAX_FINGERPRINT_CHARS:
+        raise InvalidModel("fingerprint must be a string")
+    for name in ("fitted_at", "explained_variance"):
+        value = metadata[name]
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise InvalidModel(f"{name} must be a finite number, got {value!r}")
+        metadata[name] = float(value)
+    items = metadata["items"]
+    if (
+        not isinstance(items, list) or not 1 <= len(items) <= MAX_MODEL_ITEMS
+        or not all(isinstance(item, str) and 0 < len(item) <= MAX_ITEM_ID_CHARS for item in items)
+        or len(set(items)) != len(items)
+    ):
+        raise InvalidModel(f"items must be 1..{MAX_MODEL_ITEMS} distinct ids of 1..{MAX_ITEM_ID_CHARS} characters")
+    return metadata
 
 
 def save_model(model: ItemEmbeddings, directory: Path, keep: int = 3) -> Path:
@@ -501,12 +610,13 @@ def save_model(model: ItemEmbeddings, directory: Path, keep: int = 3) -> Path:
 
 
 def load_latest_model(directory: Path) -> Optional[ItemEmbeddings]:
-    """The newest readable model under ``directory``, or None."""
+    """The newest valid model under ``directory``, or None; a file that is refused is logged and
+    skipped (a torn write, a foreign file: the previous version serves)."""
     for path in sorted(directory.glob(MODEL_GLOB), reverse=True):
         try:
             return model_from_bytes(path.read_bytes())
-        except Exception:  # noqa: BLE001 - a torn or foreign file: try the previous version
-            continue
+        except (OSError, InvalidModel) as error:
+            log.warning("not loading the item model %s: %s", path, error)
     return None
 
 

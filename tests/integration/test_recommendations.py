@@ -4,6 +4,7 @@ serves the same, a crash mid-stream counts every co-occurrence once, and bad eve
 user-events.dlq."""
 from __future__ import annotations
 
+import pickle
 import random
 import signal
 import threading
@@ -101,7 +102,7 @@ def test_a_restarted_worker_serves_the_same_recommendations(isolated_broker, tmp
     try:
         before = settled(worker, users)
         worker.stop(signal.SIGTERM)
-        assert list((tmp_path / "worker" / "data" / "recommendations").glob("model-*.joblib")), "model persisted"
+        assert list((tmp_path / "worker" / "data" / "recommendations").glob("model-*.npz")), "model persisted"
 
         worker = WorkerProcess(isolated_broker.url, tmp_path / "worker", app_id=app_id, port=worker.port, env=FAST_REFIT).start()
         wait_until_ready([worker])
@@ -111,6 +112,31 @@ def test_a_restarted_worker_serves_the_same_recommendations(isolated_broker, tmp
 
     assert after == before
     assert before["returning"]["strategy"] == "blended" and "sku-c" in item_ids(before["returning"])
+
+
+class CreatesFileWhenUnpickled:
+    """Unpickling this calls ``open(path, "w")``: the marker file proves a worker ran it."""
+
+    def __init__(self, path) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (str(self.path), "w"))
+
+
+def test_a_pickle_published_to_recs_models_never_runs_and_the_model_keeps_serving(isolated_broker, start_workers, tmp_path):
+    (worker,) = start_workers(isolated_broker, 1, **FAST_REFIT)
+    send(isolated_broker, history() + [view("returning", "sku-a", NOW + 200)])
+    users = ["returning", "h1"]
+    before = settled(worker, users)
+    marker = tmp_path / "pwned"
+
+    produce_sync(isolated_broker.bootstrap, "recs-models", [("model", pickle.dumps(CreatesFileWhenUnpickled(marker)))], max_batch_size=1)
+
+    wait_for(lambda: marker.exists() or "refused a record of recs-models" in worker.log_path.read_text(errors="replace"),
+             timeout=30, message="the worker read the hostile record")
+    assert not marker.exists(), "unpickling the record ran its code"
+    assert {user: recommendations(worker, user) for user in users} == before
 
 
 def test_bad_events_go_to_the_dead_letter_topic_and_the_agent_goes_on(isolated_broker, start_workers):

@@ -240,8 +240,8 @@ def test_the_model_round_trips_through_bytes_and_disk_newest_version_first(tmp_p
         save_model(model, tmp_path, keep=2)
     loaded = load_latest_model(tmp_path)
     assert loaded.version == 4 and loaded.items == models[-1].items
-    assert len(list(tmp_path.glob("model-*.joblib"))) == 2
-    (tmp_path / "model-00000009.joblib").write_bytes(b"torn")
+    assert len(list(tmp_path.glob("model-*.npz"))) == 2
+    (tmp_path / "model-00000009.npz").write_bytes(b"torn")
     assert load_latest_model(tmp_path).version == 4
     assert model_from_bytes(model_to_bytes(models[0])).fingerprint == "1"
 
