@@ -313,8 +313,8 @@ async def refit_item_model() -> None:
     snapshot = catalogue.snapshot()
     version = (current.version if current else 0) + 1
     dims = settings.recs_embedding_dims
-    # The model travels as one record: row and column factors of float16 stay under ~800 KB.
-    max_items = min(3000, MODEL_BYTES_BUDGET // (dims * 2 * 2))
+    # The model travels as one record: float16 row and column factors and coverage stay under ~800 KB.
+    max_items = min(3000, MODEL_BYTES_BUDGET // (dims * 2 * 2 + 2))
     model = await asyncio.to_thread(fit_item_embeddings, snapshot, version, fingerprint, dims, max_items)
     if model is None:
         return

@@ -401,12 +401,17 @@ def session_knn_scores(session_items: Sequence[Sequence[Any]], catalogue: Catalo
     return scores
 
 
+MODEL_MIN_COVERAGE = 0.05  # a session item whose row the components reproduce less than this is outside the model
+MODEL_SCORE_FLOOR = 0.01  # an affinity below this share of the profile's norm is noise, not a score
+
+
 @dataclass
 class ItemEmbeddings:
     """Low-rank item-to-item model: TruncatedSVD of the (normalised) co-occurrence matrix.
 
     ``row_factors[i] . col_factors[j]`` reconstructs how strongly item j follows item i, also for
-    pairs never seen together (two hops through shared neighbours).
+    pairs never seen together (two hops through shared neighbours). ``coverage[i]`` is the share of
+    item i's co-occurrence row the components reproduce (0..1): near 0, the model knows nothing of i.
     """
 
     version: int
@@ -415,6 +420,7 @@ class ItemEmbeddings:
     items: List[str]
     row_factors: np.ndarray
     col_factors: np.ndarray
+    coverage: np.ndarray
     explained_variance: float = 0.0
     index: Dict[str, int] = field(init=False, repr=False)
 
@@ -425,15 +431,35 @@ class ItemEmbeddings:
         self._cols32 = self.col_factors.astype(np.float32)
 
     def scores(self, session_items: Sequence[Sequence[Any]], limit: int = 200) -> Dict[str, float]:
-        """Predicted affinity of the ``limit`` best items to the recency-weighted session profile."""
-        weighted = [(self.index[item], weight) for item, weight in recency_weights(session_items) if item in self.index]
+        """Predicted affinity of the ``limit`` best items to the recency-weighted session profile.
+
+        Only what the model knows counts: session items it covers (``MODEL_MIN_COVERAGE``) make the
+        profile, and only affinities of at least ``MODEL_SCORE_FLOOR`` x the profile's norm are
+        scores. Below that they are rounding noise or another cluster's leakage, which the
+        normalisation before blending would otherwise lift up to 1.0.
+        """
+        weighted = [
+            (self.index[item], weight) for item, weight in recency_weights(session_items)
+            if item in self.index and self.coverage[self.index[item]] >= MODEL_MIN_COVERAGE
+        ]
         if not weighted:
             return {}
         rows, weights = zip(*weighted)
         profile = np.asarray(weights, dtype=np.float32) @ self._rows32[list(rows)]
+        floor = MODEL_SCORE_FLOOR * float(np.linalg.norm(profile))
+        if not floor > 0:
+            return {}
         affinity = self._cols32 @ profile
         best = np.argpartition(-affinity, min(limit, len(affinity) - 1))[:limit]
-        return {self.items[i]: float(affinity[i]) for i in best if affinity[i] > 0}
+        return {self.items[i]: float(affinity[i]) for i in best if affinity[i] >= floor}
+
+
+def row_coverage(matrix: sparse.csr_matrix, row_factors: np.ndarray) -> np.ndarray:
+    """Per item: the norm of its reconstructed row over the norm of its row in ``matrix`` (0..1)."""
+    observed = np.sqrt(np.asarray(matrix.multiply(matrix).sum(axis=1)).ravel())
+    reproduced = np.linalg.norm(row_factors, axis=1)
+    coverage = np.divide(reproduced, observed, out=np.zeros_like(reproduced), where=observed > 0)
+    return np.clip(coverage, 0.0, 1.0)
 
 
 def fit_item_embeddings(
@@ -454,11 +480,12 @@ def fit_item_embeddings(
         return None
     matrix = sparse.csr_matrix((values, (rows, cols)), shape=(len(items), len(items)), dtype=np.float64)
     svd = TruncatedSVD(n_components=min(dims, len(items) - 1), random_state=seed, n_iter=7)
+    row_factors = svd.fit_transform(matrix)
     # float16 halves the model on the wire (it travels as one Kafka record) and ranks the same.
-    row_factors = svd.fit_transform(matrix).astype(np.float16)
     return ItemEmbeddings(
         version=version, fingerprint=fingerprint, fitted_at=time.time(), items=items,
-        row_factors=row_factors, col_factors=svd.components_.T.astype(np.float16),
+        row_factors=row_factors.astype(np.float16), col_factors=svd.components_.T.astype(np.float16),
+        coverage=row_coverage(matrix, row_factors).astype(np.float16),
         explained_variance=float(svd.explained_variance_ratio_.sum()),
     )
 
@@ -466,12 +493,13 @@ def fit_item_embeddings(
 # --- persistence: a format that holds numbers only ------------------------------------------------
 #
 # A model travels on recs-models and lies in DATA_DIR, both writable by more than the leader, so it is
-# never unpickled: it is an .npz archive of exactly three members, each read with allow_pickle=False
+# never unpickled: it is an .npz archive of exactly four members, each read with allow_pickle=False
 # after its header was checked (dtype, shape, size), and refused whole on any deviation:
 #
 # - ``metadata.npy``: uint8, the UTF-8 JSON {"format", "format_version", "version", "fingerprint",
 #   "fitted_at", "explained_variance", "items"};
-# - ``row_factors.npy`` and ``col_factors.npy``: float16 (items x dims), finite.
+# - ``row_factors.npy`` and ``col_factors.npy``: float16 (items x dims), finite;
+# - ``coverage.npy``: float16 (items), each in 0..1.
 
 MODEL_FORMAT = "streamspine.item-model"
 MODEL_FORMAT_VERSION = 1
@@ -486,6 +514,12 @@ MAX_METADATA_BYTES = 8 * 1024 * 1024
 METADATA_KEYS = {"format", "format_version", "version", "fingerprint", "fitted_at", "explained_variance", "items"}
 FACTOR_DTYPE = np.dtype("<f2")
 METADATA_DTYPE = np.dtype("|u1")
+MODEL_MEMBERS = {  # name: dtype, dimensions, most elements
+    "metadata": (METADATA_DTYPE, 1, MAX_METADATA_BYTES),
+    "row_factors": (FACTOR_DTYPE, 2, MAX_MODEL_ITEMS * MAX_MODEL_DIMS),
+    "col_factors": (FACTOR_DTYPE, 2, MAX_MODEL_ITEMS * MAX_MODEL_DIMS),
+    "coverage": (FACTOR_DTYPE, 1, MAX_MODEL_ITEMS),
+}
 ZIP_MAGIC = b"PK\x03\x04"  # an .npz is a zip archive; anything else (a pickle, a bare .npy) is refused unread
 
 
@@ -513,6 +547,7 @@ def model_to_bytes(model: ItemEmbeddings) -> bytes:
         metadata=np.frombuffer(orjson.dumps(model_metadata(model)), dtype=METADATA_DTYPE),
         row_factors=np.ascontiguousarray(model.row_factors, dtype=FACTOR_DTYPE),
         col_factors=np.ascontiguousarray(model.col_factors, dtype=FACTOR_DTYPE),
+        coverage=np.ascontiguousarray(model.coverage, dtype=FACTOR_DTYPE),
     )
     return buffer.getvalue()
 
@@ -535,25 +570,27 @@ def _read_model(data: bytes) -> ItemEmbeddings:
         raise InvalidModel(f"not an .npz archive: starts with {data[:8]!r}")
     archive = np.load(io.BytesIO(data), allow_pickle=False)
     with archive:
-        members = {"metadata": (METADATA_DTYPE, 1), "row_factors": (FACTOR_DTYPE, 2), "col_factors": (FACTOR_DTYPE, 2)}
-        if sorted(archive.files) != sorted(members) or len(archive.zip.namelist()) != len(members):
-            raise InvalidModel(f"archive members must be {sorted(members)}, got {sorted(archive.zip.namelist())[:10]}")
-        for name, (dtype, ndim) in members.items():
-            _check_array_header(archive.zip, name, dtype, ndim)
+        if sorted(archive.files) != sorted(MODEL_MEMBERS) or len(archive.zip.namelist()) != len(MODEL_MEMBERS):
+            raise InvalidModel(f"archive members must be {sorted(MODEL_MEMBERS)}, got {sorted(archive.zip.namelist())[:10]}")
+        for name, (dtype, ndim, max_elements) in MODEL_MEMBERS.items():
+            _check_array_header(archive.zip, name, dtype, ndim, max_elements)
         metadata = _model_metadata(archive["metadata"])
-        rows, cols = archive["row_factors"], archive["col_factors"]
+        rows, cols, coverage = archive["row_factors"], archive["col_factors"], archive["coverage"]
     items = metadata["items"]
     if rows.shape != cols.shape or rows.shape[0] != len(items) or not 1 <= rows.shape[1] <= MAX_MODEL_DIMS:
         raise InvalidModel(f"factors must both be ({len(items)} items x 1..{MAX_MODEL_DIMS} dims), got {rows.shape} and {cols.shape}")
     if not (np.isfinite(rows).all() and np.isfinite(cols).all()):
         raise InvalidModel("factors hold NaN or infinite values")
+    if coverage.shape != (len(items),) or not ((coverage >= 0) & (coverage <= 1)).all():
+        raise InvalidModel(f"coverage must be {len(items)} values in 0..1")
     return ItemEmbeddings(
         version=metadata["version"], fingerprint=metadata["fingerprint"], fitted_at=metadata["fitted_at"],
-        items=items, row_factors=rows, col_factors=cols, explained_variance=metadata["explained_variance"],
+        items=items, row_factors=rows, col_factors=cols, coverage=coverage,
+        explained_variance=metadata["explained_variance"],
     )
 
 
-def _check_array_header(archive: zipfile.ZipFile, name: str, dtype: np.dtype, ndim: int) -> None:
+def _check_array_header(archive: zipfile.ZipFile, name: str, dtype: np.dtype, ndim: int, max_elements: int) -> None:
     """Refuse a member whose header is not ``dtype`` with ``ndim`` dimensions of a plausible size,
     before its data is read (an object array, or a shape that would allocate gigabytes)."""
     with archive.open(f"{name}.npy") as member:
@@ -566,8 +603,7 @@ def _check_array_header(archive: zipfile.ZipFile, name: str, dtype: np.dtype, nd
             raise InvalidModel(f"{name}: unsupported .npy version {version}")
     if found != dtype or len(shape) != ndim:
         raise InvalidModel(f"{name} must be {dtype.str} with {ndim} dimension(s), got {found.str} {shape}")
-    limit = MAX_METADATA_BYTES if ndim == 1 else MAX_MODEL_ITEMS * MAX_MODEL_DIMS
-    if math.prod(shape) > limit or (ndim == 2 and shape[0] > MAX_MODEL_ITEMS):
+    if math.prod(shape) > max_elements or (ndim == 2 and shape[0] > MAX_MODEL_ITEMS):
         raise InvalidModel(f"{name} is too large: {shape}")
 
 

@@ -36,7 +36,8 @@ def small_model(version: int = 1, items: int = 5, dims: int = 3) -> ItemEmbeddin
     return ItemEmbeddings(
         version=version, fingerprint=f"fp-{version}", fitted_at=1767225600.5, items=[f"sku-{i}" for i in range(items)],
         row_factors=rng.normal(size=(items, dims)).astype(np.float16),
-        col_factors=rng.normal(size=(items, dims)).astype(np.float16), explained_variance=0.75,
+        col_factors=rng.normal(size=(items, dims)).astype(np.float16),
+        coverage=rng.uniform(0.0, 1.0, size=items).astype(np.float16), explained_variance=0.75,
     )
 
 
@@ -48,7 +49,7 @@ def archive(metadata=None, **arrays) -> bytes:
         metadata = np.frombuffer(orjson.dumps(model_metadata(model) if metadata is None else metadata), dtype=np.uint8)
     members = {
         "metadata": metadata,
-        "row_factors": model.row_factors, "col_factors": model.col_factors,
+        "row_factors": model.row_factors, "col_factors": model.col_factors, "coverage": model.coverage,
     }
     members.update(arrays)
     buffer = io.BytesIO()
@@ -80,7 +81,7 @@ def joblib_bytes(value) -> bytes:
 def test_an_archive_with_object_arrays_is_refused_and_never_unpickled(tmp_path):
     marker = tmp_path / "pwned"
     hostile = np.array([CreatesFileWhenUnpickled(marker)], dtype=object)
-    for member in ("row_factors", "col_factors", "metadata"):
+    for member in ("row_factors", "col_factors", "coverage", "metadata"):
         with pytest.raises(InvalidModel, match=f"{member} must be"):
             model_from_bytes(archive(**{member: hostile}))
     assert not marker.exists()
@@ -117,6 +118,9 @@ def test_a_pickle_on_the_topic_is_refused_and_the_previous_model_serves(tmp_path
     (archive(row_factors=np.zeros((5, 0), dtype=np.float16), col_factors=np.zeros((5, 0), dtype=np.float16)), "factors must both be"),
     (archive(row_factors=np.full((5, 3), np.nan, dtype=np.float16)), "NaN"),
     (archive(col_factors=np.full((5, 3), np.inf, dtype=np.float16)), "NaN or infinite"),
+    (archive(coverage=np.full(5, 1.5, dtype=np.float16)), "coverage must be 5 values in 0..1"),
+    (archive(coverage=np.full(5, np.nan, dtype=np.float16)), "coverage must be"),
+    (archive(coverage=np.zeros(4, dtype=np.float16)), "coverage must be"),
     (archive(extra=np.zeros(3)), "archive members must be"),
     (archive(col_factors=None), "archive members must be"),
     (archive(metadata=np.frombuffer(b"\xff{not json", dtype=np.uint8)), "not a readable model archive"),
@@ -146,6 +150,7 @@ def test_a_header_that_would_allocate_gigabytes_is_refused_before_reading(tmp_pa
         zipped.writestr("metadata.npy", _npy(np.frombuffer(orjson.dumps(metadata()), dtype=np.uint8)))
         zipped.writestr("row_factors.npy", header.getvalue())
         zipped.writestr("col_factors.npy", _npy(small_model().col_factors))
+        zipped.writestr("coverage.npy", _npy(small_model().coverage))
     with pytest.raises(InvalidModel, match="row_factors is too large"):
         model_from_bytes(buffer.getvalue())
 
@@ -182,7 +187,7 @@ def test_a_valid_model_round_trips_through_bytes_and_disk(tmp_path):
         assert (loaded.version, loaded.fingerprint, loaded.fitted_at, loaded.items, loaded.explained_variance) == (
             7, "fp-7", 1767225600.5, model.items, 0.75)
         assert loaded.row_factors.dtype == np.float16 and np.array_equal(loaded.row_factors, model.row_factors)
-        assert np.array_equal(loaded.col_factors, model.col_factors)
+        assert np.array_equal(loaded.col_factors, model.col_factors) and np.array_equal(loaded.coverage, model.coverage)
         session = [["sku-1", 1.0, 0.0, 1], ["sku-2", 2.0, 0.0, 2]]
         assert loaded.scores(session) == model.scores(session)
 
