@@ -25,6 +25,7 @@ from models.metrics import key_text
 from app import app, settings
 from app.aggregation import hold, release
 from app.dead_letters import dead_letter
+from app.runtime import reason_of, require_encodable
 from app.search import BulkPair, BulkWriter, Rejection, optional_writer, put_index_template
 from models.logs import (
     LEVELS, InvalidRecord, LogCounts, RecordContext, count_rows, document_id, document_origin, fold_counts, header_text,
@@ -168,8 +169,13 @@ def parse_parts(batch: ParsedBatch, events: List[EventT], part_lines: int) -> It
             continue  # read twice in one batch (a seek back across it): its lines count once
         try:
             docs = parse_record(message.value, record_context(event))
+            for doc in docs:
+                require_encodable(doc)  # what Elasticsearch's bulk write will serialize
         except InvalidRecord as error:
             batch.invalid.append((event, str(error)))
+            continue
+        except Exception as error:  # noqa: BLE001 - any failure a record causes is its own (app/runtime.py)
+            batch.invalid.append((event, reason_of(error)))
             continue
         partition, offset = message.partition, message.offset
         batch.records[(partition, offset)] = event

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import math
 import re
-import shlex
 from bisect import bisect_left, bisect_right
 from collections import Counter
 from datetime import datetime, timezone
@@ -68,6 +67,10 @@ LEVEL_MARKER = re.compile(
 )
 ERROR_MARKER = re.compile(r"Traceback \(most recent call last\)|\bException\b|\bpanic:")
 MAX_LINES_PER_RECORD = 10_000
+# A line nested deeper, or with a field name of more dotted parts, is refused: its document would
+# be deeper than orjson writes (255 levels), and the stdlib json recurses into it.
+MAX_NESTING = 100
+MAX_TIMESTAMP_CHARS = 64  # a date text longer than this is no date (dateutil would take seconds)
 
 
 class LogCounts(faust.Record, serializer="json"):
@@ -135,9 +138,10 @@ def split_traceback(text: str) -> Tuple[str, Optional[str]]:
 def traceback_error(stack_trace: str) -> Dict[str, str]:
     """``error.type`` and ``error.message`` of the exception a traceback ends with (the last of a
     chain), as far as they can be read; the message is left out when the exception has none."""
-    last = stack_trace
-    for last_separator in CHAIN_SEPARATOR.finditer(stack_trace):
-        last = stack_trace[last_separator.end():]
+    last_start = 0
+    for separator in CHAIN_SEPARATOR.finditer(stack_trace):
+        last_start = separator.end()
+    last = stack_trace[last_start:]
     lines = [text.rstrip("\r") for text in last.strip("\r\n").split("\n")]
     start, prefix = 0, ""  # prefix: "  | " on the lines of an exception group's own level
     for number, text in enumerate(lines):
@@ -196,20 +200,36 @@ def to_timestamp(value: Any) -> datetime:
     if isinstance(value, str) and EPOCH_TEXT.match(value):
         return to_timestamp(float(value))  # logfmt carries epoch times as text
     if isinstance(value, str):
+        parsed = parse_date(value)
+        if parsed.tzinfo is None:
+            return parsed.replace(tzinfo=timezone.utc)
         try:
-            parsed = dateparser.isoparse(value)
+            return parsed.astimezone(timezone.utc)
+        except (OverflowError, ValueError):  # 0001-01-01T00:00+01:00 is in year 0 in UTC
+            raise InvalidRecord(f"timestamp is out of range in UTC: {value!r}") from None
+    raise InvalidRecord(f"timestamp must be a number or a string, got {type(value).__name__}")
+
+
+def parse_date(text: str) -> datetime:
+    """An ISO-8601 or other common date text (dateutil); refuses what is none."""
+    if len(text) <= MAX_TIMESTAMP_CHARS:
+        try:
+            return dateparser.isoparse(text)
         except ValueError:
             try:
-                parsed = dateparser.parse(value)
+                return dateparser.parse(text)
             except (ValueError, OverflowError):
-                raise InvalidRecord(f"timestamp is not a date: {value!r}") from None
-        return parsed.replace(tzinfo=timezone.utc) if parsed.tzinfo is None else parsed.astimezone(timezone.utc)
-    raise InvalidRecord(f"timestamp must be a number or a string, got {type(value).__name__}")
+                pass
+    raise InvalidRecord(f"timestamp is not a date: {text[:MAX_TIMESTAMP_CHARS]!r}")
 
 
 def epoch_seconds(value: float) -> float:
     """Epoch seconds of a number of seconds or milliseconds; refuses what is not a time."""
-    if not math.isfinite(value) or value <= 0:
+    try:
+        finite = math.isfinite(value)
+    except OverflowError:  # an integer beyond float range
+        finite = False
+    if not finite or value <= 0:
         raise InvalidRecord(f"timestamp is not a time: {value!r}")
     return value / 1000.0 if value > 1e11 else float(value)  # 1e11 s is the year 5138
 
@@ -243,14 +263,51 @@ def iso_timestamp(moment: datetime) -> str:
     return moment.isoformat(timespec="milliseconds")[:-6] + "Z"
 
 
+# One piece of a logfmt line, split as a POSIX shell splits words (shlex.split): unquoted text,
+# a backslash-escaped character, a "double-quoted" part (\" and \\ escaped), a 'single-quoted'
+# part, or the blanks between words. shlex builds a word a character at a time, which is
+# quadratic in a quoted value's length; this reads each piece in one match.
+LOGFMT_PIECE = re.compile(
+    r"""(?P<plain>[^ \t\r\n"'\\]+)|\\(?P<escaped>.)|"(?P<double>[^"\\]*(?:\\.[^"\\]*)*)"|'(?P<single>[^']*)'|(?P<blank>[ \t\r\n]+)""",
+    re.DOTALL,
+)
+DOUBLE_QUOTED_ESCAPE = re.compile(r'\\(["\\])')
+
+
+def logfmt_words(text: str) -> Optional[List[str]]:
+    """``shlex.split(text)``, in linear time; None where it raises (an unbalanced quote, a
+    backslash at the end)."""
+    words: List[str] = []
+    word: Optional[List[str]] = None
+    position, end = 0, len(text)
+    while position < end:
+        piece = LOGFMT_PIECE.match(text, position)
+        if piece is None:
+            return None
+        position, kind = piece.end(), piece.lastgroup
+        if kind == "blank":
+            if word is not None:
+                words.append("".join(word))
+                word = None
+            continue
+        value = piece.group(kind)  # type: ignore[arg-type]
+        if kind == "double" and "\\" in value:
+            value = DOUBLE_QUOTED_ESCAPE.sub(r"\1", value)
+        if word is None:
+            word = []
+        word.append(value)
+    if word is not None:
+        words.append("".join(word))
+    return words
+
+
 def parse_logfmt(text: str) -> Optional[Dict[str, str]]:
     """``level=warn msg="a b"`` -> ``{"level": "warn", "msg": "a b"}``; None when the line is
     not logfmt (a token without ``key=``, unbalanced quotes, or no ``msg``/``level`` key)."""
     if "=" not in text:
         return None
-    try:
-        tokens = shlex.split(text, posix=True)
-    except ValueError:
+    tokens = logfmt_words(text)
+    if tokens is None:
         return None
     fields: Dict[str, str] = {}
     for token in tokens:
@@ -281,9 +338,28 @@ def set_dotted(doc: Dict[str, Any], path: str, value: Any) -> None:
 
 @lru_cache(maxsize=4096)
 def path_parts(path: str) -> Tuple[Tuple[str, ...], str]:
-    """``"a.b.c"`` -> ``(("a", "b"), "c")``, once per field name seen."""
-    *parents, leaf = path.split(".")
+    """``"a.b.c"`` -> ``(("a", "b"), "c")``, once per field name seen; refuses a name of more
+    than MAX_NESTING parts."""
+    *parents, leaf = path.split(".", MAX_NESTING)
+    if len(parents) == MAX_NESTING:
+        raise InvalidRecord(f"field name {path[:60]!r}... has more than {MAX_NESTING} parts")
     return tuple(parents), leaf
+
+
+def nesting_depth(value: Any, limit: int) -> int:
+    """How deep objects and arrays nest in ``value`` (a scalar: 0), counting up to ``limit + 1``
+    (iterative: orjson reads 1,024 levels, more than Python's recursion limit)."""
+    deepest, pending = 0, [(value, 1)]
+    while pending:
+        node, depth = pending.pop()
+        children = node.values() if isinstance(node, dict) else node if isinstance(node, list) else None
+        if children is None:
+            continue
+        deepest = max(deepest, depth)
+        if deepest > limit:
+            break
+        pending.extend((item, depth + 1) for item in children if isinstance(item, (dict, list)))
+    return deepest
 
 
 def label_value(value: Any) -> str:
@@ -313,7 +389,10 @@ def ecs_document(fields: Mapping[str, Any], context: "RecordContext", line: int,
     doc: Dict[str, Any] = {}
     labels: Dict[str, str] = {}
     found: Dict[str, Any] = {}
-    if dict in map(type, fields.values()):
+    kinds = set(map(type, fields.values()))
+    if (dict in kinds or list in kinds) and nesting_depth(fields, MAX_NESTING) > MAX_NESTING:
+        raise InvalidRecord(f"line {line}: nested deeper than {MAX_NESTING} levels")
+    if dict in kinds:
         fields = flatten_ecs_objects(fields)
     for key, value in fields.items():
         target = FIELD_ALIASES.get(key)
@@ -409,9 +488,14 @@ class RecordContext:
 
     @property
     def record_time(self) -> datetime:
+        """The record's time; refuses a line that needs it when it is no time (a producer sets it)."""
         moment = self._record_time
         if not isinstance(moment, datetime):
-            moment = self._record_time = datetime.fromtimestamp(moment, tz=timezone.utc)  # type: ignore[arg-type]
+            try:
+                moment = datetime.fromtimestamp(moment, tz=timezone.utc)  # type: ignore[arg-type]
+            except (OverflowError, OSError, ValueError):
+                raise InvalidRecord(f"the line has no time of its own and the record timestamp is out of range: {moment!r}") from None
+            self._record_time = moment
         return moment  # type: ignore[return-value]
 
 
