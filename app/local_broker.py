@@ -2,6 +2,11 @@
 
 ``python -m app.local_broker [--port 9092]`` runs one in the foreground until Ctrl-C. Production
 never uses this: point ``KAFKA_BROKER`` at a real Kafka cluster instead.
+
+Clients reach Tansu through a loopback shim (app/local_broker_shim.py) on the public port: Tansu's
+ApiVersions answer breaks librdkafka before 2.2 (Debian 12's kcat and rsyslog omkafka), and the
+shim rewrites it to the bytes Apache Kafka sends. Tansu listens on a private port and advertises
+the shim's, so every later connection of a client goes through the shim too.
 """
 from __future__ import annotations
 
@@ -14,7 +19,9 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import IO, Dict, Mapping, Optional
+from typing import IO, Dict, List, Mapping, Optional
+
+SHIM_SCRIPT = Path(__file__).with_name("local_broker_shim.py")
 
 
 # What a worker against the local broker runs with unless told otherwise. Tansu 0.6 holds a waiting
@@ -48,13 +55,17 @@ def broker_binary() -> str:
 
 
 class LocalBroker:
-    """One Tansu broker on 127.0.0.1, in memory, started and stopped by this process."""
+    """One Tansu broker on 127.0.0.1, in memory, behind the stock-client shim, started and stopped
+    by this process. ``port`` is the one clients use; ``shim=False`` exposes Tansu there directly
+    (librdkafka < 2.2 clients then fail their handshake)."""
 
-    def __init__(self, port: Optional[int] = None, host: str = "127.0.0.1", log_path: Optional[Path] = None) -> None:
+    def __init__(self, port: Optional[int] = None, host: str = "127.0.0.1", log_path: Optional[Path] = None,
+                 shim: bool = True) -> None:
         self.host = host
         self.port = port or free_port(host)
+        self.tansu_port = free_port(host) if shim else self.port
         self.log_path = log_path or Path(tempfile.gettempdir()) / f"tansu-{self.port}.log"
-        self._process: Optional[subprocess.Popen] = None
+        self._processes: List[subprocess.Popen] = []
         self._log: Optional[IO[bytes]] = None
 
     @property
@@ -67,32 +78,41 @@ class LocalBroker:
         """The ``KAFKA_BROKER`` value for a worker."""
         return f"kafka://{self.bootstrap}"
 
+    @property
+    def running(self) -> bool:
+        """Whether the broker (and its shim) still run."""
+        return bool(self._processes) and all(process.poll() is None for process in self._processes)
+
     def start(self, timeout: float = 15.0) -> "LocalBroker":
-        """Start the broker and return once it accepts connections."""
-        listener = f"tcp://{self.bootstrap}"
+        """Start the broker (then its shim) and return once clients can connect."""
         self._log = open(self.log_path, "wb")
-        self._process = subprocess.Popen(
-            [broker_binary(), "broker", "--listener-url", listener, "--advertised-listener-url", listener,
-             "--storage-engine", "memory://tansu/"],
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        self._wait_until_listening(timeout)
+        self._spawn([broker_binary(), "broker", "--listener-url", f"tcp://{self.host}:{self.tansu_port}",
+                     "--advertised-listener-url", f"tcp://{self.bootstrap}", "--storage-engine", "memory://tansu/"])
+        self._wait_until_listening(self.tansu_port, timeout)
+        if self.tansu_port != self.port:
+            self._spawn([sys.executable, str(SHIM_SCRIPT), "--listen", self.bootstrap,
+                         "--upstream", f"{self.host}:{self.tansu_port}"])
+            self._wait_until_listening(self.port, timeout)
         return self
 
-    def _wait_until_listening(self, timeout: float) -> None:
+    def _spawn(self, command: List[str]) -> None:
+        self._processes.append(subprocess.Popen(command, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True))
+
+    def _wait_until_listening(self, port: int, timeout: float) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if self._process is not None and self._process.poll() is not None:
-                raise RuntimeError(f"local broker exited with {self._process.returncode}: {self.log_tail()}")
+            for process in self._processes:
+                if process.poll() is not None:
+                    error = f"local broker exited with {process.returncode}: {self.log_tail()}"
+                    self.stop()
+                    raise RuntimeError(error)
             try:
-                with socket.create_connection((self.host, self.port), timeout=0.5):
+                with socket.create_connection((self.host, port), timeout=0.5):
                     return
             except OSError:
                 time.sleep(0.05)
         self.stop()
-        raise RuntimeError(f"local broker did not listen on {self.bootstrap} within {timeout}s: {self.log_tail()}")
+        raise RuntimeError(f"local broker did not listen on {self.host}:{port} within {timeout}s: {self.log_tail()}")
 
     def log_tail(self, lines: int = 20) -> str:
         """The last lines the broker printed."""
@@ -102,15 +122,16 @@ class LocalBroker:
             return ""
 
     def stop(self) -> None:
-        """Stop the broker (its data lives in memory and is gone with it)."""
-        if self._process is not None and self._process.poll() is None:
-            self._process.terminate()
-            try:
-                self._process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self._process.kill()
-                self._process.wait()
-        self._process = None
+        """Stop the shim and the broker (its data lives in memory and is gone with it)."""
+        for process in reversed(self._processes):
+            if process.poll() is None:
+                process.terminate()
+                try:
+                    process.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    process.kill()
+                    process.wait()
+        self._processes = []
         if self._log is not None:
             self._log.close()
             self._log = None
@@ -132,7 +153,7 @@ def main(argv: Optional[list] = None) -> int:
         print(f"local broker ready: KAFKA_BROKER={broker.url}", flush=True)
         signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
         try:
-            while broker._process is not None and broker._process.poll() is None:
+            while broker.running:
                 time.sleep(0.5)
         except KeyboardInterrupt:
             pass
