@@ -23,7 +23,7 @@ def create_data_dir(sender: faust.App, **kwargs: object) -> None:
 
 
 # Register the platform pages and every job's agents, tables and pages.
-from app import cli, prometheus, web  # noqa: E402,F401
+from app import cli, dashboard, prometheus, web  # noqa: E402,F401
 from agents import cdc, dead_letters, logs, metrics, migration, recommendations  # noqa: E402,F401
 
 
