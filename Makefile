@@ -14,10 +14,12 @@ $(INSTALLED): pyproject.toml
 
 install: $(INSTALLED)
 
-## Debian packages the tests use as real peers (promtool checks /metrics; kcat is a stock librdkafka client).
+## Debian packages the tests use as real peers (promtool checks /metrics; kcat is a stock librdkafka
+## client; chromium loads the dashboard).
 system-tools:
 	@command -v promtool >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null; }
 	@command -v kcat >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends kcat >/dev/null; }
+	@command -v chromium >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium >/dev/null; }
 
 ## Local broker (unless KAFKA_BROKER is set), one worker and demo traffic; Ctrl-C stops all.
 run: install
