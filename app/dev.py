@@ -40,7 +40,9 @@ def print_urls(web: str, broker_url: str) -> None:
     print(
         f"""
 streamspine is running (KAFKA_BROKER={broker_url})
+  {web}/ui/                          the live dashboard
   {web}/health/                      liveness
+  {web}/metrics                      Prometheus exposition
   {web}/ready/                       readiness (table recovery complete)
   {web}/metrics/services/cart/       latest metric values of a service
   {web}/table/metrics_latest/cart/   the same, from Faust's built-in table view
