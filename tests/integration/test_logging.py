@@ -223,3 +223,41 @@ def test_a_refused_record_too_large_to_copy_is_dead_lettered_without_its_value(i
     assert headers["dlq.value-dropped"].startswith(b"999950 bytes") and b"does not parse" in headers["dlq.reason"]
     assert headers["dlq.topic"] == b"logs" and int(headers["dlq.offset"]) >= 0
     assert worker.process.poll() is None
+
+
+def test_hostile_records_amid_good_ones_are_dead_lettered_and_the_good_ones_indexed(isolated_broker, es_server, start_workers):
+    """A time valid as text but before year 1 in UTC raised OverflowError out of ship_logs: the
+    agent stopped and no later line of its partitions was indexed. Each hostile record is now a
+    dead letter with its reason, and a Python traceback gets its ECS error fields."""
+    (worker,) = start_workers(isolated_broker, 1, ELASTICSEARCH_URL=es_server.url)
+    service = new_service("shop")
+    stack_trace = (
+        'Traceback (most recent call last):\n  File "/srv/shop/cart.py", line 12, in charge\n'
+        '    raise ValueError("card expired")\nValueError: card expired'
+    )
+    hostile = [
+        ({"message": "x", "ts": "0001-01-01T00:00:00+01:00"}, "timestamp is out of range"),
+        (b'{"message": "x", "http": ' + b'{"a": ' * 300 + b"1" + b"}" * 301, "nested deeper than 100 levels"),
+        (b'{"a": ' * 20_000 + b"1" + b"}" * 20_000, "does not parse"),
+        (b'{"message": "x", "order_id": ' + b"9" * 5000 + b"}", "does not parse"),
+        (b'level=info msg=x ts=9999-12-31T23:59:59-01:00', "timestamp is out of range"),
+        (b"\xff\xfe not UTF-8", "not UTF-8"),
+    ]
+    records = [(service, {"message": "before", "level": "info"})]
+    records += [(service, value) for value, _ in hostile]
+    records += [(service, f"2024-11-01 10:00:00,120 ERROR shop.cart payment failed\n{stack_trace}".encode()),
+                (service, {"message": "after", "level": "info"})]
+    produce_sync(isolated_broker.bootstrap, "logs", records, max_batch_size=1)
+
+    docs = wait_for(lambda: (lambda d: len(d) >= 3 and d)(indexed(es_server, service)), timeout=60, message="3 documents indexed")
+    by_message = {doc["message"]: doc for doc in docs.values()}
+    assert set(by_message) == {"before", "after", "2024-11-01 10:00:00,120 ERROR shop.cart payment failed"}
+    failed = by_message["2024-11-01 10:00:00,120 ERROR shop.cart payment failed"]
+    assert failed["error"] == {"type": "ValueError", "message": "card expired", "stack_trace": stack_trace}
+    assert failed["log"]["level"] == "error" and failed["@timestamp"] == "2024-11-01T10:00:00.120Z"
+
+    dead = sorted(consume_sync(isolated_broker.bootstrap, "logs.dlq", len(hostile)), key=lambda record: int(dict(record.headers)["dlq.offset"]))
+    reasons = [dict(record.headers)["dlq.reason"].decode() for record in dead]
+    assert len(reasons) == len(hostile)
+    assert all(expected in reason for (_, expected), reason in zip(hostile, reasons)), reasons
+    assert worker.process.poll() is None
