@@ -1,14 +1,16 @@
-"""Consumer throughput of this project's Faust setup next to Quix Streams, raw aiokafka and stock Faust.
+"""Consumer throughput of this project's Faust setup next to Quix Streams, Bytewax, raw aiokafka and stock Faust.
 
     python bench/compare.py [--records 100000] [--partitions 4] [--keys 1000] [--repeat 1]
-                            [--bootstrap host:port] [--variants quix,streamspine-batch]
+                            [--bootstrap host:port] [--no-shim] [--variants quix,bytewax,streamspine-runtime]
 
 One run produces ONE fresh topic (small JSON records, keys from a bounded key space) on a local
 broker started here (or on ``--bootstrap``), then measures every variant in a subprocess of its own
 with a consumer group of its own: records/s from the first record to the Nth record, counted after
 partition assignment (start-up is reported apart). Stateful variants also count the time to get
-their state out (Faust: producer flush of the changelog; Quix: the forced checkpoint commit) and
-report the sum of their per-key counts, which must equal N. bench/README.md explains the numbers.
+their state out (Faust: producer flush of the changelog; Quix: the forced checkpoint commit;
+Bytewax keeps its state in memory) and report the sum of their per-key counts, which must equal N.
+Every variant reaches the broker the same way (through the local broker's shim, or with
+``--no-shim`` all directly). bench/README.md explains the numbers.
 
 ``--variant NAME`` (with ``--topic``, ``--bootstrap``, ``--work-dir``, ``--result``) is the
 subprocess mode the parent uses; it can be run by hand, e.g. under py-spy.
@@ -43,17 +45,15 @@ if str(REPO) not in sys.path:
 VARIANTS: Dict[str, str] = {
     "aiokafka": "raw aiokafka getmany loop: json.loads + count in a dict",
     "quix": "Quix Streams: per-key count in RocksDB state, changelog on",
+    "bytewax": "Bytewax: Kafka input, stateful_map per-key count (state in memory, no recovery store)",
     "faust-bare": "stock Faust (kafka://, default settings): agent only iterates",
     "faust-table": "stock Faust: RocksDB table, table[key] += 1 per record",
     "streamspine-bare": "faust_settings() + streamspine:// transport: agent only iterates",
-    "streamspine-take": "same app: take_events(5000, 0.2), each batch's events held, then released (the logging agent's batching)",
-    "streamspine-held": "same app: events one by one, each held, released 5000 at a time (batching without take_events)",
-    "streamspine-batch": "same app: RocksDB table, DeltaBuffer (one write per key per flush/commit), events one by one",
-    "streamspine-perbatch": "same app: RocksDB table, take_events + fold_deltas/write_deltas (one write per key per batch)",
+    "streamspine-runtime": "the jobs' pattern: app.runtime.decoded_batches (orjson) + fold per key per partition, "
+                           "one RocksDB table write per key per batch under until_applied",
 }
-BASELINE = "quix"
-HOLDING = {"streamspine-take", "streamspine-held"}
-STATEFUL = {"quix", "faust-table", "streamspine-batch", "streamspine-perbatch"}
+PEERS = ("quix", "bytewax")  # the ratio columns
+STATEFUL = {"quix", "bytewax", "faust-table", "streamspine-runtime"}
 RETENTION = {"retention.ms": "604800000", "retention.bytes": "-1"}  # Tansu needs both for Quix
 
 
@@ -163,6 +163,36 @@ def run_quix(args: argparse.Namespace, meter: Meter) -> None:
     raise SystemExit("quix: application stopped before its final checkpoint commit")
 
 
+def run_bytewax(args: argparse.Namespace, meter: Meter) -> None:
+    """Bytewax's stateful count: its Kafka input (librdkafka), ``stateful_map`` keyed by the record
+    key, one worker; the state lives in memory (no recovery store is configured)."""
+    import bytewax.operators as op
+    from bytewax._bytewax import cli_main
+    from bytewax.connectors.kafka import operators as kop
+    from bytewax.dataflow import Dataflow
+
+    last_count: Dict[bytes, int] = {}
+
+    def count(total: Optional[int], value: bytes) -> Tuple[int, int]:
+        json.loads(value)
+        total = (total or 0) + 1
+        return total, total
+
+    def seen(key: str, total: int) -> None:
+        last_count[key] = total
+        if meter.add(1):
+            meter.finish(total=sum(last_count.values()))
+
+    flow = Dataflow(f"bench-bytewax-{uuid.uuid4().hex[:8]}")
+    source = kop.input("kafka", flow, brokers=[args.bootstrap], topics=[args.topic],
+                       add_config={"group.id": f"bench-bytewax-{uuid.uuid4().hex[:8]}"})
+    keyed = op.map("key", source.oks, lambda message: (message.key.decode(), message.value))
+    counted = op.stateful_map("count", keyed, count)
+    op.inspect("meter", counted, lambda _step, item: seen(*item))
+    cli_main(flow, workers_per_process=1)
+    raise SystemExit("bytewax: the dataflow ended before the Nth record")
+
+
 def faust_app(args: argparse.Namespace) -> Any:
     """The faust.App of a Faust variant: stock settings, or the project's ``faust_settings``."""
     import faust
@@ -198,97 +228,68 @@ def add_iterating_agent(app: Any, topic: Any, meter: Meter) -> None:
                 meter.finish()
 
 
-def add_holding_agent(app: Any, topic: Any, meter: Meter, variant: str) -> None:
-    """The logging agent's two ways of batching held events, without its parsing and writes."""
-    from app.aggregation import hold, release
-
-    if variant == "streamspine-take":  # counted from its first batch: the rate leaves out one batch's wait
-        @app.agent(topic)
-        async def take(stream: Any) -> None:
-            async for events in stream.take_events(5000, within=0.2):
-                hold(events)
-                release(stream, events)
-                if meter.add(len(events)):
-                    meter.finish()
-        return
+def add_counting_agent(app: Any, topic: Any, meter: Meter, args: argparse.Namespace) -> None:
+    """Stock Faust's per-record ``table[key] += 1`` in a RocksDB table."""
+    counts = app.Table("counts", default=int, partitions=args.partitions, key_type=bytes, value_type=int)
 
     @app.agent(topic)
-    async def held(stream: Any) -> None:
-        events: List[Any] = []
-        async for _value in stream:
-            event = stream.current_event
-            event.message.incref()
-            events.append(event)
-            done = meter.add(1)
-            if len(events) >= 5000 or done:
-                release(stream, events)
-                events = []
-            if done:
-                meter.finish()
+    async def count_naive(stream: Any) -> None:
+        async for event in stream.events():
+            counts[event.key] += 1
+            if meter.add(1):
+                await app.producer.flush()  # the changelog records of the last writes are out
+                meter.finish(total=sum(counts.values()))
 
 
-def add_counting_agent(app: Any, topic: Any, meter: Meter, args: argparse.Namespace) -> None:
-    """Variants d and f: per-key counts in a RocksDB table, naive or with the project's batch pattern."""
-    from app.aggregation import BATCH_MAX, BATCH_WITHIN, FLUSH_INTERVAL, DeltaBuffer, fold_deltas, write_deltas
+def add_runtime_counting_agent(app: Any, topic: Any, meter: Meter, args: argparse.Namespace) -> None:
+    """The jobs' pattern (agents/metrics.py, agents/migration.py): app/runtime.py's
+    ``decoded_batches`` decodes each value with orjson (a failure would be a dead letter), the
+    batch is folded per key per partition and each key written once, under ``until_applied``."""
+    import orjson
+
+    from app.aggregation import BATCH_MAX, BATCH_WITHIN, fold_deltas, write_deltas
+    from app.runtime import Decoded, decoded_batches, until_applied
 
     counts = app.Table("counts", default=int, partitions=args.partitions, key_type=bytes, value_type=int)
     if args.producer_buffer_max:  # experiment: the conductor stalls while more changelog sends than this wait
         app.producer.buffer.max_messages = args.producer_buffer_max
-
-    async def flush_and_finish(**extra: int) -> None:
-        await app.producer.flush()  # the changelog records of the last writes are out
-        meter.finish(total=sum(counts.values()), **extra)
-
-    if args.variant == "faust-table":
-        @app.agent(topic)
-        async def count_naive(stream: Any) -> None:
-            async for event in stream.events():
-                counts[event.key] += 1
-                if meter.add(1):
-                    await flush_and_finish()
-        return
-
-    batch_max, within = args.batch_max or BATCH_MAX, args.batch_within or BATCH_WITHIN
     tally = {"batches": 0, "writes": 0}
 
-    if args.variant == "streamspine-batch":
-        @app.agent(topic)
-        async def count_buffered(stream: Any) -> None:
-            buffer = DeltaBuffer(stream, counts, combine=operator.add, apply=operator.add,
-                                 interval=args.flush_interval or FLUSH_INTERVAL)
-            async with buffer.flushing():
-                async for _value in stream:  # stream.events() would add a generator per record
-                    event = stream.current_event
-                    buffer.add(event, ((event.key, 1),))
-                    if buffer.due():
-                        buffer.flush()
-                    if meter.add(1):
-                        buffer.flush()
-                        await flush_and_finish(writes=buffer.writes, batches=buffer.flushes)
-        return
+    def decode(event: Any) -> Any:
+        return orjson.loads(event.value)
+
+    async def count_batch(stream: Any, batch: List[Decoded[Any]]) -> int:
+        # A count has no offset guard: a retry would count twice. Writes to the local store do not
+        # fail here; a job's body keeps the highest applied offset per key to be idempotent.
+        pending = fold_deltas(((entry.event, ((entry.event.key, 1),)) for entry in batch), combine=operator.add)
+        return write_deltas(stream, counts, pending, apply=operator.add)
 
     @app.agent(topic)
     async def count_batched(stream: Any) -> None:
-        async for events in stream.take_events(batch_max, within=within):
-            pending = fold_deltas([(event, [(event.key, 1)]) for event in events], combine=operator.add)
-            tally["writes"] += write_deltas(stream, counts, pending, apply=operator.add)
+        async for batch in decoded_batches(stream, decode, max_=args.batch_max or BATCH_MAX,
+                                           within=args.batch_within or BATCH_WITHIN):
+            tally["writes"] += await until_applied(count_batch, stream, batch, what="bench counts")
             tally["batches"] += 1
-            if meter.add(len(events)):
-                await flush_and_finish(**tally)
+            if meter.add(len(batch)):
+                await app.producer.flush()
+                meter.finish(total=sum(counts.values()), **tally)
 
 
 def run_faust(args: argparse.Namespace, meter: Meter) -> None:
-    """Variants c-f: one agent on the topic, run by a Faust worker at log level info."""
+    """Faust variants: one agent on the topic, run by a Faust worker at log level info."""
     import faust
 
     app = faust_app(args)
-    topic = app.topic(args.topic, key_type=bytes, value_serializer="json", partitions=args.partitions)
-    if args.variant in STATEFUL:
-        add_counting_agent(app, topic, meter, args)
-    elif args.variant in HOLDING:
-        add_holding_agent(app, topic, meter, args.variant)
+    if args.variant == "streamspine-runtime":  # the jobs' topics are raw bytes, decoded by the runtime
+        topic = app.topic(args.topic, key_type=bytes, value_type=bytes, key_serializer="raw",
+                          value_serializer="raw", partitions=args.partitions)
+        add_runtime_counting_agent(app, topic, meter, args)
     else:
-        add_iterating_agent(app, topic, meter)
+        topic = app.topic(args.topic, key_type=bytes, value_serializer="json", partitions=args.partitions)
+        if args.variant == "faust-table":
+            add_counting_agent(app, topic, meter, args)
+        else:
+            add_iterating_agent(app, topic, meter)
     # loglevel "info": Faust's default (WARN) keeps its spinner, which sets the root logger to DEBUG.
     faust.Worker(app, loglevel="info", quiet=True).execute_from_commandline()
 
@@ -296,13 +297,11 @@ def run_faust(args: argparse.Namespace, meter: Meter) -> None:
 RUNNERS: Dict[str, Callable[[argparse.Namespace, Meter], None]] = {
     "aiokafka": run_aiokafka,
     "quix": run_quix,
+    "bytewax": run_bytewax,
     "faust-bare": run_faust,
     "faust-table": run_faust,
     "streamspine-bare": run_faust,
-    "streamspine-take": run_faust,
-    "streamspine-held": run_faust,
-    "streamspine-batch": run_faust,
-    "streamspine-perbatch": run_faust,
+    "streamspine-runtime": run_faust,
 }
 
 
@@ -331,10 +330,13 @@ class Result:
         return self.data.get("rate") if self.error is None else None
 
 
-def require_quixstreams() -> None:
-    """Quix Streams is a benchmark-only dependency; stop with a clear line when it is missing."""
-    if importlib.util.find_spec("quixstreams") is None:
-        print("bench/compare.py needs quixstreams (the 'bench' extra): run `make bench`, "
+def require_peers(variants: List[str]) -> None:
+    """Quix Streams and Bytewax are benchmark-only dependencies; stop with a clear line when one is missing."""
+    modules = {"quix": "quixstreams", "bytewax": "bytewax"}
+    missing = [module for variant, module in modules.items()
+               if variant in variants and importlib.util.find_spec(module) is None]
+    if missing:
+        print(f"bench/compare.py needs {' and '.join(missing)} (the 'bench' extra): run `make bench`, "
               "which installs it with pip install -e '.[dev,bench]'", file=sys.stderr)
         raise SystemExit(2)
 
@@ -409,7 +411,7 @@ def measure(variant: str, repeat: int, args: argparse.Namespace, bootstrap: str,
                "--bootstrap", bootstrap, "--records", str(args.records), "--partitions", str(args.partitions),
                "--work-dir", str(run_dir), "--result", str(result_path),
                "--batch-max", str(args.batch_max), "--batch-within", str(args.batch_within),
-               "--producer-buffer-max", str(args.producer_buffer_max), "--flush-interval", str(args.flush_interval),
+               "--producer-buffer-max", str(args.producer_buffer_max),
                "--commit-every", str(args.commit_every)]
     timeout = args.timeout or 60 + args.records / 1000
     with open(log_path, "wb") as log:
@@ -433,24 +435,27 @@ def check_text(result: Result, records: int) -> str:
         return "-"
     mark = "OK" if total == records else "WRONG"
     writes = result.data.get("writes")
-    unit = "flushes" if result.variant == "streamspine-batch" else "batches"
-    batches = f", {writes:,} writes in {result.data['batches']} {unit}" if writes is not None else ""
+    batches = f", {writes:,} writes in {result.data['batches']} batches" if writes is not None else ""
     return f"sum={total} {mark}{batches}"
 
 
+def ratio_text(rate: float, peer_rate: Optional[float]) -> str:
+    return f"{rate / peer_rate:.2f}" if peer_rate else "-"
+
+
 def format_table(results: List[Result], records: int) -> str:
-    """A plain-text table: one row per variant and repeat, ratios to Quix of the same repeat."""
-    baseline = {r.repeat: r.rate for r in results if r.variant == BASELINE and r.rate}
-    header = f"{'variant':<23} {'rep':>3} {'records/s':>10} {'x Quix':>7} {'to Nth/s':>9} {'flush s':>7} " \
+    """A plain-text table: one row per variant and repeat, ratios to Quix and Bytewax of the same repeat."""
+    peer_rates = {peer: {r.repeat: r.rate for r in results if r.variant == peer and r.rate} for peer in PEERS}
+    header = f"{'variant':<23} {'rep':>3} {'records/s':>10} {'x Quix':>7} {'x Bwax':>7} {'to Nth/s':>9} {'flush s':>7} " \
              f"{'startup s':>9} {'cpu %':>5} {'cpu us/rec':>10}  check"
     rows = [header, "-" * len(header)]
     for r in results:
         if r.error:
             rows.append(f"{r.variant:<23} {r.repeat:>3}  FAILED: {r.error.splitlines()[0]}")
             continue
-        d, base = r.data, baseline.get(r.repeat)
-        ratio = f"{d['rate'] / base:.2f}" if base else "-"
-        rows.append(f"{r.variant:<23} {r.repeat:>3} {d['rate']:>10,.0f} {ratio:>7} {d['rate_to_nth']:>9,.0f} "
+        d = r.data
+        ratios = " ".join(f"{ratio_text(d['rate'], peer_rates[peer].get(r.repeat)):>7}" for peer in PEERS)
+        rows.append(f"{r.variant:<23} {r.repeat:>3} {d['rate']:>10,.0f} {ratios} {d['rate_to_nth']:>9,.0f} "
                     f"{d['flush']:>7.3f} {d['startup']:>9.1f} {100 * d['cpu']:>5.0f} {cpu_per_record(d):>10.1f}  "
                     f"{check_text(r, records)}")
     return "\n".join(rows)
@@ -463,15 +468,15 @@ def cpu_per_record(data: Dict[str, Any]) -> float:
 
 
 def format_medians(results: List[Result], variants: List[str]) -> str:
-    """Median records/s per variant over the repeats, with its ratio to Quix's median."""
+    """Median records/s per variant over the repeats, with its ratios to Quix's and Bytewax's medians."""
     medians = {v: statistics.median(rates) for v in variants
                if (rates := [r.rate for r in results if r.variant == v and r.rate])}
-    base = medians.get(BASELINE)
     cpu = {v: statistics.median(cpu_per_record(r.data) for r in results if r.variant == v and r.rate)
            for v in medians}
-    lines = [f"{'variant':<23} {'median rec/s':>12} {'x Quix':>7} {'median cpu us/rec':>17}"]
+    lines = [f"{'variant':<23} {'median rec/s':>12} {'x Quix':>7} {'x Bwax':>7} {'median cpu us/rec':>17}"]
     for variant, rate in medians.items():
-        lines.append(f"{variant:<23} {rate:>12,.0f} {(f'{rate / base:.2f}' if base else '-'):>7} {cpu[variant]:>17.1f}")
+        ratios = " ".join(f"{ratio_text(rate, medians.get(peer)):>7}" for peer in PEERS)
+        lines.append(f"{variant:<23} {rate:>12,.0f} {ratios} {cpu[variant]:>17.1f}")
     return "\n".join(lines)
 
 
@@ -484,14 +489,14 @@ def machine_note(load_before: float) -> str:
 
 
 @contextlib.contextmanager
-def broker_at(bootstrap: Optional[str], workdir: Path) -> Iterator[str]:
+def broker_at(bootstrap: Optional[str], workdir: Path, shim: bool = True) -> Iterator[str]:
     """Yield ``host:port`` of the given broker, or of a local one started (and stopped) here."""
     if bootstrap:
         yield bootstrap
         return
     from app.local_broker import LocalBroker
 
-    broker = LocalBroker(log_path=workdir / "tansu.log")
+    broker = LocalBroker(log_path=workdir / "tansu.log", shim=shim)
     try:
         broker.start()
         yield broker.bootstrap
@@ -501,17 +506,16 @@ def broker_at(bootstrap: Optional[str], workdir: Path) -> Iterator[str]:
 
 def compare(args: argparse.Namespace) -> int:
     """The whole run: broker, one fresh topic, every variant (in order, ``--repeat`` times), report."""
-    variants = args.variants.split(",") if args.variants else [v for v in VARIANTS if v not in HOLDING]
+    variants = args.variants.split(",") if args.variants else list(VARIANTS)
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown:
         raise SystemExit(f"unknown variant(s) {', '.join(unknown)}; known: {', '.join(VARIANTS)}")
-    if "quix" in variants:
-        require_quixstreams()
+    require_peers(variants)
     load_before = os.getloadavg()[0]
     workdir = Path(tempfile.mkdtemp(prefix="streamspine-bench-"))
     results: List[Result] = []
     try:
-        with broker_at(args.bootstrap, workdir) as bootstrap:
+        with broker_at(args.bootstrap, workdir, shim=not args.no_shim) as bootstrap:
             topic = f"bench-{uuid.uuid4().hex[:10]}"
             asyncio.run(create_topic(bootstrap, topic, args.partitions))
             seconds = asyncio.run(produce(bootstrap, topic, args.records, args.keys))
@@ -552,13 +556,13 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser.add_argument("--bootstrap", help="host:port of an existing broker (default: start a local one)")
     parser.add_argument("--variants", help=f"comma-separated subset of: {', '.join(VARIANTS)}")
     parser.add_argument("--timeout", type=float, default=0, help="seconds per variant (default 60 + N/1000)")
-    tuning = parser.add_argument_group("experiments (streamspine-batch/-perbatch; default: the project's values)")
+    parser.add_argument("--no-shim", action="store_true",
+                        help="clients reach Tansu directly, not through app/local_broker.py's ApiVersions shim")
+    tuning = parser.add_argument_group("experiments (streamspine-runtime; default: the project's values)")
     tuning.add_argument("--batch-max", type=int, default=0, help="take_events size (default app BATCH_MAX)")
     tuning.add_argument("--batch-within", type=float, default=0, help="take_events within= seconds")
     tuning.add_argument("--producer-buffer-max", type=int, default=0,
                         help="ProducerBuffer.max_messages (default app/transport.py PRODUCER_BUFFER_MAX)")
-    tuning.add_argument("--flush-interval", type=float, default=0,
-                        help="DeltaBuffer interval, seconds (default app/aggregation.py FLUSH_INTERVAL)")
     tuning.add_argument("--commit-every", type=int, default=0,
                         help="broker_commit_every of the streamspine apps (default app/settings.py)")
     child = parser.add_argument_group("subprocess mode (used by the parent)")
