@@ -15,41 +15,17 @@ refuses a table write outside an event's context). ``take_events`` acknowledges 
 after the loop body has returned, so offsets are committed only past records whose deltas are in
 the table: a crash replays at most the uncommitted records (at-least-once), it never loses one.
 
-``DeltaBuffer`` goes further, the way Quix Streams' checkpoint does: it keeps folding across
-events and writes each key once per flush, so a hot key costs one store put and one changelog
-record per flush instead of one per batch. It flushes when the agent finds it ``due()``
-(``FLUSH_INTERVAL``, 1 s) and, with app/transport.py's consumer, right before every offset commit:
-the consumer calls it, then flushes the producer (the changelog records), then commits the offsets
-of the records acknowledged before the flush. So the stream acknowledges events as it always
-does, no offset is committed past a record whose delta is not in the table, and a crash replays
-at most the uncommitted records (at-least-once). Without that consumer it holds each event (one
-more reference on its message) until the flush that wrote its deltas, and flushes an idle stream
-by a timer. No ``take_events`` is needed: events can be folded one at a time.
-
-    buffer = DeltaBuffer(stream, table, combine=operator.add, apply=operator.add)
-    async with buffer.flushing():
-        async for event in stream.events():
-            buffer.add(event, deltas_of(event))
-            if buffer.due():
-                buffer.flush()
-
-``apply`` must be synchronous: a flush must not yield to the event loop half-way.
-
 Tables written this way must be co-partitioned with the source topic (same key bytes, same
 partition count), as every Faust table must.
 """
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import time
-from typing import Any, AsyncIterator, Callable, Dict, Hashable, Iterable, List, NamedTuple, Optional, Tuple
+from typing import Any, Callable, Dict, Hashable, Iterable, NamedTuple, Tuple
 
 from faust.types import EventT, StreamT, TableT
 
 BATCH_MAX = 2000
 BATCH_WITHIN = 0.2  # seconds: the most a record waits before its batch is written
-FLUSH_INTERVAL = 1.0  # seconds: DeltaBuffer writes each key at most once per interval
 
 KeyedEvents = Iterable[Tuple[EventT, Iterable[Tuple[Hashable, Any]]]]
 
@@ -130,99 +106,3 @@ def release(stream: StreamT, events: Iterable[EventT]) -> None:
         message = event.message
         if message.ack(consumer):
             on_message_out(message.tp, message.offset, message)
-
-
-class DeltaBuffer:
-    """Deltas folded across events and batches, written once per key per flush (see the module
-    docstring). With app/transport.py's consumer, the consumer flushes it before every offset
-    commit, so the stream acknowledges events as usual; with any other consumer each event is held
-    (one more reference on its message) until the flush that wrote its deltas."""
-
-    def __init__(
-        self,
-        stream: StreamT,
-        table: TableT,
-        *,
-        combine: Callable[[Any, Any], Any],
-        apply: Callable[[Any, Any], Any],
-        interval: float = FLUSH_INTERVAL,
-        clock: Callable[[], float] = time.monotonic,
-    ) -> None:
-        self.stream = stream
-        self.table = table
-        self.combine = combine
-        self.apply = apply
-        self.interval = interval
-        self.clock = clock
-        self.consumer = stream.app.consumer
-        self.flushed_before_commit = hasattr(self.consumer, "add_before_commit")
-        self.last_events: Dict[int, EventT] = {}  # partition -> its latest event
-        self.deltas: Dict[int, Dict[Hashable, Any]] = {}  # partition -> key -> folded delta
-        self.held: List[EventT] = []  # only without the before-commit flush
-        self.since: Optional[float] = None  # when the oldest unwritten delta arrived
-        self.writes = 0
-        self.flushes = 0
-
-    def add(self, event: EventT, key_deltas: Iterable[Tuple[Hashable, Any]]) -> None:
-        """Fold one event's ``(key, delta)`` pairs in."""
-        message = event.message
-        partition = message.partition
-        self.last_events[partition] = event
-        deltas = self.deltas.get(partition)
-        if deltas is None:
-            deltas = self.deltas[partition] = {}
-            if self.since is None:
-                self.since = self.clock()
-        combine = self.combine
-        for key, delta in key_deltas:
-            deltas[key] = combine(deltas[key], delta) if key in deltas else delta
-        if not self.flushed_before_commit:
-            hold((event,))  # the stream's own acknowledgement no longer releases it
-            self.held.append(event)
-
-    def add_all(self, keyed_events: KeyedEvents) -> None:
-        """``add`` for each ``(event, [(key, delta), ...])`` pair (a ``take_events`` batch)."""
-        for event, key_deltas in keyed_events:
-            self.add(event, key_deltas)
-
-    def due(self) -> bool:
-        """True once the oldest unwritten delta is ``interval`` old."""
-        return self.since is not None and self.clock() - self.since >= self.interval
-
-    def flush(self) -> int:
-        """Write every pending key once (then release held events); returns the writes."""
-        pending = {p: PartitionDeltas(self.last_events[p], deltas) for p, deltas in self.deltas.items()}
-        self.last_events, self.deltas, self.since = {}, {}, None
-        writes = write_deltas(self.stream, self.table, pending, apply=self.apply)
-        if self.held:
-            held, self.held = self.held, []
-            release(self.stream, held)
-        self.writes += writes
-        self.flushes += 1
-        return writes
-
-    async def flush_when_due(self) -> None:
-        """Without the before-commit flush: flush an idle stream's deltas too."""
-        while True:
-            await asyncio.sleep(self.interval / 4)
-            if self.due():
-                self.flush()
-
-    @contextlib.asynccontextmanager
-    async def flushing(self) -> AsyncIterator["DeltaBuffer"]:
-        """Flush before every commit (or by a timer) while the agent iterates, and at its end."""
-        if self.flushed_before_commit:
-            self.consumer.add_before_commit(self.flush)
-            try:
-                yield self
-            finally:
-                self.flush()  # an error here keeps the callback, so no commit passes unwritten deltas
-                self.consumer.remove_before_commit(self.flush)
-            return
-        task = asyncio.ensure_future(self.flush_when_due())
-        try:
-            yield self
-        finally:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
