@@ -1,8 +1,11 @@
 """Service log lines: detect the format of a record, normalize each line to Elastic Common Schema.
 
-A record on ``logs`` holds one line as JSON, logfmt or plain text, or a JSON array of such lines
+A record on ``logs`` holds one line as JSON, logfmt or plain text (a logfmt or plain line may be
+followed by a Python traceback, which gives the ``error`` fields), or a JSON array of such lines
 (batching shippers). Parsing is pure: ``parse_record`` turns the record's bytes into ECS documents
-or raises ``InvalidRecord`` with the reason that goes to the dead-letter queue.
+or raises ``InvalidRecord`` with the reason that goes to the dead-letter queue. Every record is
+hostile until parsed: nesting, field names and date texts are bounded, and a long line costs
+time in proportion to its length (docs/logging.md lists what is refused).
 """
 from __future__ import annotations
 

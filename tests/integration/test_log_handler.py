@@ -89,7 +89,7 @@ def test_with_the_root_logger_at_debug_only_the_applications_lines_are_shipped(i
         for i in range(50):
             logger.log((logging.DEBUG, logging.INFO, logging.WARNING)[i % 3], "invoice %d issued", i)
             if i % 10 == 9:  # let each ten be sent (and the client log about it) before the next
-                wait_for(lambda: handler.sent >= i + 1, interval=0.05, message=f"{i + 1} lines sent")
+                wait_for(lambda shipped=i + 1: handler.sent >= shipped, interval=0.05, message=f"{i + 1} lines sent")
         logging.getLogger("aiokafka.producer.test").debug("the Kafka client's own line: not shipped")
     finally:
         root.removeHandler(handler)

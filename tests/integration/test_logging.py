@@ -259,5 +259,5 @@ def test_hostile_records_amid_good_ones_are_dead_lettered_and_the_good_ones_inde
     dead = sorted(consume_sync(isolated_broker.bootstrap, "logs.dlq", len(hostile)), key=lambda record: int(dict(record.headers)["dlq.offset"]))
     reasons = [dict(record.headers)["dlq.reason"].decode() for record in dead]
     assert len(reasons) == len(hostile)
-    assert all(expected in reason for (_, expected), reason in zip(hostile, reasons)), reasons
+    assert all(expected in reason for (_, expected), reason in zip(hostile, reasons, strict=True)), reasons
     assert worker.process.poll() is None

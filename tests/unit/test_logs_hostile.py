@@ -13,7 +13,8 @@ from typing import Any, Dict, List, NamedTuple, Optional
 import orjson
 import pytest
 from faust.types import Message
-from hypothesis import HealthCheck, example, given, settings, strategies as st
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
 
 from agents.logs import ParsedBatch, parse_parts
 from models.logs import FIELD_ALIASES, KEY_PATTERN, InvalidRecord, RecordContext, parse_logfmt, parse_record

@@ -84,7 +84,7 @@ def test_the_last_exception_of_a_chain_is_the_error_and_the_whole_chain_the_stac
         try:
             {}["sku-9"]
         except KeyError:
-            raise LookupError("no price either")
+            raise LookupError("no price either")  # noqa: B904 - the implicit chain is the sample
 
     for fail, expected, separator in [
         (lookup_from, ("RuntimeError", "price lookup failed"), "direct cause of the following exception"),
