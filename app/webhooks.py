@@ -1,17 +1,24 @@
-"""Webhook delivery that never blocks a stream: a bounded queue, one sender task, retries with backoff.
+"""Webhook delivery that never blocks a stream and never gives a payload up while the receiver may
+come back: a bounded queue, one sender task, the one retry policy of app/runtime.py.
 
-The stream hands a payload over with ``notify()`` and moves on. If the receiver is slow or down,
-payloads wait in the queue (the oldest is dropped, and counted, when it is full) and each POST is
-retried with exponential backoff on connection errors, timeouts, 429 and 5xx.
+The stream hands a payload over with ``notify()`` and moves on; payloads are POSTed in order.
+Connection errors, timeouts, 429 and 5xx are retried with exponential backoff (up to
+``max_backoff``) for as long as it takes: a receiver that is down gets every payload once it is
+back. Any other 4xx is the receiver refusing that payload: sending it again would be refused again,
+so it is logged, counted and skipped. When the queue is full the oldest payload is dropped (and
+counted); agents/metrics.py sends firing alerts again every ALERT_REPEAT_INTERVAL, which makes good
+such a drop, or a queue lost with its worker, for every alert still firing.
 """
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from typing import Any, Dict, Optional
 
 import aiohttp
-from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, wait_exponential
+
+from app.runtime import retrying
 
 log = logging.getLogger(__name__)
 
@@ -23,55 +30,48 @@ class RetryableResponse(Exception):
 class WebhookSender:
     """POSTs JSON payloads to one URL, in order, from a background task."""
 
-    def __init__(self, url: str, *, max_pending: int = 1000, attempts: int = 6, timeout: float = 5.0,
+    def __init__(self, url: str, *, max_pending: int = 1000, timeout: float = 5.0,
                  initial_backoff: float = 0.2, max_backoff: float = 10.0) -> None:
         self.url = url
-        self.queue: asyncio.Queue = asyncio.Queue(max_pending)
-        self.attempts = attempts
+        self.queue: "asyncio.Queue[bytes]" = asyncio.Queue(max_pending)
         self.timeout = aiohttp.ClientTimeout(total=timeout)
-        self.backoff = wait_exponential(multiplier=initial_backoff, max=max_backoff)
-        self.stats: Dict[str, int] = {"sent": 0, "failed": 0, "dropped": 0, "retries": 0}
+        self.initial_backoff = initial_backoff
+        self.max_backoff = max_backoff
+        self.stats: Dict[str, int] = {"sent": 0, "refused": 0, "dropped": 0, "retries": 0}
 
     def notify(self, payload: Dict[str, Any]) -> None:
-        """Queue a payload without waiting; when the queue is full the oldest one is dropped."""
+        """Queue a payload without waiting; when the queue is full the oldest one is dropped.
+        Encoded here, so a payload that is not JSON fails its caller, never the sender."""
+        body = json.dumps(payload).encode()
         if self.queue.full():
             self.queue.get_nowait()
             self.stats["dropped"] += 1
-        self.queue.put_nowait(payload)
+        self.queue.put_nowait(body)
 
     async def run(self) -> None:
         """Deliver queued payloads forever."""
         async with aiohttp.ClientSession(timeout=self.timeout) as session:
             while True:
-                payload = await self.queue.get()
-                await self._deliver(session, payload)
+                body = await self.queue.get()
+                await self._deliver(session, body)
 
-    async def _deliver(self, session: aiohttp.ClientSession, payload: Dict[str, Any]) -> None:
-        retrying = AsyncRetrying(
-            stop=stop_after_attempt(self.attempts),
-            wait=self.backoff,
-            retry=retry_if_exception_type((aiohttp.ClientError, asyncio.TimeoutError, RetryableResponse)),
-            before_sleep=self._count_retry,
-            reraise=True,
-        )
-        try:
-            async for attempt in retrying:
-                with attempt:
-                    await self._post(session, payload)
-            self.stats["sent"] += 1
-        except Exception as error:  # noqa: BLE001 - a receiver's failure must not stop the sender
-            self.stats["failed"] += 1
-            log.warning("webhook %s failed after %d attempts: %r", self.url, self.attempts, error)
+    async def _deliver(self, session: aiohttp.ClientSession, body: bytes) -> None:
+        async for attempt in retrying("webhook", max_backoff=self.max_backoff, initial=self.initial_backoff):
+            with attempt:
+                if attempt.retry_state.attempt_number > 1:
+                    self.stats["retries"] += 1
+                await self._post(session, body)
 
-    async def _post(self, session: aiohttp.ClientSession, payload: Dict[str, Any]) -> None:
-        async with session.post(self.url, json=payload) as response:
+    async def _post(self, session: aiohttp.ClientSession, body: bytes) -> None:
+        async with session.post(self.url, data=body, headers={"Content-Type": "application/json"}) as response:
             if response.status == 429 or response.status >= 500:
                 raise RetryableResponse(f"HTTP {response.status}")
             if response.status >= 400:
-                log.warning("webhook %s refused a payload: HTTP %s", self.url, response.status)
-
-    def _count_retry(self, retry_state: Any) -> None:
-        self.stats["retries"] += 1
+                self.stats["refused"] += 1
+                text = (await response.text(errors="replace"))[:200]
+                log.error("webhook %s refused a payload for good: HTTP %s %s", self.url, response.status, text)
+                return
+            self.stats["sent"] += 1
 
 
 def webhook_sender(url: Optional[str]) -> Optional[WebhookSender]:
