@@ -1,6 +1,8 @@
-"""Monitoring & alerting.
+"""Monitoring & alerting (docs/metrics.md).
 
 metrics -> record_samples -> metrics_latest, metric_panes, metric_series, alert_states -> alerts (+ webhook)
+alert checks (timer, every worker) -> metrics (keyed by service) -> record_samples: absent series resolve,
+    firing alerts are sent to the webhook again
 alert-silences -> every worker's SilenceCache (read outside the consumer group)
 Pages: /metrics/{service}/, /metrics/services/{service}/, /alerts/, /alerts/silences
 """
@@ -10,30 +12,65 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
 import operator
 import sys
 import time
 import uuid
 from functools import reduce
-from typing import Any, Dict, Iterable, List, Optional
+from typing import Any, Dict, Iterable, List, Mapping, NamedTuple, Optional, Tuple, Union
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from faust import web
+from faust.types import EventT, StreamT
 
 from app import app, settings
-from app.settings import bootstrap_servers
 from app.aggregation import BATCH_MAX, BATCH_WITHIN, enter_partition, fold_deltas
 from app.dead_letters import dead_letter
-from app.web import require_admin_token
+from app.runtime import Decoded, decoded_batches, require_encodable, until_applied
+from app.settings import bootstrap_servers
+from app.web import require_admin_token, worker_is_ready
 from app.webhooks import webhook_sender
 from models.alerts import (
-    Alert, AnomalyRule, Rule, RuleFileError, Silence, ThresholdRule, alert_fingerprint, alertmanager_payload,
-    condition_holds, evaluate, is_silenced, load_rules,
+    ALERT_CHECK_HEADER,
+    MAX_CHECKED_ALERTS,
+    Alert,
+    AlertTimes,
+    AnomalyRule,
+    Rule,
+    RuleFileError,
+    Silence,
+    ThresholdRule,
+    absent_after,
+    alert_fingerprint,
+    alertmanager_payload,
+    alerts_to_check,
+    check_silence,
+    condition_holds,
+    evaluate,
+    is_absent,
+    is_silenced,
+    load_rules,
+    parse_alert_check,
+    repeat_due,
+    resolved_as_absent,
 )
 from models.metric_stats import Baseline, WindowAggregate, add_values, empty_aggregate, is_anomalous, merge, summary, update_baseline
 from models.metrics import (
-    InvalidRecord, MetricSample, key_text, pane_key, pane_start, parse_samples, samples_by_pane, samples_by_series,
-    series_key, window_pane_starts,
+    InvalidRecord,
+    MetricSample,
+    OffsetSample,
+    after,
+    decode_json,
+    key_text,
+    offset_samples_by_pane,
+    offset_samples_by_series,
+    pane_key,
+    pane_start,
+    parse_record,
+    refused_reason,
+    series_key,
+    window_pane_starts,
 )
 from tables.metrics import alert_states, latest_samples, metric_panes, metric_series
 
@@ -114,7 +151,7 @@ class SilenceCache:
                 self.caught_up.set()
             async for record in consumer:
                 try:
-                    silence = Silence.loads(record.value)
+                    silence = check_silence(Silence.loads(record.value))
                     self.silences[silence.id] = silence
                 except Exception as error:  # noqa: BLE001 - one bad record must not stop the others
                     log.warning("ignoring a malformed silence at offset %s: %r", record.offset, error)
@@ -126,8 +163,13 @@ class SilenceCache:
 
 log = logging.getLogger(__name__)
 RULES = load_alert_rules()
+RULES_BY_NAME = {rule.name: rule for rule in RULES}
 webhook = webhook_sender(settings.alert_webhook_url)
 silences = SilenceCache()
+APPLIED = "applied_offset"  # in each table value: the highest source offset it holds (replay guard)
+FORWARDED_SAMPLES = 1000  # samples per re-keyed record (~100 kB), whatever the batch holds
+ALERT_CHECK_INTERVAL = min(settings.metric_window_step, 5.0)  # seconds between two looks at the alerts
+clock = time.time  # the wall clock of absence and repeat decisions (tests move it)
 
 
 # --- pure folds ----------------------------------------------------------------------------------
@@ -164,8 +206,8 @@ def window_summary(series: str, now: float, window: float) -> Dict[str, Optional
     return summary(window_aggregate(series, now, window))
 
 
-async def advance_alert(rule: Rule, service: str, instance: str, holds: bool, value: float, now: float) -> None:
-    """Move one alert through pending/firing/resolved.
+async def advance_alert(rule: Rule, service: str, instance: str, holds: bool, value: float, now: float, at: float) -> None:
+    """Move one alert through pending/firing/resolved (``now``: event time, ``at``: wall clock).
 
     A firing/resolved notification is acknowledged by Kafka before the new state is stored: a crash
     in between replays the records and notifies again (at-least-once), never stores "firing"
@@ -173,26 +215,42 @@ async def advance_alert(rule: Rule, service: str, instance: str, holds: bool, va
     """
     fingerprint = alert_fingerprint(rule.name, service, instance)
     previous = alert_states.get(fingerprint)
-    state, notification = evaluate(previous, rule, service, instance, holds, value, now)
-    if notification is not None:
-        await publish(notification)
+    state, notification = evaluate(previous, rule, service, instance, holds, value, now, at)
+    if notification is not None and await publish(notification) and state is not None:
+        state = state.derive(notified_at=at)
     if state is not None:
         alert_states[fingerprint] = state
     elif previous is not None:
         del alert_states[fingerprint]
 
 
-async def observe_series(service: str, instance: str, metric: str, samples: List[MetricSample]) -> None:
-    """Add a series' samples to its panes pane by pane, evaluating its rules at each pane (event time)."""
+def add_to_pane(key: str, tagged: List[OffsetSample]) -> None:
+    """Add to a pane the samples of records past the highest offset it holds."""
+    pane = metric_panes.get(key)
+    fresh = after(tagged, pane.applied_offset if pane is not None else -1)
+    if fresh:
+        updated = add_values(pane or empty_aggregate(), [sample.value for sample in fresh])
+        metric_panes[key] = updated.derive(applied_offset=max(offset for offset, _ in tagged))
+
+
+async def observe_series(service: str, instance: str, metric: str, tagged: List[OffsetSample], at: float) -> None:
+    """Add a series' samples to its panes pane by pane, evaluating its rules at each pane (event time).
+
+    Each pane and the series state keep the highest source offset they hold, so a replayed record
+    (after a crash, or a retried batch) adds nothing to them twice; rules are evaluated on the samples
+    new to the series."""
     series = series_key(service, instance, metric)
     state = metric_series[series]
+    applied = state.get(APPLIED, -1)
     panes = set(state.get("panes", []))
     baselines = {name: Baseline(**data) for name, data in state.get("baselines", {}).items()}
     last_ts = state.get("last_ts", 0.0)
-    for start, pane_samples in samples_by_pane(samples, settings.metric_window_step):
-        key = pane_key(series, start)
-        metric_panes[key] = add_values(metric_panes.get(key) or empty_aggregate(), [s.value for s in pane_samples])
+    for start, pane_tagged in offset_samples_by_pane(tagged, settings.metric_window_step):
+        add_to_pane(pane_key(series, start), pane_tagged)
         panes.add(start)
+        pane_samples = after(pane_tagged, applied)
+        if not pane_samples:
+            continue  # evaluated when these samples were first applied
         now = max(last_ts, pane_samples[-1].ts)
         last_ts = now
         for rule in rules_for(metric):
@@ -200,7 +258,7 @@ async def observe_series(service: str, instance: str, metric: str, samples: List
                 holds, value = condition_holds(rule, window_summary(series, now, rule.window_seconds))
             else:
                 holds, value, baselines[rule.name] = anomalous_in(pane_samples, baselines.get(rule.name), rule)
-            await advance_alert(rule, service, instance, holds, value, now)
+            await advance_alert(rule, service, instance, holds, value, now, at)
     horizon = pane_start(last_ts, settings.metric_window_step) - settings.metric_window_expires
     for start in [start for start in panes if start <= horizon]:
         metric_panes.pop(pane_key(series, start), None)
@@ -208,6 +266,7 @@ async def observe_series(service: str, instance: str, metric: str, samples: List
     metric_series[series] = {
         "panes": sorted(panes), "last_ts": last_ts,
         "baselines": {name: baseline.asdict() for name, baseline in baselines.items()},
+        APPLIED: max([applied] + [offset for offset, _ in tagged]),
     }
 
 
@@ -222,58 +281,188 @@ def anomalous_in(samples: List[MetricSample], baseline: Optional[Baseline], rule
     return holds, anomalous_value if holds else samples[-1].value, baseline
 
 
-async def observe_service(service: str, samples: List[MetricSample]) -> None:
-    """All of a service's samples of one batch: latest values, panes, baselines, alerts."""
-    latest_samples[service] = merge_latest(latest_samples[service], samples)
-    for (instance, metric), series_samples in samples_by_series(samples).items():
-        await observe_series(service, instance, metric, series_samples)
+async def observe_service(service: str, records: List[Tuple[int, List[MetricSample]]], at: float) -> None:
+    """All of a service's records of one batch, as (offset, samples): latest values, panes,
+    baselines, alerts. Each table value skips the records at or below the offset it holds."""
+    tagged = [(offset, sample) for offset, samples in records for sample in samples]
+    latest = latest_samples[service]
+    fresh = after(tagged, latest.get(APPLIED, -1))
+    if fresh:
+        latest_samples[service] = {**merge_latest(latest, fresh), APPLIED: max(offset for offset, _ in tagged)}
+    for (instance, metric), series_tagged in offset_samples_by_series(tagged).items():
+        await observe_series(service, instance, metric, series_tagged, at)
+
+
+def absent_after_of(alert: Alert) -> float:
+    """ALERT_ABSENT_AFTER, or the window of the alert's rule plus one step."""
+    return absent_after(RULES_BY_NAME.get(alert.rule), settings.alert_absent_after, settings.metric_window_step,
+                        settings.metric_window)
+
+
+async def check_alert(service: str, fingerprint: str, at: float) -> None:
+    """An alert check for one alert: resolve it if its series is absent, or send it to the webhook
+    again if it is firing and due. Runs again harmlessly (a retried batch, a replayed check)."""
+    alert = alert_states.get(fingerprint)
+    if alert is None or alert.service != service:
+        return
+    if alert.evaluated_at is None:  # stored by a version that kept no evaluation time: count from now
+        alert_states[fingerprint] = alert.derive(evaluated_at=at)
+    elif is_absent(alert, at, absent_after_of(alert)):
+        resolved = resolved_as_absent(alert, at)
+        if resolved is not None:
+            await publish(resolved)
+        del alert_states[fingerprint]
+    elif webhook is not None and repeat_due(alert, at, settings.alert_repeat_interval):
+        if await notify_webhook(alert):
+            alert_states[fingerprint] = alert.derive(notified_at=at)
 
 
 # --- agents --------------------------------------------------------------------------------------
 
 
-async def forward_keyed_by_service(samples: Iterable[MetricSample]) -> None:
+class IncomingSamples(NamedTuple):
+    """A decoded ``metrics`` record: its key (None: to be re-keyed), its valid samples and the
+    array elements refused (index, reason)."""
+
+    service: Optional[str]
+    samples: List[MetricSample]
+    refused: List[Tuple[int, str]]
+
+
+class AlertCheck(NamedTuple):
+    """An alert check (``ALERT_CHECK_HEADER``): look at these alerts of the service again."""
+
+    service: str
+    fingerprints: List[str]
+
+
+MetricsRecord = Union[IncomingSamples, AlertCheck]
+
+
+def has_header(headers: Any, name: str) -> bool:
+    """Whether a record carries the header ``name`` (headers as a mapping or as (key, value) pairs)."""
+    if not headers:
+        return False
+    pairs = headers.items() if isinstance(headers, Mapping) else headers
+    return any((key.decode("utf-8", "replace") if isinstance(key, bytes) else key) == name for key, _ in pairs)
+
+
+def decode_metrics_record(event: EventT) -> MetricsRecord:
+    """A ``metrics`` record's samples, or an alert check; raises for a record to dead-letter."""
+    service = key_text(event.key)
+    if has_header(event.message.headers, ALERT_CHECK_HEADER):
+        if service is None:
+            raise InvalidRecord("an alert check needs the service as its key")
+        return AlertCheck(service, parse_alert_check(decode_json(event.value)))
+    record = parse_record(event.value, service)
+    return IncomingSamples(service, record.samples, record.refused)
+
+
+async def dead_letter_refused_elements(batch: List[Decoded[MetricsRecord]]) -> None:
+    """An array with refused elements goes to the DLQ whole, its reason naming the refused
+    indexes; its valid elements are applied (docs/metrics.md)."""
+    for entry in batch:
+        record = entry.value
+        if isinstance(record, IncomingSamples) and record.refused:
+            reason = refused_reason(record.refused, len(record.samples) + len(record.refused))
+            await until_applied(dead_letter, reason, entry.event, what="metrics dead letters")
+
+
+async def forward_keyless(batch: List[Decoded[MetricsRecord]]) -> None:
     """Re-key samples that arrived without a key, so each service's state lives in one partition."""
     by_service: Dict[str, List[Dict[str, Any]]] = {}
-    for sample in samples:
-        by_service.setdefault(sample.service, []).append(sample.asdict())
-    for service, batch in by_service.items():
-        await metrics_topic.send(key=service, value=json.dumps(batch).encode())
+    for entry in batch:
+        record = entry.value
+        if isinstance(record, IncomingSamples) and record.service is None:
+            for sample in record.samples:
+                by_service.setdefault(sample.service, []).append(sample.asdict())
+    deliveries = []
+    for service, samples in by_service.items():
+        for first in range(0, len(samples), FORWARDED_SAMPLES):
+            value = json.dumps(samples[first:first + FORWARDED_SAMPLES]).encode()
+            deliveries.append(await metrics_topic.send(key=service.encode(), value=value))
+    await asyncio.gather(*deliveries)
 
 
-async def publish(alert: Alert) -> None:
+async def apply_batch(stream: StreamT, batch: List[Decoded[MetricsRecord]]) -> None:
+    """Fold a batch's keyed samples per service and apply them (one table write per pane and
+    series per batch, app/aggregation.py), then its alert checks. Idempotent: every table value
+    skips records it holds already, and checks compare stored state with the clock."""
+    at = clock()
+    keyed = [
+        (entry.event, [(entry.value.service, [(entry.event.message.offset, entry.value.samples)])])
+        for entry in batch if isinstance(entry.value, IncomingSamples) and entry.value.service is not None
+    ]
+    for part in fold_deltas(keyed, combine=operator.add).values():
+        enter_partition(stream, part.last_event)
+        for service, records in part.deltas.items():
+            await observe_service(service, records, at)
+    for entry in batch:
+        if isinstance(entry.value, AlertCheck):
+            enter_partition(stream, entry.event)
+            for fingerprint in entry.value.fingerprints:
+                await check_alert(entry.value.service, fingerprint, at)
+
+
+async def publish(alert: Alert) -> bool:
     """Firing/resolved transitions go to ``alerts`` (awaited until acknowledged); the webhook
-    hears of those not silenced."""
+    hears of those not silenced. True when the webhook was sent the alert."""
     delivery = await alerts_topic.send(key=alert.fingerprint, value=alert)
     await delivery
+    return await notify_webhook(alert)
+
+
+async def notify_webhook(alert: Alert) -> bool:
+    """Queue the alert for the webhook unless it is silenced; True when queued."""
     if webhook is None:
-        return
+        return False
     await silences.wait_caught_up()  # after a restart, know the silences before notifying
-    if not is_silenced(alert, silences.active(), time.time()):
-        webhook.notify(alertmanager_payload([alert], external_url=settings.web_url))
+    if is_silenced(alert, silences.active(), clock()):
+        return False
+    webhook.notify(alertmanager_payload([alert], external_url=settings.web_url))
+    return True
 
 
 @app.agent(metrics_topic)
 async def record_samples(stream) -> None:
-    """Validate each record (one sample or an array), then fold a batch per service: one table
-    write per pane and series per batch (app/aggregation.py), not one per sample."""
-    async for events in stream.take_events(BATCH_MAX, within=BATCH_WITHIN):
-        keyed_samples = []
-        for event in events:
-            try:
-                service = key_text(event.key)
-                samples = parse_samples(event.value, service)
-            except InvalidRecord as error:
-                await dead_letter(str(error), event)
-                continue
-            if service is None:
-                await forward_keyed_by_service(samples)
-            else:
-                keyed_samples.append((event, [(service, samples)]))
-        for entry in fold_deltas(keyed_samples, combine=operator.add).values():
-            enter_partition(stream, entry.last_event)
-            for service, samples in entry.deltas.items():
-                await observe_service(service, samples)
+    """Decode each record (one sample, an array, or an alert check; app/runtime.py dead-letters
+    what fails), dead-letter refused array elements, re-key keyless samples, then apply the batch
+    until it is applied (a failure retries it, never skips it)."""
+    async for batch in decoded_batches(stream, decode_metrics_record, max_=BATCH_MAX, within=BATCH_WITHIN):
+        await dead_letter_refused_elements(batch)
+        await until_applied(forward_keyless, batch, what="metrics re-keying")
+        await until_applied(apply_batch, stream, batch, what="metrics")
+
+
+def alert_times(at: float) -> AlertTimes:
+    """This worker's absence and repeat settings, and its silences, as of ``at``."""
+    active = silences.active()
+    known = silences.caught_up.is_set()  # until the silences are read, repeat nothing
+    return AlertTimes(
+        absent_after=absent_after_of,
+        repeat_interval=settings.alert_repeat_interval if webhook is not None else None,
+        silenced=lambda alert: not known or is_silenced(alert, active, at),
+    )
+
+
+@app.timer(ALERT_CHECK_INTERVAL)
+async def check_alerts_of_this_worker() -> None:
+    """Every worker, over its own partitions' alerts: ask the owner of each service with an absent
+    alert, or a firing one due to be sent again, to check them (a record on ``metrics`` keyed by the
+    service), so the change is made by record_samples in the service's partition, in order with
+    its samples."""
+    if not worker_is_ready():
+        return
+    at = clock()
+    try:
+        due = alerts_to_check(list(alert_states.values()), at, alert_times(at))
+    except Exception:  # noqa: BLE001 - the tables may be changing hands; the next tick looks again
+        log.warning("looking for alerts to check failed; trying again in %gs", ALERT_CHECK_INTERVAL, exc_info=True)
+        return
+    for service, fingerprints in due.items():
+        for first in range(0, len(fingerprints), MAX_CHECKED_ALERTS):
+            value = json.dumps(fingerprints[first:first + MAX_CHECKED_ALERTS]).encode()
+            await metrics_topic.send(key=service.encode(), value=value, headers={ALERT_CHECK_HEADER: b"1"})
 
 
 @app.task
@@ -298,7 +487,8 @@ async def service_metrics(view: web.View, request: web.Request, service: str) ->
     """Latest value of every metric of one service, answered by the worker that owns it."""
     if service not in latest_samples:
         raise view.NotFound("unknown service", service=service)
-    return view.json({"service": service, **latest_samples[service]})
+    state = latest_samples[service]
+    return view.json({"service": service, "metrics": state.get("metrics", {}), "samples": state.get("samples", 0)})
 
 
 @app.page("/metrics/{service}/")
@@ -355,6 +545,21 @@ async def all_alerts(view: web.View, request: web.Request) -> web.Response:
     return view.json({"alerts": ordered})
 
 
+LATEST_EPOCH = 253402300799.0  # 9999-12-31T23:59:59Z: the last time RFC 3339 can write
+
+
+def epoch_time(value: Any, name: str) -> float:
+    """A POSTed epoch time: a finite number of seconds up to year 9999 (JSON's NaN and Infinity
+    literals, booleans, strings and integers beyond float range are refused with ValueError)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{name} must be an epoch time in seconds")
+    if isinstance(value, int) and not 0 <= value <= LATEST_EPOCH:  # before float(): 1e400 written out
+        raise ValueError(f"{name} must be an epoch time between 0 and {LATEST_EPOCH:.0f}")
+    if not math.isfinite(value) or not 0 <= value <= LATEST_EPOCH:
+        raise ValueError(f"{name} must be an epoch time between 0 and {LATEST_EPOCH:.0f}, got {value!r}")
+    return float(value)
+
+
 def silence_from_request(body: Any, now: float) -> Silence:
     """Validate a POSTed silence: ``{"matchers": [{"name", "value", "is_regex"}], "ends_at", ...}``."""
     if not isinstance(body, dict):
@@ -364,17 +569,20 @@ def silence_from_request(body: Any, now: float) -> Silence:
         isinstance(m, dict) and isinstance(m.get("name"), str) and isinstance(m.get("value"), str) for m in matchers
     ):
         raise ValueError("matchers must be a non-empty list of {name, value, is_regex}")
-    ends_at = body.get("ends_at")
-    if isinstance(ends_at, bool) or not isinstance(ends_at, (int, float)) or ends_at <= now:
-        raise ValueError("ends_at must be an epoch time in the future")
-    return Silence(
+    ends_at = epoch_time(body.get("ends_at"), "ends_at")
+    starts_at = epoch_time(body.get("starts_at", now), "starts_at")
+    if ends_at <= now or ends_at <= starts_at:
+        raise ValueError("ends_at must be an epoch time in the future, after starts_at")
+    silence = Silence(
         id=str(uuid.uuid4()),
         matchers=[{"name": m["name"], "value": m["value"], "is_regex": bool(m.get("is_regex", False))} for m in matchers],
-        starts_at=float(body.get("starts_at", now)),
-        ends_at=float(ends_at),
+        starts_at=starts_at,
+        ends_at=ends_at,
         created_by=str(body.get("created_by", "")),
         comment=str(body.get("comment", "")),
     )
+    require_encodable(silence.asdict())  # e.g. a lone surrogate in a label value: refused, not a 500
+    return check_silence(silence)
 
 
 @app.page("/alerts/silences")

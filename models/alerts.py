@@ -9,7 +9,7 @@ import re
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, List, Mapping, NamedTuple, Optional, Sequence, Tuple, Union
 
 import faust
 import yaml
@@ -77,8 +77,12 @@ class Alert(faust.Record, serializer="json"):
     """One rule's alert for one service instance: stored while pending or firing, emitted on firing and resolved.
 
     ``active_since`` is when the condition began to hold, ``starts_at`` when the alert began firing
-    (None while pending) and ``ends_at`` when it resolved (None while active). For anomaly rules
-    ``threshold`` is ``k``, the number of standard deviations.
+    (None while pending) and ``ends_at`` when it resolved (None while active), in event time. For
+    anomaly rules ``threshold`` is ``k``, the number of standard deviations.
+
+    Two wall-clock times drive what happens without new samples: ``evaluated_at``, when samples of
+    the series last arrived (an alert whose series stays absent resolves), and ``notified_at``,
+    when the webhook was last sent the firing alert (it is sent again every repeat interval).
     """
 
     fingerprint: str
@@ -96,6 +100,8 @@ class Alert(faust.Record, serializer="json"):
     last_evaluated: float
     starts_at: Optional[float] = None
     ends_at: Optional[float] = None
+    evaluated_at: Optional[float] = None
+    notified_at: Optional[float] = None
 
 
 class Silence(faust.Record, serializer="json"):
@@ -380,7 +386,8 @@ def render_summary(rule: Rule, service: str, instance: str, value: float) -> str
 
 
 def _active_alert(rule: Rule, service: str, instance: str, status: str, value: float, now: float,
-                  active_since: float, starts_at: Optional[float]) -> Alert:
+                  active_since: float, starts_at: Optional[float], at: Optional[float] = None,
+                  notified_at: Optional[float] = None) -> Alert:
     return Alert(
         fingerprint=alert_fingerprint(rule.name, service, instance),
         rule=rule.name,
@@ -397,6 +404,8 @@ def _active_alert(rule: Rule, service: str, instance: str, status: str, value: f
         last_evaluated=now,
         starts_at=starts_at,
         ends_at=None,
+        evaluated_at=at,
+        notified_at=notified_at,
     )
 
 
@@ -406,10 +415,11 @@ def _resolved(alert: Alert, now: float) -> Alert:
 
 
 def evaluate(previous: Optional[Alert], rule: Rule, service: str, instance: str, condition_holds: bool,
-             value: float, now: float) -> Tuple[Optional[Alert], Optional[Alert]]:
+             value: float, now: float, at: Optional[float] = None) -> Tuple[Optional[Alert], Optional[Alert]]:
     """Advance one alert's lifecycle: return (the state to store, or None to clear it; the notification, or None).
 
     pending waits out ``for``; only the moves to firing and to resolved are notified, each once.
+    ``now`` is the event time evaluated, ``at`` the wall-clock time of the evaluation.
     """
     active = previous if previous is not None and previous.status in ("pending", "firing") else None
     if not condition_holds:
@@ -417,12 +427,87 @@ def evaluate(previous: Optional[Alert], rule: Rule, service: str, instance: str,
             return None, _resolved(active, now)
         return None, None
     if active is not None and active.status == "firing":
-        return _active_alert(rule, service, instance, "firing", value, now, active.active_since, active.starts_at), None
+        state = _active_alert(rule, service, instance, "firing", value, now, active.active_since, active.starts_at,
+                              at, active.notified_at)
+        return state, None
     active_since = active.active_since if active is not None else now
     if now - active_since >= rule.for_seconds:
-        firing = _active_alert(rule, service, instance, "firing", value, now, active_since, now)
+        firing = _active_alert(rule, service, instance, "firing", value, now, active_since, now, at)
         return firing, firing
-    return _active_alert(rule, service, instance, "pending", value, now, active_since, None), None
+    return _active_alert(rule, service, instance, "pending", value, now, active_since, None, at), None
+
+
+# --- absent series and repeated notifications ----------------------------------------------------------
+
+
+def absent_after(rule: Optional[Rule], configured: Optional[float], step: float, default_window: float) -> float:
+    """Seconds without samples after which an alert of ``rule`` resolves: ALERT_ABSENT_AFTER, else
+    the rule's window (``default_window`` for anomaly rules and rules no longer in the file) plus one step."""
+    if configured is not None:
+        return configured
+    window = rule.window_seconds if isinstance(rule, ThresholdRule) else default_window
+    return window + step
+
+
+def is_absent(alert: Alert, at: float, after: float) -> bool:
+    """Whether no sample of the alert's series arrived for ``after`` seconds before wall-clock ``at``
+    (an alert stored before evaluation times were kept is not: its absence counts from its first check)."""
+    return alert.evaluated_at is not None and at - alert.evaluated_at >= after
+
+
+def resolved_as_absent(alert: Alert, at: float) -> Optional[Alert]:
+    """The notification of an alert ended by its series' absence: resolved at ``at`` (wall clock,
+    as Prometheus ends an alert when it evaluates the absence) if it was firing; None if it was
+    only pending (never notified, so nothing to resolve)."""
+    if alert.status != "firing":
+        return None
+    return Alert(**{**alert.asdict(), "status": "resolved", "ends_at": max(at, alert.starts_at or at)})
+
+
+def repeat_due(alert: Alert, at: float, interval: float) -> bool:
+    """Whether a firing alert is due to be sent to the webhook (again): never sent, or last sent
+    ``interval`` seconds or more before ``at`` (Alertmanager's repeat_interval)."""
+    return alert.status == "firing" and (alert.notified_at is None or at - alert.notified_at >= interval)
+
+
+class AlertTimes(NamedTuple):
+    """What decides, without new samples, that an alert needs its worker's attention."""
+
+    absent_after: Callable[[Alert], float]  # seconds, per alert (its rule's)
+    repeat_interval: Optional[float]  # None: no webhook, nothing to repeat
+    silenced: Callable[[Alert], bool]
+
+
+def alerts_to_check(alerts: Iterable[Alert], at: float, times: AlertTimes) -> Dict[str, List[str]]:
+    """Per service, the fingerprints of its alerts that are absent or due to be sent again (or
+    stored without an evaluation time, which their check sets)."""
+    due: Dict[str, List[str]] = {}
+    for alert in alerts:
+        absent = alert.evaluated_at is None or is_absent(alert, at, times.absent_after(alert))
+        repeat = times.repeat_interval is not None and repeat_due(alert, at, times.repeat_interval)
+        if absent or (repeat and not times.silenced(alert)):
+            due.setdefault(alert.service, []).append(alert.fingerprint)
+    return due
+
+
+# An alert check is a record on ``metrics`` keyed by service, marked by this header, whose value is
+# a JSON array of alert fingerprints: the worker that owns the service looks at those alerts again.
+# It only prompts a check of stored state against the clock, so a forged one can resolve nothing
+# that is not absent.
+ALERT_CHECK_HEADER = "streamspine.alert-check"
+MAX_CHECKED_ALERTS = 10_000
+_FINGERPRINT = re.compile(r"[0-9a-f]{16}")
+
+
+def parse_alert_check(value: Any) -> List[str]:
+    """The fingerprints of an alert check's decoded JSON value; ValueError when it is not a list
+    of at most MAX_CHECKED_ALERTS fingerprints."""
+    if not isinstance(value, list) or not value or len(value) > MAX_CHECKED_ALERTS:
+        raise ValueError(f"an alert check must be a list of 1 to {MAX_CHECKED_ALERTS} alert fingerprints")
+    for fingerprint in value:
+        if not isinstance(fingerprint, str) or not _FINGERPRINT.fullmatch(fingerprint):
+            raise ValueError("an alert check must list alert fingerprints (16 hexadecimal digits)")
+    return list(value)
 
 
 # --- silences -----------------------------------------------------------------------------------------
@@ -454,6 +539,23 @@ def silence_matches(silence: Silence, alert: Alert, now: float) -> bool:
     return all(_matcher_matches(matcher, labels) for matcher in silence.matchers)
 
 
+def check_silence(silence: Silence) -> Silence:
+    """``silence`` if matching can use it: finite start and end times and a list of matcher objects;
+    ValueError otherwise (a silence another producer wrote to ``alert-silences`` with ``ends_at``
+    null or NaN would make every match fail, and with it every notification)."""
+    for name in ("starts_at", "ends_at"):
+        value = getattr(silence, name)
+        if isinstance(value, bool) or not isinstance(value, float) and not isinstance(value, int):
+            raise ValueError(f"silence {name} must be an epoch time, got {value!r}")
+        if isinstance(value, int) and abs(value) > 2**53 or not math.isfinite(value):
+            raise ValueError(f"silence {name} must be a finite epoch time")
+    if not isinstance(silence.id, str) or not isinstance(silence.matchers, list) or not all(
+        isinstance(matcher, dict) for matcher in silence.matchers
+    ):
+        raise ValueError("a silence needs a string id and a list of matcher objects")
+    return silence
+
+
 def is_silenced(alert: Alert, silences: Sequence[Silence], now: float) -> bool:
     """Whether any active silence mutes the alert."""
     return any(silence_matches(silence, alert, now) for silence in silences)
@@ -466,7 +568,10 @@ def rfc3339(timestamp: Optional[float]) -> str:
     """An epoch time as RFC 3339 UTC with milliseconds, or Alertmanager's zero time when unset."""
     if timestamp is None or timestamp <= 0:
         return UNSET_TIME
-    moment = datetime.fromtimestamp(timestamp, tz=timezone.utc)
+    try:
+        moment = datetime.fromtimestamp(timestamp, tz=timezone.utc)
+    except (OverflowError, ValueError, OSError):  # beyond year 9999: no RFC 3339 time to give
+        return UNSET_TIME
     return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 

@@ -22,6 +22,8 @@ class WindowAggregate(faust.Record, serializer="json"):
 
     The sketch is stored as its bins (bin key -> count, keys as strings for JSON) for positive and
     negative values, and the count of zeros, so that windows can be merged and re-read exactly.
+    A stored pane also keeps ``applied_offset``, the highest source offset whose samples it holds,
+    so a replayed record is not counted twice; merged windows leave it at -1.
     """
 
     count: int
@@ -31,6 +33,7 @@ class WindowAggregate(faust.Record, serializer="json"):
     positive_bins: Dict[str, int]
     negative_bins: Dict[str, int]
     zero_count: int
+    applied_offset: int = -1
 
 
 class Baseline(faust.Record, serializer="json"):
@@ -83,6 +86,7 @@ def add_values(agg: WindowAggregate, values: Iterable[float]) -> WindowAggregate
         positive_bins=_bins_of(positive),
         negative_bins=_bins_of(negative),
         zero_count=round(sketch.count - positive.count - negative.count),
+        applied_offset=agg.applied_offset,
     )
 
 

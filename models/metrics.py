@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from typing import Any, Dict, List, Mapping, Optional, Tuple
+from typing import Any, Dict, List, Mapping, NamedTuple, Optional, Tuple
 
 import faust
 
@@ -33,11 +33,24 @@ class MetricSample(faust.Record, serializer="json"):
     ts: float
 
 
+SERIES_SEPARATOR = "\x1f"
+MAX_NAME_CHARS = 256  # service, instance and metric names are table keys and JSON keys of the state
+
+
 def _text_field(data: Mapping[str, Any], name: str, default: Optional[str] = None) -> str:
     value = data.get(name, default)
     if not isinstance(value, str) or not value.strip():
-        raise InvalidRecord(f"field {name!r} must be a non-empty string, got {value!r}")
-    return value.strip()
+        raise InvalidRecord(f"field {name!r} must be a non-empty string, got {_shown(value)}")
+    value = value.strip()
+    if len(value) > MAX_NAME_CHARS:
+        raise InvalidRecord(f"field {name!r} is longer than {MAX_NAME_CHARS} characters ({len(value)})")
+    if SERIES_SEPARATOR in value:
+        raise InvalidRecord(f"field {name!r} contains the control character U+001F (it separates key parts)")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate (\ud800): no table key or JSON document can hold it
+        raise InvalidRecord(f"field {name!r} is not valid Unicode text: {value!r}") from None
+    return value
 
 
 MAX_MAGNITUDE = 1e150  # beyond it sums and variances overflow to inf
@@ -45,11 +58,31 @@ MAX_MAGNITUDE = 1e150  # beyond it sums and variances overflow to inf
 
 def _number_field(data: Mapping[str, Any], name: str, default: Optional[float] = None) -> float:
     value = data.get(name, default)
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise InvalidRecord(f"field {name!r} must be a finite number, got {_shown(value)}")
+    # Compared before math.isfinite: an integer beyond float range (1e400 written out) overflows there.
+    if isinstance(value, int) and abs(value) > MAX_MAGNITUDE:
+        raise InvalidRecord(f"field {name!r} is beyond +/-{MAX_MAGNITUDE:g}: an integer of {_digits(value)} digits")
+    if not math.isfinite(value):
         raise InvalidRecord(f"field {name!r} must be a finite number, got {value!r}")
     if abs(value) > MAX_MAGNITUDE:
         raise InvalidRecord(f"field {name!r} is beyond +/-{MAX_MAGNITUDE:g}: {value!r}")
     return float(value)
+
+
+def _digits(value: int) -> str:
+    return f"about {int(abs(value).bit_length() * 0.30103) + 1}"  # str() of a huge int may itself be refused
+
+
+def _shown(value: Any, limit: int = 80) -> str:
+    """A refused value for a reason: its repr, cut (a field may hold a megabyte of nested JSON)."""
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) > MAX_MAGNITUDE:
+        return f"an integer of {_digits(value)} digits"
+    try:
+        text = repr(value)
+    except Exception:  # noqa: BLE001 - repr of a deeply nested value may exceed the recursion limit
+        return type(value).__name__
+    return text if len(text) <= limit else f"{text[:limit]}... ({type(value).__name__})"
 
 
 EARLIEST_TS = 946684800.0  # 2000-01-01: an event time before it is a unit or clock mistake
@@ -79,26 +112,78 @@ def sample_from_mapping(data: Any, *, service_key: Optional[str], now: float) ->
     )
 
 
-def parse_samples(raw: Optional[bytes], service_key: Optional[str], now: Optional[float] = None) -> List[MetricSample]:
-    """Decode a ``metrics`` record: one JSON sample or a JSON array of samples (batching SDKs)."""
+class SampleRecord(NamedTuple):
+    """A decoded ``metrics`` record: its valid samples, and the array elements refused (index, reason)."""
+
+    samples: List[MetricSample]
+    refused: List[Tuple[int, str]]
+
+
+def decode_json(raw: Optional[bytes]) -> Any:
+    """A record's JSON; anything the decoder refuses (also nesting too deep for it, or an integer
+    of more than 4,300 digits) is an InvalidRecord."""
     if not raw:
         raise InvalidRecord("empty record")
     try:
-        decoded = json.loads(raw)
+        return json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
         raise InvalidRecord(f"not JSON: {error}") from None
+    except RecursionError:
+        raise InvalidRecord("not JSON: nested too deeply") from None
+    except ValueError as error:  # int() of a number of more than 4,300 digits
+        raise InvalidRecord(f"not JSON: {error}") from None
+
+
+def parse_record(raw: Optional[bytes], service_key: Optional[str], now: Optional[float] = None) -> SampleRecord:
+    """Decode a ``metrics`` record: one JSON sample or a JSON array of samples (batching SDKs).
+
+    An array keeps its valid elements and lists the refused ones; a record with no valid sample
+    (a single bad sample, an empty array, an array of bad elements) is an InvalidRecord."""
+    decoded = decode_json(raw)
     now = time.time() if now is None else now
-    items = decoded if isinstance(decoded, list) else [decoded]
-    if not items:
+    if not isinstance(decoded, list):
+        return SampleRecord([sample_from_mapping(decoded, service_key=service_key, now=now)], [])
+    if not decoded:
         raise InvalidRecord("empty sample array")
-    return [sample_from_mapping(item, service_key=service_key, now=now) for item in items]
+    samples: List[MetricSample] = []
+    refused: List[Tuple[int, str]] = []
+    for index, item in enumerate(decoded):
+        try:
+            samples.append(sample_from_mapping(item, service_key=service_key, now=now))
+        except Exception as error:  # noqa: BLE001 - whatever an element causes is that element's fault
+            refused.append((index, error_text(error)))
+    if not samples:
+        raise InvalidRecord(refused_reason(refused, len(decoded)))
+    return SampleRecord(samples, refused)
+
+
+def parse_samples(raw: Optional[bytes], service_key: Optional[str], now: Optional[float] = None) -> List[MetricSample]:
+    """``parse_record`` for callers that take a record whole or not at all."""
+    record = parse_record(raw, service_key, now)
+    if record.refused:
+        raise InvalidRecord(refused_reason(record.refused, len(record.samples) + len(record.refused)))
+    return record.samples
+
+
+def error_text(error: BaseException) -> str:
+    """An element's refusal: the InvalidRecord's message, or the type and message of another error."""
+    if isinstance(error, InvalidRecord):
+        return str(error)
+    return f"{type(error).__name__}: {error}"
+
+
+def refused_reason(refused: List[Tuple[int, str]], total: int) -> str:
+    """The dead-letter reason of an array with refused elements: their indexes first, then why."""
+    indexes = ", ".join(str(index) for index, _ in refused)
+    kept = total - len(refused)
+    head = f"{len(refused)} of {total} samples refused (indexes {indexes})"
+    head += f"; the other {kept} were applied" if kept else ""
+    return head + ": " + "; ".join(f"[{index}] {reason}" for index, reason in refused)
 
 
 # --- window panes ---------------------------------------------------------------------------------
 # A hopping window of W seconds every S seconds is the merge of W/S tumbling panes of S seconds:
 # each sample updates one pane, not W/S overlapping windows.
-
-SERIES_SEPARATOR = "\x1f"
 
 
 def series_key(service: str, instance: str, metric: str) -> str:
@@ -136,3 +221,28 @@ def samples_by_series(samples: List[MetricSample]) -> Dict[Tuple[str, str], List
     for sample in samples:
         series.setdefault((sample.instance, sample.metric), []).append(sample)
     return series
+
+
+# Samples tagged with the source offset of their record, for the replay guards of the tables.
+OffsetSample = Tuple[int, MetricSample]
+
+
+def offset_samples_by_series(tagged: List[OffsetSample]) -> Dict[Tuple[str, str], List[OffsetSample]]:
+    """``samples_by_series`` for samples tagged with their record's offset."""
+    series: Dict[Tuple[str, str], List[OffsetSample]] = {}
+    for offset, sample in tagged:
+        series.setdefault((sample.instance, sample.metric), []).append((offset, sample))
+    return series
+
+
+def offset_samples_by_pane(tagged: List[OffsetSample], step: float) -> List[Tuple[float, List[OffsetSample]]]:
+    """``samples_by_pane`` for samples tagged with their record's offset."""
+    panes: Dict[float, List[OffsetSample]] = {}
+    for offset, sample in sorted(tagged, key=lambda entry: entry[1].ts):
+        panes.setdefault(pane_start(sample.ts, step), []).append((offset, sample))
+    return sorted(panes.items())
+
+
+def after(tagged: List[OffsetSample], applied: int) -> List[MetricSample]:
+    """The samples of records past ``applied``, the highest offset a table key holds already."""
+    return [sample for offset, sample in tagged if offset > applied]

@@ -10,17 +10,26 @@ import pytest
 
 from models.alerts import (
     Alert,
+    AlertTimes,
     AnomalyRule,
     RuleFileError,
     Silence,
     ThresholdRule,
+    absent_after,
     alert_fingerprint,
     alertmanager_payload,
+    alerts_to_check,
+    check_silence,
     condition_holds,
     evaluate,
+    is_absent,
     is_silenced,
     load_rules,
+    parse_alert_check,
     parse_duration,
+    repeat_due,
+    resolved_as_absent,
+    rfc3339,
 )
 
 DEFAULT_RULES = Path(__file__).resolve().parents[2] / "app" / "alert_rules.yaml"
@@ -360,3 +369,96 @@ def test_pending_alerts_are_never_sent():
 
     with pytest.raises(ValueError, match="pending"):
         alertmanager_payload([pending])
+
+
+# --- absent series and repeated notifications ----------------------------------------------------------
+
+
+def test_an_alert_keeps_when_it_was_evaluated_and_when_it_was_last_notified():
+    pending, _ = evaluate(None, HIGH_CPU, "cart", "cart-1", True, 0.95, 100.0, at=5_000.0)
+    firing, notification = evaluate(pending, HIGH_CPU, "cart", "cart-1", True, 0.95, 130.0, at=5_030.0)
+    notified = firing.derive(notified_at=5_030.0)
+    still, _ = evaluate(notified, HIGH_CPU, "cart", "cart-1", True, 0.96, 140.0, at=5_040.0)
+
+    assert (pending.evaluated_at, firing.evaluated_at, notification.status) == (5_000.0, 5_030.0, "firing")
+    assert (still.evaluated_at, still.notified_at) == (5_040.0, 5_030.0)
+
+
+def test_an_alert_resolves_after_its_rules_window_plus_one_step_without_samples_by_default():
+    assert absent_after(HIGH_CPU, None, step=10.0, default_window=60.0) == 70.0
+    assert absent_after(AnomalyRule(name="A", metric="cpu"), None, step=10.0, default_window=300.0) == 310.0
+    assert absent_after(None, None, step=10.0, default_window=60.0) == 70.0  # a rule no longer in the file
+    assert absent_after(HIGH_CPU, 15.0, step=10.0, default_window=60.0) == 15.0  # ALERT_ABSENT_AFTER
+
+
+def test_absence_is_measured_from_the_last_evaluation_on_the_wall_clock():
+    firing, _ = evaluate(None, HIGH_CPU.__class__(**{**HIGH_CPU.__dict__, "for_seconds": 0}), "cart", "cart-1",
+                         True, 0.95, 100.0, at=5_000.0)
+
+    assert not is_absent(firing, 5_069.0, 70.0)
+    assert is_absent(firing, 5_070.0, 70.0)
+    assert not is_absent(Alert.from_data({**firing.asdict(), "evaluated_at": None}), 9_000.0, 70.0)  # stored before
+
+
+def test_an_absent_firing_alert_is_notified_resolved_and_an_absent_pending_one_is_dropped_silently():
+    pending, _ = evaluate(None, HIGH_CPU, "cart", "cart-1", True, 0.95, 100.0, at=5_000.0)
+    firing, _ = evaluate(pending, HIGH_CPU, "cart", "cart-1", True, 0.95, 130.0, at=5_030.0)
+
+    resolved = resolved_as_absent(firing, 5_200.0)
+
+    assert resolved_as_absent(pending, 5_200.0) is None
+    assert (resolved.status, resolved.ends_at, resolved.starts_at) == ("resolved", 5_200.0, 130.0)
+    assert alertmanager_payload([resolved])["alerts"][0]["endsAt"] == rfc3339(5_200.0)
+
+
+def test_a_firing_alert_is_due_again_every_repeat_interval_and_a_pending_one_never():
+    pending, _ = evaluate(None, HIGH_CPU, "cart", "cart-1", True, 0.95, 100.0, at=5_000.0)
+    firing, _ = evaluate(pending, HIGH_CPU, "cart", "cart-1", True, 0.95, 130.0, at=5_030.0)
+
+    assert repeat_due(firing, 5_030.0, 3600.0)  # never sent (silenced, or its notification lost)
+    assert not repeat_due(firing.derive(notified_at=5_030.0), 8_629.0, 3600.0)
+    assert repeat_due(firing.derive(notified_at=5_030.0), 8_630.0, 3600.0)
+    assert not repeat_due(pending, 99_999.0, 3600.0)
+
+
+def test_the_alerts_to_check_are_the_absent_ones_and_the_unsilenced_ones_due_again_per_service():
+    def alert(service: str, instance: str, evaluated_at: float, notified_at: Optional[float]) -> Alert:
+        state, _ = evaluate(None, HIGH_CPU.__class__(**{**HIGH_CPU.__dict__, "for_seconds": 0}), service, instance,
+                            True, 0.95, 100.0, at=evaluated_at)
+        return state.derive(notified_at=notified_at)
+
+    absent = alert("cart", "cart-1", 1_000.0, 1_000.0)
+    due_again = alert("cart", "cart-2", 4_990.0, 1_000.0)
+    silenced = alert("search", "search-1", 4_990.0, 1_000.0)
+    quiet = alert("search", "search-2", 4_990.0, 4_900.0)
+    unknown = Alert.from_data({**alert("orders", "orders-1", 4_990.0, 4_900.0).asdict(), "evaluated_at": None})
+    alerts = [absent, due_again, silenced, quiet, unknown]
+    times = AlertTimes(absent_after=lambda a: 70.0, repeat_interval=3600.0, silenced=lambda a: a is silenced)
+
+    due = alerts_to_check(alerts, 5_000.0, times)
+    without_webhook = alerts_to_check(alerts, 5_000.0, times._replace(repeat_interval=None))
+
+    assert due == {"cart": [absent.fingerprint, due_again.fingerprint], "orders": [unknown.fingerprint]}
+    assert without_webhook == {"cart": [absent.fingerprint], "orders": [unknown.fingerprint]}
+
+
+@pytest.mark.parametrize("value", [[], "0123456789abcdef", ["0123456789ABCDEF"], ["0123"], [7], ["0123456789abcdef"] * 10_001, None])
+def test_an_alert_check_that_does_not_list_fingerprints_is_refused(value):
+    with pytest.raises(ValueError):
+        parse_alert_check(value)
+
+
+def test_an_alert_check_lists_fingerprints():
+    assert parse_alert_check([alert_fingerprint("HighCPU", "cart", "cart-1")]) == [alert_fingerprint("HighCPU", "cart", "cart-1")]
+
+
+@pytest.mark.parametrize("changes", [{"ends_at": None}, {"ends_at": float("nan")}, {"starts_at": float("inf")},
+                                     {"ends_at": "tomorrow"}, {"ends_at": True}, {"ends_at": 10**400}, {"matchers": "all"},
+                                     {"matchers": ["service=cart"]}])
+def test_a_silence_matching_could_not_use_is_refused(changes):
+    with pytest.raises(ValueError):
+        check_silence(Silence.from_data({**silence({"name": "service", "value": "cart"}).asdict(), **changes}))
+
+
+def test_a_time_beyond_year_9999_has_no_rfc3339_form():
+    assert rfc3339(1e300) == "0001-01-01T00:00:00Z"

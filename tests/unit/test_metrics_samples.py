@@ -4,11 +4,11 @@ from __future__ import annotations
 import json
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from agents.metrics import merge_latest
-from models.metrics import key_text
-from models.metrics import InvalidRecord, MetricSample, parse_samples
-
+from models.metrics import EARLIEST_TS, InvalidRecord, MetricSample, key_text, parse_record, parse_samples
 
 NOW = 1732412400.0
 
@@ -74,3 +74,94 @@ def test_a_record_key_that_is_not_utf8_is_refused():
     assert key_text(b"cart") == "cart" and key_text(None) is None
     with pytest.raises(InvalidRecord, match="not UTF-8"):
         key_text(b"\xff\xfe")
+
+
+@pytest.mark.parametrize(
+    "raw, reason",
+    [
+        (b"[" * 20_000 + b"]" * 20_000, "nested too deeply"),
+        (b'{"metric": "cpu", "value": ' + b"9" * 5000 + b"}", "not JSON"),
+        (b'{"metric": "cpu", "value": 1' + b"0" * 400 + b"}", "field 'value' is beyond"),
+        (b'{"metric": "cpu", "value": 1, "ts": 1' + b"0" * 400 + b"}", "field 'ts' is beyond"),
+        (b'{"metric": "cpu", "value": 1, "ts": 253402300799}', "not a plausible event time"),
+        (b'{"metric": "cpu\\ud800", "value": 1}', "not valid Unicode"),
+        (b'{"metric": "cpu\\u001fmem", "value": 1}', "U+001F"),
+        (b'{"metric": "' + b"m" * 300 + b'", "value": 1}', "longer than 256"),
+    ],
+)
+def test_a_hostile_record_is_refused_with_a_reason_not_an_unexpected_error(raw, reason):
+    with pytest.raises(InvalidRecord) as refused:
+        parse_samples(raw, "cart")
+    assert reason in str(refused.value)
+
+
+def test_an_array_keeps_its_valid_samples_and_names_the_refused_elements():
+    raw = json.dumps([{"metric": "cpu", "value": 1}, {"metric": "cpu", "value": "x"}, 7, {"metric": "mem", "value": 2}]).encode()
+
+    record = parse_record(raw, "cart", now=NOW)
+
+    assert [(s.metric, s.value) for s in record.samples] == [("cpu", 1.0), ("mem", 2.0)]
+    assert [index for index, _ in record.refused] == [1, 2]
+    with pytest.raises(InvalidRecord, match=r"2 of 4 samples refused \(indexes 1, 2\); the other 2 were applied"):
+        parse_samples(raw, "cart", now=NOW)
+
+
+def test_an_array_of_refused_elements_is_refused_whole():
+    with pytest.raises(InvalidRecord, match=r"2 of 2 samples refused \(indexes 0, 1\): \[0\] .*; \[1\] "):
+        parse_record(b'[{"value": 1}, []]', "cart")
+
+
+good_sample = st.builds(
+    lambda metric, value, age: {"metric": metric, "value": value, "ts": NOW - age},
+    st.sampled_from(["cpu", "memory", "latency_ms"]),
+    st.floats(min_value=-1e12, max_value=1e12, allow_nan=False),
+    st.floats(min_value=0, max_value=86400),
+)
+hostile_element = st.one_of(
+    st.none(), st.booleans(), st.text(max_size=5), st.lists(st.integers(), max_size=2),
+    st.fixed_dictionaries({"metric": st.just("cpu"), "value": st.one_of(
+        st.text(max_size=3), st.booleans(), st.none(), st.just(float("nan")), st.just(float("inf")),
+        st.integers(min_value=10**151, max_value=10**4000), st.floats(min_value=1.1e150, max_value=1e308),
+    )}),
+    st.fixed_dictionaries({"metric": st.just("cpu"), "value": st.just(1), "ts": st.one_of(
+        st.integers(min_value=10**151, max_value=10**4000), st.floats(max_value=EARLIEST_TS - 1), st.floats(min_value=NOW + 4000),
+    )}),
+    st.fixed_dictionaries({"metric": st.text(alphabet="\x1f\ud800 ", max_size=4), "value": st.just(1)}),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(st.booleans(), st.data()), min_size=1, max_size=20))
+def test_any_array_applies_exactly_its_valid_elements_and_refuses_exactly_the_others(choices):
+    elements, valid_indexes = [], []
+    for index, (valid, data) in enumerate(choices):
+        elements.append(data.draw(good_sample if valid else hostile_element))
+        if valid:
+            valid_indexes.append(index)
+    raw = json.dumps(elements).encode()
+
+    if not valid_indexes:
+        with pytest.raises(InvalidRecord, match="samples refused"):
+            parse_record(raw, "cart", now=NOW)
+        return
+    record = parse_record(raw, "cart", now=NOW)
+
+    assert [(s.metric, s.value, s.ts) for s in record.samples] == [
+        (elements[i]["metric"], float(elements[i]["value"]), elements[i]["ts"]) for i in valid_indexes
+    ]
+    assert [index for index, _ in record.refused] == [i for i in range(len(elements)) if i not in valid_indexes]
+    assert all(reason for _, reason in record.refused)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.one_of(st.binary(max_size=64), st.text(max_size=64).map(str.encode),
+                 st.recursive(st.none() | st.booleans() | st.floats() | st.integers() | st.text(max_size=8),
+                              lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=6), inner, max_size=4),
+                              max_leaves=20).map(lambda value: json.dumps(value).encode())))
+def test_any_bytes_give_samples_or_an_invalid_record_never_another_error(raw):
+    try:
+        record = parse_record(raw, "cart", now=NOW)
+    except InvalidRecord as error:
+        assert str(error)
+    else:
+        assert record.samples and all(isinstance(sample.value, float) for sample in record.samples)
