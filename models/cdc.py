@@ -15,16 +15,25 @@ Wire encoding of values (the Debezium connector with ``decimal.handling.mode=str
 defaults otherwise): numeric as a plain decimal string, ``timestamptz`` as an ISO-8601 UTC string
 ending in ``Z``, ``timestamp`` as epoch microseconds, ``date`` as epoch days, ``time`` as
 microseconds since midnight, json/jsonb as their JSON text, ``bytea`` as base64, arrays as JSON
-arrays of their elements, bigints as exact JSON integers.
+arrays of their elements, bigints as exact JSON integers, a float's NaN/Infinity as the strings
+``"NaN"``/``"Infinity"``/``"-Infinity"`` (Kafka Connect's JSON converter writes them so).
+
+Change events are hostile input: ``parse_change`` reads standard JSON only (no NaN/Infinity, no
+number beyond a double, integers of at most 64 bits, not nested past the parser's recursion limit,
+UTF-8) and checks every field it uses; ``python_value`` raises only ``InvalidChange`` for a value
+its column cannot take. Either way the event is dead-lettered with the reason.
 """
 from __future__ import annotations
 
 import base64
 import json
+import math
+import re
 import struct
 from dataclasses import dataclass, field
 from datetime import date, datetime, time, timedelta, timezone
 from decimal import Decimal, InvalidOperation
+from functools import lru_cache
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 from uuid import UUID
 
@@ -39,6 +48,7 @@ EPOCH_DATE = date(1970, 1, 1)
 # Debezium's placeholder for an unchanged TOASTed column that the WAL does not carry.
 UNAVAILABLE = "__debezium_unavailable_value"
 OPS = ("c", "u", "d", "r")
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1  # bigint, the replica's LSN column, Elasticsearch's long
 # Types whose PostgreSQL text form is already what Debezium writes (kept as text, no round trip).
 TEXT_KEPT_OIDS = {114, 3802, 1700, 25, 1043, 1042, 2950, 19}  # json, jsonb, numeric, text, varchar, bpchar, uuid, name
 
@@ -282,6 +292,8 @@ def _trimmed_fraction(microseconds: int) -> str:
 
 def debezium_json(value: Any) -> Any:
     """A Python value (as psycopg loads it) -> the JSON value Debezium writes for it."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return "NaN" if value != value else ("Infinity" if value > 0 else "-Infinity")
     if value is None or isinstance(value, (bool, int, float, str)):
         return value
     if isinstance(value, Decimal):
@@ -339,7 +351,12 @@ def _timestamp(value: Any) -> Any:
 def _timestamptz(value: Any) -> Any:
     if isinstance(value, int):  # a connector configured for epoch values
         return UNIX_EPOCH + timedelta(microseconds=value)
-    return datetime.fromisoformat(value) if isinstance(value, str) else value
+    if not isinstance(value, str):
+        return value
+    moment = datetime.fromisoformat(value)
+    if moment.tzinfo is not None:
+        moment.astimezone(timezone.utc)  # year 1 or 9999 with an offset: OverflowError, refused
+    return moment
 
 
 def _date(value: Any) -> Any:
@@ -350,19 +367,23 @@ def _date(value: Any) -> Any:
 
 def _time(value: Any) -> Any:
     if isinstance(value, int):
+        if not 0 <= value < MICROSECONDS_PER_DAY:
+            raise ValueError("microseconds since midnight out of range")
         return (datetime.min + timedelta(microseconds=value)).time()
     return time.fromisoformat(value) if isinstance(value, str) else value
 
 
 def _numeric(value: Any) -> Any:
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+        raise InvalidChange(f"not a decimal: {value!r}")
     try:
-        return Decimal(str(value))
+        return Decimal(value if isinstance(value, str) else str(value))
     except InvalidOperation:
         raise InvalidChange(f"not a decimal: {value!r}") from None
 
 
 def _bytea(value: Any) -> Any:
-    return base64.b64decode(value) if isinstance(value, str) else value
+    return base64.b64decode(value, validate=True) if isinstance(value, str) else value  # junk is refused, not skipped
 
 
 def _json(value: Any) -> Any:
@@ -381,6 +402,37 @@ _SCALAR_DECODERS = {
 }
 
 
+MICROSECONDS_PER_DAY = 86_400_000_000
+INFINITE_TIMES = ("infinity", "-infinity")  # PostgreSQL's, kept as text by capture: the replica takes them
+TIME_TYPES = ("timestamp without time zone", "timestamp with time zone", "date")
+INTEGER_BITS = {"smallint": 16, "integer": 32, "bigint": 64}
+NUMERIC_MAX_INTEGER_DIGITS, NUMERIC_MAX_SCALE = 131072, 16383  # PostgreSQL's numeric without (p, s)
+_NUMERIC_MODIFIERS = re.compile(r"numeric\((\d+)(?:,\s*(-?\d+))?\)")
+
+
+def _check_range(value: Any, sql_type: str) -> None:
+    """Raise ValueError for a converted value PostgreSQL would refuse for its size."""
+    base = base_type(sql_type)
+    if base in INTEGER_BITS and isinstance(value, int) and not isinstance(value, bool):
+        limit = 2 ** (INTEGER_BITS[base] - 1)
+        if not -limit <= value < limit:
+            raise ValueError(f"out of range for {base}")
+    elif isinstance(value, Decimal) and value.is_finite():
+        _check_numeric_digits(value, sql_type)
+
+
+def _check_numeric_digits(value: Decimal, sql_type: str) -> None:
+    integer_digits = max(value.adjusted() + 1, 0)
+    modifiers = _NUMERIC_MODIFIERS.search(sql_type)
+    if modifiers:  # numeric(p, s): at most p - s digits before the point
+        precision, scale = int(modifiers.group(1)), int(modifiers.group(2) or 0)
+        if integer_digits > precision - scale:
+            raise ValueError(f"more than {precision - scale} digits before the decimal point")
+    elif integer_digits > NUMERIC_MAX_INTEGER_DIGITS or -value.as_tuple().exponent > NUMERIC_MAX_SCALE:
+        raise ValueError("beyond PostgreSQL's numeric range")
+
+
+@lru_cache(maxsize=4096)  # a handful of types, looked up for every value
 def base_type(sql_type: str) -> str:
     """``'numeric(12,2)'`` -> ``'numeric'``, ``'timestamp(3) with time zone'`` -> the same without (3)."""
     name = sql_type.removesuffix("[]")
@@ -391,18 +443,35 @@ def base_type(sql_type: str) -> str:
 
 
 def python_value(value: Any, sql_type: str) -> Any:
-    """A Debezium JSON value of a column of ``sql_type`` (as ``format_type`` names it) -> Python."""
+    """A Debezium JSON value of a column of ``sql_type`` (as ``format_type`` names it) -> Python.
+    Raises InvalidChange (only) for a value the column cannot take."""
     if value is None:
         return None
-    decoder = _SCALAR_DECODERS.get(base_type(sql_type))
     if sql_type.endswith("[]"):
         if not isinstance(value, list):
-            raise InvalidChange(f"array column of type {sql_type} holds {value!r}")
+            raise InvalidChange(f"array column of type {sql_type} holds {_shown(value)}")
         return [python_value(item, sql_type[:-2]) for item in value]
+    base = base_type(sql_type)
+    if base in TIME_TYPES and value in INFINITE_TIMES:
+        return value
+    decoder = _SCALAR_DECODERS.get(base)
     try:
-        return decoder(value) if decoder else value
-    except (ValueError, TypeError) as error:
-        raise InvalidChange(f"{value!r} is not a {sql_type}: {error}") from None
+        converted = decoder(value) if decoder else value
+        _check_range(converted, sql_type)
+        return converted
+    except InvalidChange:
+        raise
+    except (ValueError, TypeError, ArithmeticError, RecursionError) as error:  # OverflowError is arithmetic
+        raise InvalidChange(f"{_shown(value)} is not a {sql_type}: {error}") from None
+
+
+def _shown(value: Any, limit: int = 80) -> str:
+    """A value in a reason, cut: a dead letter's reason must not be the whole hostile value."""
+    try:
+        text = repr(value)
+    except (ValueError, RecursionError):  # repr of a 5,000-digit int or a very deep list
+        text = f"<{type(value).__name__}>"
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 # --- envelopes and the internal change form -----------------------------------------------------
@@ -473,6 +542,65 @@ def change_envelope(
     return {"before": before, "after": after, "source": source, "op": op, "ts_ms": now_ms}
 
 
+def _json_integer(text: str) -> int:
+    if len(text.lstrip("-")) > 19:  # before int(): Python refuses over 4,300 digits with a ValueError
+        raise InvalidChange("an integer beyond 64 bits")
+    value = int(text)
+    if not INT64_MIN <= value <= INT64_MAX:
+        raise InvalidChange("an integer beyond 64 bits")
+    return value
+
+
+def _json_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise InvalidChange(f"a number beyond a double ({text[:40]})")
+    return value
+
+
+def _json_constant(name: str) -> Any:
+    raise InvalidChange(f"{name}, which is not standard JSON")
+
+
+def strict_json(raw: bytes, what: str) -> Any:
+    """``raw`` as standard JSON whose integers fit 64 bits and numbers a double; anything else
+    (not UTF-8, NaN, 1e400, a 5,000-digit integer, nesting past the recursion limit) is refused."""
+    try:
+        text = bytes(raw).decode("utf-8")
+    except UnicodeDecodeError:
+        raise InvalidChange(f"{what} is not UTF-8") from None
+    try:
+        return json.loads(text, parse_int=_json_integer, parse_float=_json_float, parse_constant=_json_constant)
+    except InvalidChange as error:
+        raise InvalidChange(f"{what} holds {error}") from None
+    except RecursionError:
+        raise InvalidChange(f"{what} is nested too deeply") from None
+    except ValueError:
+        raise InvalidChange(f"{what} is not JSON") from None
+
+
+# Column types as format_type names them ("numeric(12,2)", "timestamp(3) with time zone",
+# "character varying(20)[]", "public.mood", '"MyType"'): the replica puts them into CREATE TABLE.
+_NAME = r'(?:[A-Za-z_][A-Za-z0-9_$]*|"[^"\x00]+")'
+SQL_TYPE = re.compile(rf"{_NAME}(?:\.{_NAME})?(?: [A-Za-z]+)*(?:\(-?\d{{1,6}}(?:, ?-?\d{{1,6}})?\))?(?: [A-Za-z]+)*(?:\[\])*")
+
+
+@lru_cache(maxsize=4096)  # every event of a table carries the same types
+def is_type_name(sql_type: str) -> bool:
+    return SQL_TYPE.fullmatch(sql_type) is not None
+
+
+def _identifier(value: Any, what: str) -> str:
+    """A schema, table or column name: a non-empty UTF-8 string without NUL (psycopg refuses NUL)."""
+    if not isinstance(value, str) or not value or "\x00" in value:
+        raise InvalidChange(f"{what} must be a non-empty name without NUL")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InvalidChange(f"{what} is not valid UTF-8 text") from None
+    return value
+
+
 def _unwrap(document: Any) -> Any:
     """A JSON-converter document with ``schemas.enable=true`` -> its payload."""
     if isinstance(document, dict) and set(document) == {"schema", "payload"}:
@@ -481,9 +609,13 @@ def _unwrap(document: Any) -> Any:
 
 
 def _row(value: Any, name: str) -> Optional[Dict[str, Any]]:
-    if value is None or isinstance(value, dict):
-        return value
-    raise InvalidChange(f"{name} must be an object or null")
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise InvalidChange(f"{name} must be an object or null")
+    for column in value:
+        _identifier(column, f"a column name of {name}")
+    return value
 
 
 def _snapshot_flag(value: Any) -> bool:
@@ -496,55 +628,64 @@ def _columns(source: Dict[str, Any]) -> Optional[List[ColumnDef]]:
     raw = source.get("columns")
     if raw is None:
         return None
-    try:
-        return [ColumnDef(str(name), str(sql_type), bool(is_key)) for name, sql_type, is_key in raw]
-    except (TypeError, ValueError):
-        raise InvalidChange("source.columns must be [[name, sql_type, is_key], ...]") from None
+    shape = "source.columns must be [[name, sql_type, is_key], ...]"
+    if not isinstance(raw, list) or not raw:
+        raise InvalidChange(shape)
+    columns = []
+    for column in raw:
+        if not isinstance(column, list) or len(column) != 3 or not isinstance(column[2], bool):
+            raise InvalidChange(shape)
+        name, sql_type, is_key = column
+        if not isinstance(sql_type, str) or not is_type_name(sql_type):
+            raise InvalidChange(f"source.columns: {_shown(sql_type)} is not a column type")
+        columns.append(ColumnDef(_identifier(name, "a column name of source.columns"), sql_type, is_key))
+    return columns
 
 
-def _integer(value: Any, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, str)):
-        raise InvalidChange(f"{name} must be an integer, got {value!r}")
-    try:
-        return int(value)
-    except ValueError:
-        raise InvalidChange(f"{name} must be an integer, got {value!r}") from None
+def _integer(value: Any, name: str, minimum: int = INT64_MIN) -> int:
+    """A 64-bit integer, as a JSON number or a decimal string (a Debezium ``txId`` may be either)."""
+    if isinstance(value, str) and re.fullmatch(r"-?[0-9]{1,19}", value):
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or not minimum <= value <= INT64_MAX:
+        raise InvalidChange(f"{name} must be an integer from {minimum} to {INT64_MAX}, got {_shown(value)}")
+    return value
 
 
-def _key(raw_key: Optional[bytes], envelope: Dict[str, Any], columns: Optional[List[ColumnDef]]) -> Dict[str, Any]:
-    if raw_key is not None:
-        try:
-            key = _unwrap(json.loads(raw_key))
-        except ValueError:
-            raise InvalidChange("record key is not JSON") from None
-        if isinstance(key, dict) and key:
-            return key
+def _key(raw_key: Optional[bytes], row: Optional[Dict[str, Any]], columns: Optional[List[ColumnDef]]) -> Dict[str, Any]:
+    """The primary key: the record key, or (none sent) the key columns of the row image."""
+    if raw_key is None:
+        key_names = [column.name for column in columns or [] if column.is_key]
+        if row and key_names and all(name in row for name in key_names):
+            return {name: row[name] for name in key_names}
+        raise InvalidChange("no record key and no primary key columns to derive it from")
+    key = _unwrap(strict_json(raw_key, "record key"))
+    if not isinstance(key, dict) or not key:
         raise InvalidChange("record key must be a JSON object naming the primary key columns")
-    row = envelope.get("after") or envelope.get("before")
-    key_names = [column.name for column in columns or [] if column.is_key]
-    if row and key_names and all(name in row for name in key_names):
-        return {name: row[name] for name in key_names}
-    raise InvalidChange("no record key and no primary key columns to derive it from")
+    for name, value in key.items():
+        _identifier(name, "a record key column")
+        if value is None or isinstance(value, (dict, list)):
+            raise InvalidChange(f"record key column {name!r} must hold a primary key value")
+        if row is not None and name in row and row[name] != value:
+            raise InvalidChange(f"record key column {name!r} differs from the row's value")
+    return key
 
 
 def parse_change(raw_key: Optional[bytes], raw_value: Optional[bytes]) -> Optional[Change]:
-    """A CDC topic record (ours or a Debezium connector's) -> a Change; None for a tombstone."""
+    """A CDC topic record (ours or a Debezium connector's) -> a Change; None for a tombstone.
+    Raises InvalidChange with the reason for anything else."""
     if raw_value is None:
         return None
-    try:
-        envelope = _unwrap(json.loads(raw_value))
-    except ValueError:
-        raise InvalidChange("value is not JSON") from None
+    envelope = _unwrap(strict_json(raw_value, "value"))
     if envelope is None:
         return None
     if not isinstance(envelope, dict) or not isinstance(envelope.get("source"), dict):
         raise InvalidChange("value is not a Debezium change event (no source block)")
     op, source = envelope.get("op"), envelope["source"]
     if op not in OPS:
-        raise InvalidChange(f"op {op!r} is not applied (only c, u, d, r)")
-    schema, table = source.get("schema"), source.get("table")
-    if not isinstance(schema, str) or not isinstance(table, str) or not schema or not table:
+        raise InvalidChange(f"op {_shown(op)} is not applied (only c, u, d, r)")
+    if not all(isinstance(source.get(part), str) and source[part] for part in ("schema", "table")):
         raise InvalidChange("source.schema and source.table must name the table")
+    schema, table = _identifier(source["schema"], "source.schema"), _identifier(source["table"], "source.table")
     if source.get("lsn") is None:
         raise InvalidChange("source.lsn is missing: it orders the changes of a row")
     before, after = _row(envelope.get("before"), "before"), _row(envelope.get("after"), "after")
@@ -553,8 +694,9 @@ def parse_change(raw_key: Optional[bytes], raw_value: Optional[bytes]) -> Option
     columns = _columns(source)
     tx_id = source.get("txId")
     return Change(
-        schema=schema, table=table, op=op, key=_key(raw_key, envelope, columns), before=before, after=after,
-        lsn=_integer(source["lsn"], "source.lsn"), ts_ms=_integer(source.get("ts_ms", envelope.get("ts_ms", 0)), "source.ts_ms"),
+        schema=schema, table=table, op=op, key=_key(raw_key, after if after is not None else before, columns),
+        before=before, after=after, lsn=_integer(source["lsn"], "source.lsn", minimum=0),
+        ts_ms=_integer(source.get("ts_ms", envelope.get("ts_ms", 0)), "source.ts_ms"),
         snapshot=_snapshot_flag(source.get("snapshot", False)),
         tx_id=None if tx_id is None else _integer(tx_id, "source.txId"), columns=columns,
     )

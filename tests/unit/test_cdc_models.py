@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import struct
-from datetime import date, datetime, timedelta, timezone
+from datetime import date, datetime, timezone
 from decimal import Decimal
 from pathlib import Path
 
@@ -207,3 +207,101 @@ def test_keys_and_row_ids():
     assert key_json({"id": 5}) == b'{"id":5}'
     assert row_id({"id": 5}) == "5"
     assert row_id({"a": 1, "b": "x"}) == "1:x"
+
+
+# --- hostile events: refused with a reason, never an exception of another kind ----------------------
+
+ENVELOPE = b'{"op": "c", "after": {"id": 1, "n": %s}, "source": {"schema": "s", "table": "t", "lsn": 1}}'
+
+
+@pytest.mark.parametrize(
+    "value, reason",
+    [
+        (b"[" * 20_000 + b"]" * 20_000, "nested too deeply"),  # the stdlib parser's RecursionError
+        (ENVELOPE % (b"9" * 5000), "beyond 64 bits"),  # over Python's 4,300-digit limit
+        (ENVELOPE % str(2**64).encode(), "beyond 64 bits"),  # no sink or state table can write it back
+        (ENVELOPE % b"1e400", "beyond a double"),
+        (ENVELOPE % b"NaN", "not standard JSON"),
+        (ENVELOPE % b"Infinity", "not standard JSON"),
+        (b"\xff\xfe{}", "not UTF-8"),
+    ],
+)
+def test_json_no_sink_could_write_back_is_refused(value, reason):
+    with pytest.raises(InvalidChange, match=reason):
+        parse_change(b'{"id":1}', value)
+
+
+@pytest.mark.parametrize("key", [b"[" * 20_000 + b"]" * 20_000, b'{"id": %s}' % (b"9" * 5000), b'{"id": 1e400}', b'{"id": null}', b'{"id": 2}'])
+def test_hostile_or_mismatched_record_keys_are_refused(key):
+    with pytest.raises(InvalidChange):
+        parse_change(key, ENVELOPE % b"1")
+
+
+@pytest.mark.parametrize(
+    "source",
+    [
+        {"lsn": -1}, {"lsn": 2**63}, {"lsn": "9" * 5000}, {"lsn": True}, {"ts_ms": 2**64}, {"txId": "1e5"},
+        {"table": "a\u0000b"}, {"schema": "\ud800"},
+        {"columns": [["id", "integer); DROP TABLE s.t; --", True]]},
+        {"columns": [["id", 'x"; DROP TABLE t; --', True]]},
+        {"columns": [["id", "integer", "yes"]]},
+        {"columns": "id integer"},
+    ],
+)
+def test_source_fields_out_of_range_or_not_names_are_refused(source):
+    envelope = {"op": "c", "after": {"id": 1}, "source": {"schema": "s", "table": "t", "lsn": 1, **source}}
+    with pytest.raises(InvalidChange):
+        parse_change(b'{"id":1}', json.dumps(envelope).encode())
+
+
+@pytest.mark.parametrize(
+    "sql_type",
+    ["bigint", "numeric(14,4)", "numeric(5,-2)", "timestamp(3) with time zone", "character varying(20)[]", "double precision",
+     "interval day to second(3)", "public.mood", '"MyType"', '"my schema"."my type"[]', "bit varying(5)"],
+)
+def test_column_types_as_format_type_names_them_are_accepted(sql_type):
+    envelope = {"op": "c", "after": {"id": 1}, "source": {"schema": "s", "table": "t", "lsn": 1, "columns": [["id", sql_type, True]]}}
+    assert parse_change(b'{"id":1}', json.dumps(envelope).encode()).columns == [ColumnDef("id", sql_type, True)]
+
+
+@pytest.mark.parametrize(
+    "wire, sql_type",
+    [
+        (10**12, "date"),  # timedelta overflow
+        (2**62, "timestamp without time zone"),
+        (-(2**62), "timestamp with time zone"),
+        ("0001-01-01T00:00:00+05:00", "timestamp with time zone"),  # overflows on conversion to UTC
+        ("9999-12-31T23:00:00-05:00", "timestamp with time zone"),
+        (-1, "time without time zone"),
+        (86_400_000_000, "time without time zone"),  # a day: would wrap to midnight
+        ("1e999999999", "numeric"),  # beyond PostgreSQL's numeric
+        ("1e-99999", "numeric"),
+        ("123456.7", "numeric(6,2)"),  # more than p - s digits before the point
+        ("NaN-ish", "numeric"),
+        (True, "numeric"),
+        (2**31, "integer"),
+        (-(2**15) - 1, "smallint"),
+        ([1, 2**40], "integer[]"),
+        ("!!", "bytea"),
+    ],
+)
+def test_values_their_column_cannot_take_are_refused(wire, sql_type):
+    with pytest.raises(InvalidChange):
+        python_value(wire, sql_type)
+
+
+def test_values_at_the_edges_of_their_columns_are_kept():
+    assert python_value(2**63 - 1, "bigint") == 2**63 - 1 and python_value(-(2**31), "integer") == -(2**31)
+    assert python_value("12345678.99", "numeric(10,2)") == Decimal("12345678.99")
+    assert python_value("NaN", "numeric").is_nan()
+    assert python_value("9999-12-31T23:59:59Z", "timestamp with time zone").year == 9999
+    assert python_value("infinity", "timestamp with time zone") == "infinity"  # PostgreSQL's, passed as text
+    assert python_value("-infinity", "date") == "-infinity"
+
+
+def test_non_finite_floats_travel_as_the_strings_the_json_converter_writes():
+    assert wire_value(701, "NaN") == "NaN" and wire_value(701, "Infinity") == "Infinity" and wire_value(700, "-Infinity") == "-Infinity"
+    assert wire_value(1022, "{NaN,1.5}") == ["NaN", 1.5]
+    envelope = change_envelope(op="c", before=None, after={"id": 1, "ratio": wire_value(701, "NaN")}, lsn=1, tx_id=1, ts_ms=0,
+                               schema="s", table="t", db="d", snapshot=False, now_ms=0)
+    assert parse_change(b'{"id":1}', json.dumps(envelope).encode()).after["ratio"] == "NaN"  # our own events parse back
