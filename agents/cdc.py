@@ -3,7 +3,12 @@
 CDC_SOURCE_DSN --(capture: one per cluster, PostgreSQL advisory lock)--> <CDC_TOPIC_PREFIX>.<schema>.<table>
 <CDC_TOPIC_PREFIX>.<schema>.<table> -> apply_changes -> REPLICA_DSN, REDIS_URL, ELASTICSEARCH_URL (LSN-guarded)
                                                     -> cdc_rows (row image per key), cdc_table_stats
+                                                    -> <topic>.dlq (what no sink may apply, what a sink refused)
 Pages: /cdc/status/, /cdc/rows/{schema}.{table}/{pk}/
+
+The apply side runs on app/runtime.py: ``decode_change`` refuses (dead-letters) every record no
+sink may apply, so a batch holds only changes every sink can write; each sink's write runs under the
+one retry policy, and so does the batch body. docs/cdc.md states the guarantees.
 """
 from __future__ import annotations
 
@@ -12,25 +17,26 @@ import json
 import logging
 import time
 from dataclasses import dataclass, field
-from functools import partial
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
+import orjson
 import psycopg
 import redis.asyncio as aioredis
 import redis.exceptions
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.partitioner import DefaultPartitioner
-from elasticsearch import AsyncElasticsearch
+from elastic_transport import SerializationError as EsSerializationError
 from elasticsearch import ApiError as EsApiError
+from elasticsearch import AsyncElasticsearch
 from faust import web
 from faust.exceptions import SameNode
 from faust.types import EventT, StreamT
 from psycopg import sql
-from tenacity import AsyncRetrying, retry_if_exception, wait_exponential
 
 from app import app, settings
 from app.aggregation import enter_partition
 from app.dead_letters import dead_letter
+from app.runtime import decoded_batches, require_encodable, retrying, until_applied
 from app.settings import bootstrap_servers
 from models.cdc import (
     UNAVAILABLE, Begin, Change, ColumnDef, Commit, Delete, Insert, InvalidChange, Relation, TupleValue, Unchanged, Update,
@@ -137,11 +143,8 @@ class Capture:
         self.db = dsn.rsplit("/", 1)[-1].split("?")[0] or "postgres"
 
     async def run_forever(self) -> None:
-        """Capture until cancelled; a lost source or broker is retried with backoff."""
-        async for attempt in AsyncRetrying(
-            wait=wait_exponential(multiplier=0.2, max=BACKOFF_MAX), retry=retry_if_exception(_not_cancelled), reraise=True,
-            before_sleep=lambda state: log.warning("CDC capture failed, retrying: %r", state.outcome.exception()),
-        ):
+        """Capture until cancelled; a lost source or broker is retried under the one retry policy."""
+        async for attempt in retrying("CDC capture", max_backoff=BACKOFF_MAX, initial=0.2):
             with attempt:
                 await self.session()
 
@@ -371,10 +374,6 @@ class Capture:
         return [await self.producer.send(topic, value, key=key, partition=partition) for key, value in lane]
 
 
-def _not_cancelled(error: BaseException) -> bool:
-    return not isinstance(error, asyncio.CancelledError)
-
-
 capture = Capture(settings.cdc_source_dsn, settings.cdc_table_names) if settings.cdc_source_dsn and CDC_TOPICS else None
 
 if capture is not None:
@@ -385,6 +384,12 @@ if capture is not None:
 
 
 # --- sinks ---------------------------------------------------------------------------------------
+#
+# Every sink has ``apply(changes) -> Rejected``: what it refused because of the data comes back,
+# with the reason, to be dead-lettered; anything it raises is retried (the one retry policy), so a
+# sink must raise only for what may pass later (an outage, an overload), never for a value. And
+# ``refusal(change)``: checked when the record is decoded, why the sink could not take the change
+# at all (None: it can), so a batch holds only changes every sink can write.
 
 Rejected = List[Tuple[Change, str]]
 
@@ -395,6 +400,18 @@ class TransientSinkError(Exception):
 
 # What the replica refuses because of the data (not the connection): the change is dead-lettered.
 REPLICA_REFUSALS = (psycopg.DataError, psycopg.IntegrityError, psycopg.ProgrammingError, psycopg.NotSupportedError)
+# SQLSTATE class 54, program limit exceeded, is an OperationalError in psycopg but a value's fault:
+# JSON nested past the server's stack depth (54001), an index row over 8 kB (54000), too many columns.
+REPLICA_LIMITS_CLASS = "54"
+
+
+def replica_refuses(error: BaseException) -> bool:
+    """Whether the replica refused a change for its data (a dead letter), not for now (a retry)."""
+    if isinstance(error, REPLICA_REFUSALS):
+        return True
+    if isinstance(error, psycopg.Error):
+        return (error.sqlstate or "").startswith(REPLICA_LIMITS_CLASS)
+    return isinstance(error, UnicodeError)  # a parameter psycopg cannot encode
 
 
 class ReplicaSink:
@@ -417,6 +434,27 @@ class ReplicaSink:
         self.conn: Optional[psycopg.AsyncConnection] = None
         self.tables: Dict[str, Tuple[Dict[str, str], List[str]]] = {}  # name -> (column types, primary key)
         self.statements: Dict[Tuple[str, bool, Tuple[str, ...]], sql.Composed] = {}
+
+    def refusal(self, change: Change) -> Optional[str]:
+        """Why the replica's columns cannot take the change's values, or None. The types are the
+        replica table's once this sink has read it, else the event's ``source.columns`` (none for
+        a Debezium event: then the write finds out)."""
+        if "\x00" in change.row_id:
+            return "a primary key value holds NUL, which PostgreSQL text cannot"
+        types = self.column_types(change)
+        values = change.key if change.is_delete else change.after
+        try:
+            for name, value in values.items():
+                if name in types and value != UNAVAILABLE:  # filled from the previous (checked) image later
+                    replica_value(value, types[name])
+        except InvalidChange as error:
+            return str(error)
+        return None
+
+    def column_types(self, change: Change) -> Dict[str, str]:
+        if change.table_name in self.tables:
+            return self.tables[change.table_name][0]
+        return {column.name: column.sql_type for column in change.columns or []}
 
     async def connection(self) -> psycopg.AsyncConnection:
         if self.conn is None or self.conn.closed:
@@ -445,7 +483,9 @@ class ReplicaSink:
                         async with conn.cursor() as cursor:
                             await cursor.executemany(statement, params)  # pipelined by psycopg
                 return rejected + invalid
-            except REPLICA_REFUSALS:
+            except Exception as error:
+                if not replica_refuses(error):
+                    raise
                 return rejected + invalid + await self.apply_each(conn, ready)  # find the change the replica refuses
         except (psycopg.OperationalError, psycopg.InterfaceError) as error:
             await self.close()
@@ -457,7 +497,9 @@ class ReplicaSink:
             try:
                 async with conn.transaction():
                     await conn.execute(self.statement(change), params)
-            except REPLICA_REFUSALS as error:
+            except Exception as error:
+                if not replica_refuses(error):
+                    raise
                 rejected.append((change, f"replica refused it: {error}".strip()))
         return rejected
 
@@ -479,7 +521,9 @@ class ReplicaSink:
                     return f"replica has no table {change.table_name} and the event carries no column definitions"
                 try:
                     await self.create_table(conn, change)
-                except REPLICA_REFUSALS as error:  # e.g. a column type the replica does not know
+                except Exception as error:  # e.g. a column type the replica does not know
+                    if not replica_refuses(error):
+                        raise
                     if not await self.load_table(conn, change.table_name):  # unless created by another client meanwhile
                         return f"replica could not create {change.table_name}: {error}".strip()
                 else:
@@ -503,6 +547,7 @@ class ReplicaSink:
         return True
 
     async def create_table(self, conn: psycopg.AsyncConnection, change: Change) -> None:
+        # sql_type goes in as SQL: parse_change let through only type names (models.cdc.SQL_TYPE)
         columns = [sql.SQL("{} {}").format(sql.Identifier(c.name), sql.SQL(c.sql_type)) for c in change.columns]
         key = sql.SQL(", ").join(sql.Identifier(name) for name in change.key)
         await self.run_ddl(
@@ -564,12 +609,26 @@ class ReplicaSink:
 
 
 def replica_value(value: Any, sql_type: str) -> Any:
-    """A Debezium JSON value -> a query parameter for a column of ``sql_type`` (cast in the SQL)."""
+    """A Debezium JSON value -> a query parameter for a column of ``sql_type`` (cast in the SQL);
+    raises InvalidChange for a value the column cannot take."""
     if base_type(sql_type) in ("json", "jsonb"):
         if sql_type.endswith("[]"):
-            return None if value is None else [item if isinstance(item, str) or item is None else json.dumps(item) for item in value]
-        return value if isinstance(value, str) or value is None else json.dumps(value)
-    return python_value(value, sql_type)
+            if value is not None and not isinstance(value, list):
+                raise InvalidChange(f"array column of type {sql_type} holds a {type(value).__name__}")
+            parameter = None if value is None else [item if isinstance(item, str) or item is None else json.dumps(item) for item in value]
+        else:
+            parameter = value if isinstance(value, str) or value is None else json.dumps(value)
+    else:
+        parameter = python_value(value, sql_type)
+    if holds_nul(parameter):
+        raise InvalidChange(f"a {sql_type} value holds NUL, which PostgreSQL text cannot")
+    return parameter
+
+
+def holds_nul(parameter: Any) -> bool:
+    if isinstance(parameter, str):
+        return "\x00" in parameter
+    return isinstance(parameter, list) and any(holds_nul(item) for item in parameter)
 
 
 REDIS_GUARDED_WRITE = """
@@ -580,6 +639,19 @@ redis.call('DEL', KEYS[1])
 if ARGV[2] == 'upsert' and #ARGV > 2 then redis.call('HSET', KEYS[1], unpack(ARGV, 3)) end
 return 1
 """
+# Error replies that say "not now" (memory, loading, failover), not "not this value": retried.
+REDIS_TRANSIENT_REPLIES = ("OOM", "BUSY", "LOADING", "READONLY", "MASTERDOWN", "TRYAGAIN", "CLUSTERDOWN", "NOREPLICAS", "MISCONF")
+
+
+def redis_write(change: Change) -> Tuple[List[bytes], List[bytes]]:
+    """The keys and arguments of a change's guarded write (each field the column's JSON value)."""
+    row_key = f"{change.table_name}:{change.row_id}"
+    try:
+        keys = [row_key.encode(), f"_cdc_lsn:{row_key}".encode()]
+        fields = [] if change.is_delete else [part for name, value in change.after.items() for part in (name.encode(), orjson.dumps(value))]
+    except (UnicodeEncodeError, TypeError, orjson.JSONEncodeError) as error:
+        raise InvalidChange(f"not writable to Redis: {error}") from None
+    return keys, [f"{change.lsn:020d}".encode(), b"delete" if change.is_delete else b"upsert", *fields]
 
 
 class RedisSink:
@@ -592,18 +664,34 @@ class RedisSink:
         self.client = aioredis.Redis.from_url(url)
         self.script = self.client.register_script(REDIS_GUARDED_WRITE)
 
+    @staticmethod
+    def refusal(change: Change) -> Optional[str]:
+        """None: what ``redis_write`` needs (names that are UTF-8, key and values orjson can
+        write) every decoded change has (models.cdc.parse_change, ``change_of_record``)."""
+        return None
+
     async def apply(self, changes: List[Change]) -> Rejected:
+        rejected: Rejected = []
+        written: List[Change] = []
         try:
             pipeline = self.client.pipeline(transaction=False)
             for change in changes:
-                row_key = f"{change.table_name}:{change.row_id}"
-                fields = [] if change.is_delete else [part for name, value in change.after.items() for part in (name, json.dumps(value))]
-                await self.script(keys=[row_key, f"_cdc_lsn:{row_key}"],
-                                  args=[f"{change.lsn:020d}", "delete" if change.is_delete else "upsert", *fields], client=pipeline)
-            results = await pipeline.execute(raise_on_error=False)
+                try:
+                    keys, args = redis_write(change)
+                except InvalidChange as error:
+                    rejected.append((change, str(error)))
+                    continue
+                await self.script(keys=keys, args=args, client=pipeline)
+                written.append(change)
+            results = await pipeline.execute(raise_on_error=False) if written else []
         except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as error:
             raise TransientSinkError(f"redis: {error}") from error
-        return [(change, f"redis refused it: {result}") for change, result in zip(changes, results) if isinstance(result, Exception)]
+        for change, result in zip(written, results):
+            if isinstance(result, Exception):
+                if str(result).startswith(REDIS_TRANSIENT_REPLIES):
+                    raise TransientSinkError(f"redis: {result}")
+                rejected.append((change, f"redis refused it: {result}"))
+        return rejected
 
     async def close(self) -> None:
         await self.client.aclose()
@@ -615,15 +703,22 @@ class ElasticsearchSink:
     share its commit LSN), so Elasticsearch itself refuses an older change."""
 
     name = "elasticsearch"
+    REFUSED_REQUEST = (400, 413)  # a bulk request refused whole (an _id over 512 bytes, too large): split it
 
     def __init__(self, url: str) -> None:
         self.client = AsyncElasticsearch(url, request_timeout=30)
 
     @staticmethod
+    def refusal(change: Change) -> Optional[str]:
+        """None: what the index needs (JSON it can encode) every applied change has; what it
+        refuses per document (a mapping conflict, a bad index name) comes back from the write."""
+        return None
+
+    @staticmethod
     def index_of(change: Change) -> str:
         return change.table_name.lower()
 
-    async def apply(self, changes: List[Change]) -> Rejected:
+    def operations(self, changes: List[Change]) -> List[Dict[str, Any]]:
         operations: List[Dict[str, Any]] = []
         for change in changes:
             meta = {"_index": self.index_of(change), "_id": change.row_id, "version": change.lsn, "version_type": "external_gte"}
@@ -631,15 +726,27 @@ class ElasticsearchSink:
                 operations.append({"delete": meta})
             else:
                 operations.extend([{"index": meta}, change.after])
+        return operations
+
+    async def apply(self, changes: List[Change]) -> Rejected:
+        if not changes:
+            return []
         try:
-            response = await self.client.bulk(operations=operations)
-        except EsApiError as error:
-            if error.meta.status in (400,):
-                return [(change, f"elasticsearch refused the batch: {error}") for change in changes]
-            raise TransientSinkError(f"elasticsearch: {error}") from error
+            response = await self.client.bulk(operations=self.operations(changes))
+        except (EsApiError, EsSerializationError) as error:
+            if isinstance(error, EsApiError) and error.meta.status not in self.REFUSED_REQUEST:
+                raise TransientSinkError(f"elasticsearch: {error}") from error
+            if len(changes) == 1:
+                return [(changes[0], f"elasticsearch refused it: {error}")]
+            return await self.apply_halves(changes)
         except Exception as error:  # connection errors of the transport
             raise TransientSinkError(f"elasticsearch: {error!r}") from error
         return self.rejected(changes, response["items"])
+
+    async def apply_halves(self, changes: List[Change]) -> Rejected:
+        """A refused request, split until the changes Elasticsearch refuses stand alone."""
+        middle = len(changes) // 2
+        return await self.apply(changes[:middle]) + await self.apply(changes[middle:])
 
     @staticmethod
     def rejected(changes: List[Change], items: List[Dict[str, Any]]) -> Rejected:
@@ -673,29 +780,11 @@ def configured_sinks() -> List[Any]:
 
 
 async def apply_to_sink(sink: Any, changes: List[Change]) -> Rejected:
-    """The one retry mechanism of every sink: a failure retries the whole batch with backoff
-    (sinks are idempotent and LSN-guarded, so a retried change changes nothing twice). What a sink
-    refuses because of the data comes back as rejections; anything else it raises, expected
-    (TransientSinkError) or not, is retried for as long as it lasts: a batch that raised out of
-    the agent would be acknowledged by ``take_events`` and lost for this sink."""
-    async for attempt in AsyncRetrying(
-        wait=wait_exponential(multiplier=0.1, max=BACKOFF_MAX), reraise=True,
-        retry=retry_if_exception(lambda error: isinstance(error, Exception)),  # not cancellation or exit
-        before_sleep=partial(log_sink_retry, sink),
-    ):
-        with attempt:
-            return await sink.apply(changes)
-    return []  # not reached
-
-
-def log_sink_retry(sink: Any, state: Any) -> None:
-    """Every retry in one line; the traceback of an unexpected error on the first and every 100th."""
-    error, attempt = state.outcome.exception(), state.attempt_number
-    if isinstance(error, TransientSinkError):
-        log.warning("CDC sink %s: %s; retry %d", sink.name, error, attempt)
-    else:
-        log.error("CDC sink %s failed unexpectedly (%r); retry %d of the batch, its offsets stay uncommitted",
-                  sink.name, error, attempt, exc_info=error if attempt % 100 == 1 else None)
+    """``sink.apply(changes)`` under the one retry policy (app.runtime): what the sink refuses
+    because of the data comes back as rejections; anything it raises, expected (TransientSinkError)
+    or not, is retried for as long as it lasts (sinks are LSN-guarded: a retried change changes
+    nothing twice), never skipped."""
+    return await until_applied(sink.apply, changes, what=f"CDC sink {sink.name}", max_backoff=BACKOFF_MAX)
 
 
 # --- apply ---------------------------------------------------------------------------------------
@@ -703,19 +792,32 @@ def log_sink_retry(sink: Any, state: Any) -> None:
 SINKS = configured_sinks()
 
 
-def parsed_changes(events: Iterable[EventT]) -> Tuple[List[Change], List[Tuple[EventT, str]]]:
-    """The changes of a batch (tombstones skipped) and the events that are not valid changes."""
-    changes, invalid = [], []
-    for event in events:
-        try:
-            change = parse_change(event.message.key, event.message.value)
-        except InvalidChange as error:
-            invalid.append((event, str(error)))
-            continue
-        if change is not None:
-            change.origin = event
-            changes.append(change)
-    return changes, invalid
+def change_of_record(topic: str, key: Optional[bytes], value: Optional[bytes], sinks: Sequence[Any]) -> Optional[Change]:
+    """A record of a change topic -> its Change (None for a tombstone). Raises for a record no sink
+    may apply: not a change event (models.cdc.parse_change), a change of a table other than the one
+    its topic names, or a change some sink could not write or the state table could not store."""
+    change = parse_change(key, value)
+    if change is None:
+        return None
+    if cdc_topic_name(change.table_name) != topic:
+        raise InvalidChange(f"a change of {change.table_name} on topic {topic}")
+    try:  # as cdc_rows stores it (Faust writes tables with orjson), and Redis and Elasticsearch send it
+        require_encodable({change.table_name: {"key": change.key, "row": change.after}})
+    except ValueError as error:
+        raise InvalidChange(f"row or key {error}") from None
+    for sink in sinks:
+        reason = sink.refusal(change)
+        if reason:
+            raise InvalidChange(f"{sink.name}: {reason}")
+    return change
+
+
+def decode_change(event: EventT) -> Optional[Change]:
+    """The decode step of ``decoded_batches``: whatever it raises dead-letters the record."""
+    change = change_of_record(event.message.topic, event.message.key, event.message.value, SINKS)
+    if change is not None:
+        change.origin = event
+    return change
 
 
 def row_state(stream: StreamT, change: Change) -> Optional[Dict[str, Any]]:
@@ -779,30 +881,34 @@ def record_counts(stream: StreamT, changes: List[Change], rejected_ids: set, now
         cdc_table_stats[stats_key] = entry
 
 
-async def apply_events(stream: StreamT, events: Sequence[EventT]) -> None:
-    """Validate, complete, fold to the last change per row, apply to every sink, record state."""
-    changes, invalid_events = parsed_changes(events)
-    for event, reason in invalid_events:
-        await dead_letter(reason, event)
+async def apply_batch(stream: StreamT, changes: List[Change]) -> None:
+    """Complete the images, keep the newest change per row, apply it to every sink side by side
+    (each under the retry policy), dead-letter what a sink refused, record the rows and counts.
+    Run again after a failure, it changes nothing twice (LSN guards), but may repeat a dead letter."""
     changes, incomplete = complete_images(stream, changes)
-    rejected: Dict[int, Tuple[Change, List[str]]] = {id(c): (c, [reason]) for c, reason in incomplete}
+    refused: Dict[int, Tuple[Change, List[str]]] = {id(c): (c, [reason]) for c, reason in incomplete}
     latest = latest_per_row(changes)
     # The sinks are independent: applied side by side, a batch takes as long as the slowest one.
     for sink, sink_rejected in zip(SINKS, await asyncio.gather(*(apply_to_sink(sink, latest) for sink in SINKS))):
         for change, reason in sink_rejected:
-            rejected.setdefault(id(change), (change, []))[1].append(f"{sink.name}: {reason}")
-    for change, reasons in rejected.values():
+            refused.setdefault(id(change), (change, []))[1].append(f"{sink.name}: {reason}")
+    for change, reasons in refused.values():
         await dead_letter("; ".join(reasons), change.origin)
-    record_rows(stream, latest, set(rejected))
-    record_counts(stream, changes, set(rejected), int(time.time() * 1000))
+    record_rows(stream, latest, set(refused))
+    record_counts(stream, changes, set(refused), int(time.time() * 1000))
+
+
+async def apply_change_stream(stream: StreamT) -> None:
+    """The apply agent's loop: decoded batches (refused records dead-lettered), each applied until it is."""
+    async for batch in decoded_batches(stream, decode_change, max_=APPLY_BATCH_MAX, within=APPLY_BATCH_WITHIN):
+        await until_applied(apply_batch, stream, [entry.value for entry in batch], what="CDC apply", max_backoff=BACKOFF_MAX)
 
 
 if change_topics is not None:
     @app.agent(change_topics)
     async def apply_changes(stream: StreamT) -> None:
         """Each batch of change events to the replica, Redis and Elasticsearch, then to the state tables."""
-        async for events in stream.take_events(APPLY_BATCH_MAX, within=APPLY_BATCH_WITHIN):
-            await apply_events(stream, events)
+        await apply_change_stream(stream)
 
 
 # --- pages ---------------------------------------------------------------------------------------

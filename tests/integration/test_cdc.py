@@ -4,6 +4,7 @@ workers. Every test ends with the replica, Redis and the index equal to the sour
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import random
 import signal
@@ -537,3 +538,88 @@ def bad_records(schema: str) -> List[Tuple[bytes, Optional[bytes]]]:
         (None, json.dumps({"before": None, "after": None, "source": source, "op": "t", "ts_ms": 1709288100001}).encode()),
         (b'{"id":99}', json.dumps({"before": None, "after": bad_row, "source": source, "op": "c", "ts_ms": 1709288100002}).encode()),
     ]
+
+
+# --- hostile change events -----------------------------------------------------------------------
+
+NOTE_COLUMNS = [["id", "integer", True], ["body", "text", False], ["n", "integer", False]]
+
+
+def note_event(schema: str, op: str, row: Dict[str, Any], lsn: int, **source: Any) -> bytes:
+    """Our envelope of a change of ``<schema>.notes`` (with its column types: the replica creates the table)."""
+    after, before = (None, {"id": row["id"]}) if op == "d" else (row, None)
+    envelope = {"before": before, "after": after, "op": op, "ts_ms": 1_700_000_000_000,
+                "source": {"schema": schema, "table": "notes", "lsn": lsn, "txId": lsn, "ts_ms": 1_700_000_000_000,
+                           "snapshot": "false", "columns": NOTE_COLUMNS, **source}}
+    return json.dumps(envelope).encode()
+
+
+def hostile_notes(schema: str) -> List[Tuple[bytes, bytes, str]]:
+    """(key, value, what is wrong) of change events no sink may apply."""
+    def raw(n: bytes, row_id: int = 50) -> bytes:  # a note whose n is the raw JSON ``n``
+        return note_event(schema, "c", {"id": row_id, "body": "x", "n": "@n@"}, 900).replace(b'"@n@"', n)
+    return [
+        (b'{"id":50}', b"[" * 50_000 + b"]" * 50_000, "JSON nested 50,000 deep"),
+        (b'{"id":50}', raw(b"9" * 5000), "a 5,000-digit integer"),
+        (b'{"id":50}', raw(str(2**70).encode()), "an integer over 64 bits"),
+        (b'{"id":50}', raw(b"1e400"), "a number beyond a double"),
+        (b'{"id":50}', raw(b"NaN"), "NaN"),
+        (b'{"id":50}', raw(str(2**31).encode()), "beyond its integer column"),
+        (b'{"id":50}', note_event(schema, "c", {"id": 50, "body": "a\x00b", "n": 1}, 900), "NUL in text"),
+        (b'{"id":50}', note_event(schema, "c", {"id": 50, "body": "x", "n": 1}, 900).replace(b'"x"', b'"\\ud800"'), "a lone surrogate"),
+        (b'{"id":50}', note_event(schema, "c", {"id": 50, "body": "x", "n": 1}, 900,
+                                  columns=[["id", "integer); DROP TABLE public._cdc_versions; --", True]]), "SQL as a column type"),
+        (b'{"id":50}', note_event(schema, "c", {"id": 50, "body": "x", "n": 1}, 900, table="_cdc_versions"), "another table"),
+        (b'{"id":50}', b"\xff\xfe not UTF-8", "not UTF-8"),
+    ]
+
+
+def test_hostile_change_events_are_dead_lettered_and_the_good_ones_around_them_applied(kafka_broker, start_workers, scenario):
+    """The records of one batch: good changes with every kind of hostile event between them. Each
+    hostile one is a dead letter with its reason; every good one reaches the replica, Redis and the
+    index (before, a deeply nested event crashed the agent and its batch was acknowledged: lost)."""
+    schema, table = scenario.schema, f"{scenario.schema}.notes"
+    env = {name: value for name, value in scenario.env([table]).items() if name != "CDC_SOURCE_DSN"}  # apply only
+    start_workers(kafka_broker, **env)
+    good = [(key_json_of(i), note_event(schema, "c", {"id": i, "body": f"note {i}", "n": i}, 100 + i)) for i in range(1, 7)]
+    good += [(key_json_of(2), note_event(schema, "u", {"id": 2, "body": "updated", "n": 20}, 200)),
+             (key_json_of(3), note_event(schema, "d", {"id": 3}, 201)), (key_json_of(3), None)]
+    hostile = hostile_notes(schema)
+    interleaved = itertools.zip_longest(good, [(key, value) for key, value, _ in hostile])
+    topic = f"{scenario.prefix}.{table}"
+    asyncio.run(produce_records(kafka_broker.bootstrap, topic, [record for pair in interleaved for record in pair if record]))
+
+    expected = {1: ("note 1", 1), 2: ("updated", 20), 4: ("note 4", 4), 5: ("note 5", 5), 6: ("note 6", 6)}
+    found: Dict[str, Any] = {}
+
+    def every_sink_holds_the_good_notes() -> bool:
+        found.update(notes_in_every_sink(scenario, table))
+        return found == {name: expected for name in ("replica", "redis", "index")}
+
+    try:
+        wait_for(every_sink_holds_the_good_notes, timeout=90, message="the good notes in every sink")
+    except TimeoutError:
+        raise AssertionError(f"expected {expected} in every sink, found {found}") from None
+    dead = wait_for(lambda: (lambda d: len(d) >= len(hostile) and d)(asyncio.run(read_topic(kafka_broker.bootstrap, topic + ".dlq"))),
+                    timeout=30, message="a dead letter per hostile event")
+    assert sorted(r.value or b"" for r in dead) == sorted(value for _, value, _ in hostile)
+    assert all(dict(r.headers)["dlq.reason"] for r in dead)
+    with psycopg.connect(scenario.replica_dsn) as conn:
+        assert conn.execute("SELECT count(*) FROM public._cdc_versions WHERE table_name <> %s", (table,)).fetchone()[0] == 0
+
+
+def key_json_of(row_id: int) -> bytes:
+    return json.dumps({"id": row_id}, separators=(",", ":")).encode()
+
+
+def notes_in_every_sink(scenario: Scenario, table: str) -> Dict[str, Dict[int, Tuple[str, int]]]:
+    """(body, n) of each note, per sink."""
+    found: Dict[str, Dict[int, Tuple[str, int]]] = {}
+    try:
+        found["replica"] = {row["id"]: (row["body"], row["n"]) for row in database_rows(scenario.replica_dsn, table).values()}
+    except psycopg.errors.UndefinedTable:
+        found["replica"] = {}
+    types = {"id": "integer", "body": "text", "n": "integer"}
+    found["redis"] = {int(row_id): (row["body"], row["n"]) for row_id, row in redis_rows(scenario.redis_url, table, types).items()}
+    found["index"] = {int(row_id): (row["body"], row["n"]) for row_id, row in index_rows(scenario.es_server, table, types).items()}
+    return found

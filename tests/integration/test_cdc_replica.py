@@ -35,3 +35,38 @@ async def test_two_workers_creating_the_same_new_tables_at_once_both_apply_their
     with psycopg.connect(dsn) as conn:
         for schema in schemas:
             assert conn.execute(f"SELECT id, note FROM {schema}.items ORDER BY id").fetchall() == [(0, "row 0"), (1, "row 1")]
+
+
+DOC_COLUMNS = [ColumnDef("id", "integer", True), ColumnDef("note", "text", False), ColumnDef("doc", "jsonb", False)]
+
+
+def doc_row(schema: str, row_id: int, note: str = "fine", doc: str = '{"a": 1}') -> Change:
+    return Change(schema=schema, table="docs", op="c", key={"id": row_id}, before=None,
+                  after={"id": row_id, "note": note, "doc": doc}, lsn=100 + row_id, ts_ms=0, columns=DOC_COLUMNS)
+
+
+async def test_values_the_replica_refuses_at_write_time_are_rejected_and_the_rest_applied(postgres_server):
+    """Refusals PostgreSQL raises as OperationalError (SQLSTATE 54: JSON nested past its stack depth,
+    an index row over 8 kB) and values psycopg cannot encode come back as rejections (dead letters):
+    raised, they were retried for ever and the batch never applied."""
+    dsn = postgres_server.create_database(f"replica_{uuid.uuid4().hex[:8]}")
+    schema = f"s_{uuid.uuid4().hex[:8]}"
+    sink = ReplicaSink(dsn)
+    changes = [
+        doc_row(schema, 1),
+        doc_row(schema, 2, doc="[" * 200_000 + "]" * 200_000),  # stack depth limit exceeded (54001)
+        doc_row(schema, 3, note="\ud800"),  # a lone surrogate: psycopg cannot encode it
+        doc_row(schema, 4),
+    ]
+    try:
+        await sink.apply([changes[0]])  # creates the table
+        with psycopg.connect(dsn, autocommit=True) as conn:  # an index whose rows a huge note overflows (54000)
+            conn.execute(f"CREATE INDEX ON {schema}.docs (note)")
+        changes.append(doc_row(schema, 5, note="".join(chr(0x4E00 + (i * 7919) % 20000) for i in range(300_000))))
+        rejected = await sink.apply(changes[1:])
+    finally:
+        await sink.close()
+    assert sorted(change.key["id"] for change, _ in rejected) == [2, 3, 5]
+    assert all(reason for _, reason in rejected)
+    with psycopg.connect(dsn) as conn:
+        assert conn.execute(f"SELECT id, note FROM {schema}.docs ORDER BY id").fetchall() == [(1, "fine"), (4, "fine")]

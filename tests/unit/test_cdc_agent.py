@@ -4,12 +4,14 @@ from __future__ import annotations
 
 from decimal import Decimal
 
+import psycopg
 import pytest
 from pydantic import ValidationError
 
-from agents.cdc import apply_to_sink, key_from_path, merge_table_stats, replica_value
+from agents.cdc import ElasticsearchSink, apply_to_sink, key_from_path, merge_table_stats, replica_refuses, replica_value
 from app.settings import Settings
-from models.cdc import Change
+from models.cdc import Change, InvalidChange
+from tests.support.es_server import ElasticsearchTestServer
 
 
 def test_row_paths_name_key_columns_or_give_the_json_key():
@@ -73,3 +75,62 @@ async def test_a_sink_error_nobody_planned_for_retries_the_batch_instead_of_losi
     change = Change(schema="s", table="t", op="c", key={"id": 1}, before=None, after={"id": 1}, lsn=5, ts_ms=0)
     assert await apply_to_sink(sink, [change]) == []
     assert sink.batches == [[change], [change]]
+
+
+def test_replica_parameters_refuse_what_postgresql_text_cannot_hold():
+    with pytest.raises(InvalidChange, match="NUL"):
+        replica_value("a\x00b", "text")
+    with pytest.raises(InvalidChange, match="NUL"):
+        replica_value(["ok", "a\x00b"], "text[]")
+    with pytest.raises(InvalidChange):
+        replica_value("not a list", "jsonb[]")
+
+
+@pytest.mark.parametrize(
+    "error, refused",
+    [
+        (psycopg.errors.StatementTooComplex("stack depth limit exceeded"), True),  # JSON nested past the server's stack
+        (psycopg.errors.ProgramLimitExceeded("index row requires 900016 bytes"), True),
+        (psycopg.errors.NumericValueOutOfRange("bigint out of range"), True),
+        (psycopg.DataError("PostgreSQL text fields cannot contain NUL (0x00) bytes"), True),  # psycopg's own
+        (UnicodeEncodeError("utf-8", "\ud800", 0, 1, "surrogates not allowed"), True),
+        (psycopg.errors.AdminShutdown("terminating connection"), False),
+        (psycopg.errors.DeadlockDetected("deadlock detected"), False),
+        (psycopg.OperationalError("connection refused"), False),
+        (RuntimeError("a bug"), False),
+    ],
+)
+def test_the_replica_refuses_a_change_for_its_data_and_retries_the_rest(error, refused):
+    """SQLSTATE class 54 is an OperationalError in psycopg, yet a value's fault: retrying it would never end."""
+    assert replica_refuses(error) is refused
+
+
+def row_change(row_id: int, **after) -> Change:
+    return Change(schema="s", table="items", op="c", key={"id": row_id}, before=None, after={"id": row_id, **after}, lsn=10 + row_id, ts_ms=0)
+
+
+async def test_a_bulk_request_elasticsearch_refuses_whole_is_split_until_the_refused_change_stands_alone():
+    """A request refused whole (400: an _id over 512 bytes fails the request, not the item) dead-lettered
+    every change of the batch; split, only the one refused alone is, and the others are indexed."""
+    changes = [row_change(row_id) for row_id in range(4)]
+    async with ElasticsearchTestServer() as server:
+        sink = ElasticsearchSink(server.url)
+        try:
+            server.fail_next(3, status=400)  # the whole batch, its first half, then change 0 alone
+            rejected = await sink.apply(changes)
+        finally:
+            await sink.close()
+        assert [(change.key["id"], reason.startswith("elasticsearch refused it")) for change, reason in rejected] == [(0, True)]
+        assert sorted(server.docs("s.items")) == ["1", "2", "3"]
+
+
+async def test_a_change_the_elasticsearch_client_cannot_encode_is_refused_alone():
+    changes = [row_change(1), row_change(2, tags={"a set"}), row_change(3)]  # a set: the JSON serializer raises
+    async with ElasticsearchTestServer() as server:
+        sink = ElasticsearchSink(server.url)
+        try:
+            rejected = await sink.apply(changes)
+        finally:
+            await sink.close()
+        assert [change.key["id"] for change, _ in rejected] == [2]
+        assert sorted(server.docs("s.items")) == ["1", "3"]
