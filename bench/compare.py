@@ -36,7 +36,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Tuple
+from typing import Any, Awaitable, Callable, Dict, Iterable, Iterator, List, Optional, Tuple
 
 REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
@@ -197,7 +197,7 @@ def faust_app(args: argparse.Namespace) -> Any:
     """The faust.App of a Faust variant: stock settings, or the project's ``faust_settings``."""
     import faust
 
-    app_id = f"bench-{args.variant}-{uuid.uuid4().hex[:8]}"
+    app_id = getattr(args, "app_id", None) or f"bench-{args.variant}-{uuid.uuid4().hex[:8]}"
     data_dir = args.work_dir / "faust-data"
     if args.variant.startswith("streamspine"):
         from app.local_broker import free_port
@@ -241,10 +241,13 @@ def add_counting_agent(app: Any, topic: Any, meter: Meter, args: argparse.Namesp
                 meter.finish(total=sum(counts.values()))
 
 
-def add_runtime_counting_agent(app: Any, topic: Any, meter: Meter, args: argparse.Namespace) -> None:
+def add_runtime_counting_agent(app: Any, topic: Any, meter: Meter, args: argparse.Namespace,
+                               gate: Optional[Callable[[], Awaitable[None]]] = None) -> Any:
     """The jobs' pattern (agents/metrics.py, agents/migration.py): app/runtime.py's
     ``decoded_batches`` decodes each value with orjson (a failure would be a dead letter), the
-    batch is folded per key per partition and each key written once, under ``until_applied``."""
+    batch is folded per key per partition and each key written once, under ``until_applied``.
+    ``gate`` is awaited before the first record (bench/scaleout.py: until the group is formed).
+    Returns the counts table."""
     import orjson
 
     from app.aggregation import BATCH_MAX, BATCH_WITHIN, fold_deltas, write_deltas
@@ -266,6 +269,8 @@ def add_runtime_counting_agent(app: Any, topic: Any, meter: Meter, args: argpars
 
     @app.agent(topic)
     async def count_batched(stream: Any) -> None:
+        if gate is not None:
+            await gate()
         async for batch in decoded_batches(stream, decode, max_=args.batch_max or BATCH_MAX,
                                            within=args.batch_within or BATCH_WITHIN):
             tally["writes"] += await until_applied(count_batch, stream, batch, what="bench counts")
@@ -273,6 +278,8 @@ def add_runtime_counting_agent(app: Any, topic: Any, meter: Meter, args: argpars
             if meter.add(len(batch)):
                 await app.producer.flush()
                 meter.finish(total=sum(counts.values()), **tally)
+
+    return counts
 
 
 def run_faust(args: argparse.Namespace, meter: Meter) -> None:
