@@ -31,7 +31,6 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 MAX_BACKOFF = 30.0  # seconds between two attempts at the most
-MAX_INT_BITS = 63  # JSON integers a result may hold: what orjson (and Elasticsearch's long) can write
 
 
 @dataclass
@@ -101,7 +100,7 @@ def _log_retry(what: str, state: RetryCallState) -> None:
     attempt = state.attempt_number
     apply_stats[what].retries += 1
     log.error(
-        "%s: applying a batch failed (%r); retry %d, its offsets stay uncommitted", what, error, attempt,
+        "%s failed (%r); retry %d", what, error, attempt,
         exc_info=error if attempt % 100 == 1 else None,  # the traceback on the 1st and every 100th
     )
 
