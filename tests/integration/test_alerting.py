@@ -1,5 +1,6 @@
 """Alert rules on a real worker: windows in event time, pending/firing/resolved, anomalies, the
-alerts topic, the Alertmanager webhook, silences and the cluster-wide alert list."""
+alerts topic, the Alertmanager webhook (down, then up; restarted), absent series, silences and the
+cluster-wide alert list."""
 from __future__ import annotations
 
 import asyncio
@@ -9,6 +10,7 @@ import time
 import pytest
 from aiokafka import AIOKafkaConsumer
 
+from models.alerts import alert_fingerprint
 from tests.support.kafka import produce_sync
 from tests.support.webhook_receiver import WebhookReceiver
 from tests.support.workers import http_post, wait_for
@@ -90,7 +92,7 @@ def test_spikes_fire_and_resolve_once_short_spikes_stay_quiet_and_anomalies_fire
         first, second = start_workers(
             isolated_broker, 2,
             ALERT_RULES=str(rules_file), ALERT_WEBHOOK_URL=receiver.url, ADMIN_TOKEN=ADMIN_TOKEN,
-            METRIC_WINDOW="20", METRIC_WINDOW_STEP="5",
+            METRIC_WINDOW="20", METRIC_WINDOW_STEP="5", ALERT_ABSENT_AFTER="3600",  # absence: its own test
         )
         # checkout's spike holds ~35 s > for; search's ~10 s < for.
         records = cpu_series("checkout", spike_seconds=40) + cpu_series("search", spike_seconds=10) + queue_series("orders")
@@ -130,6 +132,7 @@ def test_spikes_fire_and_resolve_once_short_spikes_stay_quiet_and_anomalies_fire
 def test_alert_list_is_complete_from_any_worker_and_silences_need_the_admin_token(isolated_broker, start_workers, rules_file):
     first, second = start_workers(
         isolated_broker, 2, ALERT_RULES=str(rules_file), ADMIN_TOKEN=ADMIN_TOKEN, METRIC_WINDOW="20", METRIC_WINDOW_STEP="5",
+        ALERT_ABSENT_AFTER="3600",  # the spikes stay on: their alerts must not end while the list is read
     )
     # Many services, each with a spike that is still on: every one has a firing alert.
     services = [f"svc-{i}" for i in range(12)]
@@ -153,7 +156,58 @@ def test_alert_list_is_complete_from_any_worker_and_silences_need_the_admin_toke
     assert http_post(first.url + "/alerts/silences", silence)[0] == 401
     assert http_post(first.url + "/alerts/silences", silence, {"Authorization": "Bearer wrong-token"})[0] == 403
     assert http_post(first.url + "/alerts/silences", {"matchers": []}, {"Authorization": f"Bearer {ADMIN_TOKEN}"})[0] == 400
+    for ends_at in (float("nan"), float("inf")):  # json.dumps writes JSON's NaN and Infinity literals
+        status, refusal = http_post(first.url + "/alerts/silences", {**silence, "ends_at": ends_at}, {"Authorization": f"Bearer {ADMIN_TOKEN}"})
+        assert status == 400 and "ends_at" in json.dumps(refusal), refusal
     status, created = http_post(first.url + "/alerts/silences", silence, {"Authorization": f"Bearer {ADMIN_TOKEN}"})
     assert status == 201
     for worker in (first, second):
         wait_for(lambda: [s["id"] for s in worker.get("/alerts/silences")[1]["silences"]] == [created["id"]], message=f"silence on {worker.url}: {worker.get('/alerts/silences')}")
+
+
+def high_cpu_now(service: str, seconds: int = 30):
+    """CPU at 0.97 for the last ``seconds`` of event time: HighCPU (5 s window, for 15 s) fires."""
+    start = time.time() - seconds
+    return [(service, {"instance": f"{service}-1", "metric": "cpu", "value": 0.97, "ts": start + i}) for i in range(seconds)]
+
+
+def alerts_of(bootstrap: str, fingerprint: str):
+    return [(alert["status"], alert["fingerprint"]) for alert in asyncio.run(read_alerts(bootstrap, idle=1.0))
+            if alert["fingerprint"] == fingerprint]
+
+
+def webhook_alerts(receiver: WebhookReceiver):
+    return [(entry["status"], entry["fingerprint"]) for payload in list(receiver.payloads) for entry in payload["alerts"]]
+
+
+def test_an_absent_series_resolves_its_alert_and_a_webhook_down_for_long_gets_both_notifications(isolated_broker, start_workers, rules_file):
+    receiver = WebhookReceiver()  # its port is chosen, nothing listens there until it starts below
+    start_workers(isolated_broker, 1, ALERT_RULES=str(rules_file), ALERT_WEBHOOK_URL=receiver.url,
+                  METRIC_WINDOW="20", METRIC_WINDOW_STEP="5", ALERT_ABSENT_AFTER="8")
+    fingerprint = alert_fingerprint("HighCPU", "cart", "cart-1")
+    produce_sync(isolated_broker.bootstrap, "metrics", high_cpu_now("cart"))  # then the series stops
+
+    wait_for(lambda: ("firing", fingerprint) in alerts_of(isolated_broker.bootstrap, fingerprint), timeout=60, message="firing")
+    fired = time.monotonic()
+    statuses = wait_for(lambda: (lambda seen: ("resolved", fingerprint) in seen and seen)(alerts_of(isolated_broker.bootstrap, fingerprint)),
+                        timeout=60, message="resolved after 8 s without samples")
+    time.sleep(max(0.0, 20 - (time.monotonic() - fired)))  # the webhook down for 20 s: more than 6 attempts
+    with receiver:
+        wait_for(lambda: len(webhook_alerts(receiver)) >= 2, timeout=60, message=f"notifications once the webhook is up ({receiver.requests} requests)")
+
+    assert statuses == [("firing", fingerprint), ("resolved", fingerprint)]
+    assert webhook_alerts(receiver) == [("firing", fingerprint), ("resolved", fingerprint)]
+
+
+def test_a_restarted_webhook_receiver_gets_the_firing_alerts_again_within_the_repeat_interval(isolated_broker, start_workers, rules_file):
+    fingerprint = alert_fingerprint("HighCPU", "search", "search-1")
+    with WebhookReceiver() as receiver:
+        start_workers(isolated_broker, 1, ALERT_RULES=str(rules_file), ALERT_WEBHOOK_URL=receiver.url,
+                      METRIC_WINDOW="20", METRIC_WINDOW_STEP="5", ALERT_ABSENT_AFTER="3600", ALERT_REPEAT_INTERVAL="3")
+        produce_sync(isolated_broker.bootstrap, "metrics", high_cpu_now("search"))
+        wait_for(lambda: ("firing", fingerprint) in webhook_alerts(receiver), timeout=60, message="firing sent")
+    restarted = WebhookReceiver()
+    restarted.port = receiver.port  # the same receiver, back with nothing of what it had
+    with restarted:
+        wait_for(lambda: webhook_alerts(restarted), timeout=30, message="the firing alert sent again")
+        assert set(webhook_alerts(restarted)) == {("firing", fingerprint)}
