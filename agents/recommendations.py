@@ -18,24 +18,39 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Set, Tuple
 
+import orjson
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from faust import web
-from faust.types import EventT, TableT
+from faust.types import EventT, StreamT, TableT
 
 from app import app, settings
 from app.aggregation import BATCH_MAX, enter_partition
-from app.dead_letters import dead_letter
+from app.runtime import Decoded, decoded_batches, require_encodable, until_applied
 from app.settings import bootstrap_servers
+from models.metrics import key_text
 from models.recommendations import (
-    Catalogue, InvalidModel, ItemEmbeddings, UserEvent, add_purchase, apply_item_update, fit_item_embeddings,
-    item_updates, load_latest_model, model_from_bytes, model_to_bytes, parse_item, parse_item_updates,
-    parse_user_event, recommend, save_model, update_session,
+    Catalogue,
+    InvalidModel,
+    Item,
+    ItemEmbeddings,
+    UserEvent,
+    add_purchase,
+    apply_item_update,
+    fit_item_embeddings,
+    item_updates,
+    load_latest_model,
+    model_from_bytes,
+    model_to_bytes,
+    parse_item,
+    parse_item_updates,
+    parse_user_event,
+    recommend,
+    save_model,
+    update_session,
 )
-from models.metrics import InvalidRecord, key_text
 from tables.recommendations import recs_item_meta, recs_item_stats, recs_purchased, recs_sessions
 
 log = logging.getLogger(__name__)
@@ -155,7 +170,7 @@ class ModelHolder:
 
 
 def json_value(value: Optional[bytes]) -> Optional[Dict[str, Any]]:
-    return None if value is None else json.loads(value)
+    return None if value is None else orjson.loads(value)
 
 
 catalogue = Catalogue()
@@ -177,6 +192,35 @@ def catalogue_fingerprint() -> str:
 # --- agents --------------------------------------------------------------------------------------
 
 
+# Each agent: decoded_batches (a record that fails decoding or validation -> <topic>.dlq with the
+# reason), then the batch body under until_applied (a failure retries the batch, never skips it).
+# Bodies are idempotent: sessions keep their last offset, item stats the last source offset per
+# partition, and keyless events already forwarded are not forwarded again.
+
+
+def decode_user_event(event: EventT) -> UserEvent:
+    """A ``user-events`` record as a valid event; raises for a record to dead-letter."""
+    return require_encodable_record(parse_user_event(event.value, key_text(event.key)))
+
+
+def decode_item_updates(event: EventT) -> Tuple[str, List[Dict[str, Any]]]:
+    """A ``recs-item-updates`` record as (item, updates); raises for a record to dead-letter."""
+    item = key_text(event.key)
+    updates = require_encodable(parse_item_updates(event.value, item))
+    return item, updates
+
+
+def decode_item(event: EventT) -> Item:
+    """An ``items`` record as valid item metadata; raises for a record to dead-letter."""
+    return require_encodable_record(parse_item(event.value, key_text(event.key)))
+
+
+def require_encodable_record(record: Any) -> Any:
+    """``record`` if the tables can store what it holds (app.runtime.require_encodable)."""
+    require_encodable(record.asdict())
+    return record
+
+
 class UserBatch:
     """What a batch of user events changes: sessions and purchases per user (written once per user,
     under the user's latest event) and the item updates, grouped per item (one record per item)."""
@@ -193,14 +237,9 @@ class UserBatch:
         return self.purchases[user][1] if user in self.purchases else recs_purchased[user]
 
 
-async def observe_user_event(event: EventT, batch: UserBatch) -> None:
-    """One user event: session and purchases (this partition), item updates (re-keyed by item)."""
-    user = key_text(event.key)
-    parsed: UserEvent = parse_user_event(event.value, user)
-    if user is None:  # keyless: re-key by user, so the user's state lives in one partition
-        await user_events_topic.send(key=parsed.user_id.encode(), value=event.value)
-        return
-    message = event.message
+def observe_user_event(event: EventT, parsed: UserEvent, batch: UserBatch) -> None:
+    """One keyed user event: session and purchases (this partition), item updates (re-keyed by item)."""
+    user, message = parsed.user_id, event.message
     update = update_session(batch.session(user), parsed, message.offset, settings.recs_session_timeout)
     for item, item_update in item_updates(parsed, update.previous_items, (message.partition, message.offset)).items():
         batch.item_updates.setdefault(item, []).append(item_update)
@@ -210,78 +249,92 @@ async def observe_user_event(event: EventT, batch: UserBatch) -> None:
         batch.purchases[user] = (event, add_purchase(batch.purchased(user), parsed.item_id))
 
 
-async def guarded(event: EventT, handle: Callable[..., Any], *args: Any) -> None:
-    """Run ``handle``; a record it refuses (or fails on) becomes a dead letter, the agent goes on."""
-    try:
-        await handle(event, *args)
-    except InvalidRecord as error:
-        await dead_letter(str(error), event)
-    except Exception as error:  # noqa: BLE001 - bad input never kills the agent
-        log.exception("failed on %s[%s]@%s", event.message.topic, event.message.partition, event.message.offset)
-        await dead_letter(f"unexpected error: {error!r}", event)
-
-
-def write_per_key(stream, table: TableT, pending: Dict[str, Tuple[EventT, Any]]) -> None:
+def write_per_key(stream: StreamT, table: TableT, pending: Dict[str, Tuple[EventT, Any]]) -> None:
     """``table[key] = value`` once per key, inside the key's latest event (its partition)."""
     for key, (event, value) in pending.items():
         enter_partition(stream, event)
         table[key] = value
 
 
+async def forward_keyless_events(batch: List[Decoded[UserEvent]], forwarded: Set[int]) -> None:
+    """Re-key events that came without a key by their user id, so a user's state lives in one
+    partition. ``forwarded`` holds the batch positions sent already: a retry does not send them twice."""
+    pending = [(position, entry) for position, entry in enumerate(batch) if entry.event.key is None and position not in forwarded]
+    deliveries = [await user_events_topic.send(key=entry.value.user_id.encode(), value=entry.event.value) for _, entry in pending]
+    outcomes = await asyncio.gather(*deliveries, return_exceptions=True)
+    forwarded.update(position for (position, _), outcome in zip(pending, outcomes, strict=True) if not isinstance(outcome, BaseException))
+    for outcome in outcomes:
+        if isinstance(outcome, BaseException):
+            raise outcome
+
+
+async def apply_user_events(stream: StreamT, batch: List[Decoded[UserEvent]]) -> None:
+    """Sessions, purchases and item updates of a batch's keyed events. Item updates are sent before
+    the sessions are written: a retry or a crash in between derives the same updates again (the
+    session's offset says the events are in), and the item stats drop those they have."""
+    changes = UserBatch()
+    for entry in batch:
+        if entry.event.key is not None:
+            enter_partition(stream, entry.event)
+            observe_user_event(entry.event, entry.value, changes)
+    for item, updates in changes.item_updates.items():
+        await item_updates_topic.send(key=item.encode(), value=orjson.dumps({"item": item, "updates": updates}))
+    write_per_key(stream, recs_sessions, changes.sessions)
+    write_per_key(stream, recs_purchased, changes.purchases)
+
+
 @app.agent(user_events_topic)
-async def record_user_events(stream) -> None:
+async def record_user_events(stream: StreamT) -> None:
     """user-events -> recs_sessions, recs_purchased; item updates -> recs-item-updates.
 
-    Batched (app/aggregation.py): one record per touched item and one table write per user per batch.
-    Item updates are sent before the sessions are written: a crash in between replays the events,
-    and the item table drops the updates it has (by source offset).
+    One record per touched item and one table write per user per batch; keyless events are
+    re-keyed by user and counted when they come back keyed.
     """
-    async for events in stream.take_events(BATCH_MAX, within=RECS_BATCH_WITHIN):
-        batch = UserBatch()
-        for event in events:
-            enter_partition(stream, event)
-            await guarded(event, observe_user_event, batch)
-        for item, updates in batch.item_updates.items():
-            await item_updates_topic.send(key=item.encode(), value=json.dumps({"item": item, "updates": updates}).encode())
-        write_per_key(stream, recs_sessions, batch.sessions)
-        write_per_key(stream, recs_purchased, batch.purchases)
+    async for batch in decoded_batches(stream, decode_user_event, max_=BATCH_MAX, within=RECS_BATCH_WITHIN):
+        forwarded: Set[int] = set()
+        await until_applied(forward_keyless_events, batch, forwarded, what="recommendations: re-keying user events")
+        await until_applied(apply_user_events, stream, batch, what="recommendations: user events")
 
 
-async def observe_item_updates(event: EventT, pending: Dict[str, Tuple[EventT, Dict[str, Any]]]) -> None:
-    """Apply a record's updates to the item's stats; an update whose source offset is in already is dropped."""
-    item = key_text(event.key)
-    updates = parse_item_updates(event.value, item)
-    stats = pending[item][1] if item in pending else recs_item_stats.get(item)
-    changed = False
-    for update in updates:
-        applied = apply_item_update(stats, update, max_neighbours=settings.recs_neighbours)
-        if applied is not None:
-            stats, changed = applied, True
-    if changed:
-        pending[item] = (event, stats)
+async def apply_item_updates(stream: StreamT, batch: List[Decoded[Tuple[str, List[Dict[str, Any]]]]]) -> None:
+    """Each record's updates applied to its item's stats, one write per item; an update whose
+    source offset the stats hold already is dropped (so a retry changes nothing twice)."""
+    pending: Dict[str, Tuple[EventT, Dict[str, Any]]] = {}
+    for entry in batch:
+        item, updates = entry.value
+        enter_partition(stream, entry.event)
+        stats = pending[item][1] if item in pending else recs_item_stats.get(item)
+        changed = False
+        for update in updates:
+            applied = apply_item_update(stats, update, max_neighbours=settings.recs_neighbours)
+            if applied is not None:
+                stats, changed = applied, True
+        if changed:
+            pending[item] = (entry.event, stats)
+    write_per_key(stream, recs_item_stats, pending)
 
 
 @app.agent(item_updates_topic)
-async def record_item_updates(stream) -> None:
-    """recs-item-updates -> recs_item_stats (co-occurrence, weight, trending panes), one write per item per batch."""
-    async for events in stream.take_events(BATCH_MAX, within=RECS_BATCH_WITHIN):
-        pending: Dict[str, Tuple[EventT, Dict[str, Any]]] = {}
-        for event in events:
-            enter_partition(stream, event)
-            await guarded(event, observe_item_updates, pending)
-        write_per_key(stream, recs_item_stats, pending)
+async def record_item_updates(stream: StreamT) -> None:
+    """recs-item-updates -> recs_item_stats (co-occurrence, weight, trending panes)."""
+    async for batch in decoded_batches(stream, decode_item_updates, max_=BATCH_MAX, within=RECS_BATCH_WITHIN):
+        await until_applied(apply_item_updates, stream, batch, what="recommendations: item updates")
 
 
-async def observe_item(event: EventT) -> None:
-    item = parse_item(event.value, key_text(event.key))
-    recs_item_meta[item.item_id] = {"category": item.category, "price": item.price, "available": item.available}
+async def apply_items(stream: StreamT, batch: List[Decoded[Item]]) -> None:
+    """Each item's latest metadata of the batch, one write per item."""
+    pending = {
+        entry.value.item_id: (entry.event, {"category": entry.value.category, "price": entry.value.price, "available": entry.value.available})
+        for entry in batch
+    }
+    write_per_key(stream, recs_item_meta, pending)
 
 
 @app.agent(items_topic)
-async def record_items(stream) -> None:
+async def record_items(stream: StreamT) -> None:
     """items -> recs_item_meta."""
-    async for event in stream.events():
-        await guarded(event, observe_item)
+    async for batch in decoded_batches(stream, decode_item, max_=BATCH_MAX, within=RECS_BATCH_WITHIN):
+        await until_applied(apply_items, stream, batch, what="recommendations: items")
 
 
 @app.task
@@ -347,7 +400,7 @@ async def recommendations_for_user(view: web.View, request: web.Request, user_id
     try:
         k = requested_k(request.query.get("k"))
     except ValueError as error:
-        raise view.ValidationError(str(error))
+        raise view.ValidationError(str(error)) from None
     await item_follower.wait_caught_up()
     session = recs_sessions.get(user_id) or {}
     purchased = (recs_purchased.get(user_id) or {}).get("items", [])

@@ -18,10 +18,10 @@ State is plain JSON-able dicts, because it lives in Faust tables:
 from __future__ import annotations
 
 import io
-import json
 import logging
 import math
 import os
+import reprlib
 import time
 import zipfile
 from dataclasses import dataclass, field
@@ -57,6 +57,7 @@ TREND_WINDOW = 24 * 3600.0  # trending = the sum of the panes of the last day (e
 MAX_PURCHASES = 500  # purchased items remembered per user
 EARLIEST_TS = 946684800.0  # 2000-01-01: an event time before it is a unit or clock mistake
 MAX_CLOCK_SKEW = 3600.0
+MAX_TEXT_CHARS = 256  # ids, session ids and categories
 
 
 # --- records ---------------------------------------------------------------------------------------
@@ -85,33 +86,50 @@ class Item(faust.Record, serializer="json"):
     available: bool = True
 
 
+def _short_repr() -> reprlib.Repr:
+    short = reprlib.Repr()
+    short.maxstring = short.maxother = 80
+    short.maxlist = short.maxdict = 4
+    short.maxlevel = 2
+    return short
+
+
+_shown = _short_repr().repr  # a value in a dead letter's reason: short, whatever its size
+
+
 def _decode_object(raw: Optional[bytes]) -> Dict[str, Any]:
+    """A JSON object. orjson refuses what the stdlib would take and fail on later: NaN and Infinity,
+    lone surrogates, non-UTF-8 bytes, nesting over 1,024 levels, integers beyond 64 bits or float range."""
     if not raw:
         raise InvalidEvent("empty record")
     try:
-        data = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        data = orjson.loads(raw)
+    except orjson.JSONDecodeError as error:
         raise InvalidEvent(f"not JSON: {error}") from None
     if not isinstance(data, dict):
         raise InvalidEvent(f"must be a JSON object, got {type(data).__name__}")
     return data
 
 
+def _is_number(value: Any) -> bool:
+    return not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+
+
 def _text(data: Mapping[str, Any], name: str, required: bool = True) -> Optional[str]:
     value = data.get(name)
     if value is None and not required:
         return None
-    if not isinstance(value, str) or not value.strip() or len(value) > 256:
-        raise InvalidEvent(f"field {name!r} must be a non-empty string of at most 256 characters, got {value!r}")
+    if not isinstance(value, str) or not value.strip() or len(value) > MAX_TEXT_CHARS:
+        raise InvalidEvent(f"field {name!r} must be a non-empty string of at most {MAX_TEXT_CHARS} characters, got {_shown(value)}")
     return value.strip()
 
 
 def _event_time(data: Mapping[str, Any], now: float) -> float:
     ts = data.get("ts", now)
-    if isinstance(ts, bool) or not isinstance(ts, (int, float)) or not math.isfinite(ts):
-        raise InvalidEvent(f"field 'ts' must be a finite number, got {ts!r}")
+    if not _is_number(ts):
+        raise InvalidEvent(f"field 'ts' must be a finite number, got {_shown(ts)}")
     if ts < EARLIEST_TS or ts > now + MAX_CLOCK_SKEW:
-        raise InvalidEvent(f"field 'ts' is not a plausible event time in epoch seconds: {ts!r}")
+        raise InvalidEvent(f"field 'ts' is not a plausible event time in epoch seconds: {_shown(ts)}")
     return float(ts)
 
 
@@ -122,8 +140,8 @@ def parse_user_event(raw: Optional[bytes], user_key: Optional[str], now: Optiona
     if user_key is not None and user_id != user_key:
         raise InvalidEvent(f"user_id {user_id!r} does not match the record key {user_key!r}")
     event = data.get("event")
-    if event not in EVENT_WEIGHTS:
-        raise InvalidEvent(f"field 'event' must be one of {', '.join(EVENT_WEIGHTS)}, got {event!r}")
+    if not isinstance(event, str) or event not in EVENT_WEIGHTS:
+        raise InvalidEvent(f"field 'event' must be one of {', '.join(EVENT_WEIGHTS)}, got {_shown(event)}")
     return UserEvent(
         user_id=user_id,
         item_id=_text(data, "item_id"),
@@ -140,32 +158,59 @@ def parse_item(raw: Optional[bytes], item_key: Optional[str]) -> Item:
     if item_key is not None and item_id != item_key:
         raise InvalidEvent(f"item_id {item_id!r} does not match the record key {item_key!r}")
     price = data.get("price")
-    if price is not None and (isinstance(price, bool) or not isinstance(price, (int, float)) or not math.isfinite(price)):
-        raise InvalidEvent(f"field 'price' must be a finite number, got {price!r}")
+    if price is not None and not _is_number(price):
+        raise InvalidEvent(f"field 'price' must be a finite number, got {_shown(price)}")
     available = data.get("available", True)
     if not isinstance(available, bool):
-        raise InvalidEvent(f"field 'available' must be true or false, got {available!r}")
+        raise InvalidEvent(f"field 'available' must be true or false, got {_shown(available)}")
     category = data.get("category")
+    if category is not None and (not (isinstance(category, str) or _is_number(category)) or len(str(category)) > MAX_TEXT_CHARS):
+        raise InvalidEvent(f"field 'category' must be a string or number of at most {MAX_TEXT_CHARS} characters, got {_shown(category)}")
     return Item(item_id=item_id, category=None if category is None else str(category), price=price, available=available)
 
 
-def _is_item_update(update: Any, item: str) -> bool:
-    source = update.get("source") if isinstance(update, dict) else None
-    return (
-        update.get("item") == item
-        and isinstance(source, list) and len(source) == 2 and all(isinstance(x, int) for x in source)
-        and isinstance(update.get("ts"), (int, float))
-        and isinstance(update.get("weight"), (int, float))
-        and isinstance(update.get("pairs"), dict)
-    )
+ITEM_UPDATE_KEYS = {"item", "source", "ts", "weight", "pairs"}
+MAX_WEIGHT = max(EVENT_WEIGHTS.values())  # an item or pair weight never exceeds the heaviest event's
 
 
-def parse_item_updates(raw: Optional[bytes], item_key: Optional[str]) -> List[Dict[str, Any]]:
-    """Decode a ``recs-item-updates`` record ``{"item", "updates": [...]}`` (written by the worker; checked all the same)."""
+def _checked_item_update(update: Any, item: str, now: float) -> Dict[str, Any]:
+    """One update as ``item_updates`` writes it; raises InvalidEvent naming the first wrong field."""
+    if not isinstance(update, dict) or set(update) != ITEM_UPDATE_KEYS:
+        raise InvalidEvent(f"an update must be an object with the keys {sorted(ITEM_UPDATE_KEYS)}, got {_shown(update)}")
+    if update["item"] != item:
+        raise InvalidEvent(f"an update of item {_shown(update['item'])} in a record of {item!r}")
+    source = update["source"]
+    if not (isinstance(source, list) and len(source) == 2 and all(type(x) is int for x in source)
+            and 0 <= source[0] < 2 ** 31 and 0 <= source[1] < 2 ** 63):
+        raise InvalidEvent(f"'source' must be [partition, offset] of non-negative integers, got {_shown(source)}")
+    _event_time(update, now)
+    if not _is_number(update["weight"]) or not 0 <= update["weight"] <= MAX_WEIGHT:
+        raise InvalidEvent(f"'weight' must be a number in 0..{MAX_WEIGHT:g}, got {_shown(update['weight'])}")
+    pairs = update["pairs"]
+    if not isinstance(pairs, dict) or len(pairs) > PAIR_WINDOW:
+        raise InvalidEvent(f"'pairs' must be an object of at most {PAIR_WINDOW} items, got {_shown(pairs)}")
+    for other, weight in pairs.items():
+        if not 0 < len(other) <= MAX_TEXT_CHARS or not _is_number(weight) or not 0 <= weight <= MAX_WEIGHT:
+            raise InvalidEvent(f"'pairs' must map item ids to weights in 0..{MAX_WEIGHT:g}, got {_shown(other)}: {_shown(weight)}")
+    return update
+
+
+def parse_item_updates(raw: Optional[bytes], item_key: Optional[str], now: Optional[float] = None) -> List[Dict[str, Any]]:
+    """Decode a ``recs-item-updates`` record ``{"item", "updates": [...]}`` of the key's item.
+    Written by the worker, checked all the same: an update that passed would be applied to the
+    item's stats, and a value that cannot be stored there would stop the agent."""
+    if item_key is None:
+        raise InvalidEvent("item updates need the item id as their key")
     data = _decode_object(raw)
     updates = data.get("updates")
-    if data.get("item") != item_key or not isinstance(updates, list) or not all(_is_item_update(u, item_key) for u in updates):
+    if set(data) != {"item", "updates"} or data["item"] != item_key or not isinstance(updates, list):
         raise InvalidEvent(f"not item updates of {item_key!r}: {{item, updates: [{{item, source: [partition, offset], ts, weight, pairs}}]}}")
+    now = time.time() if now is None else now
+    for position, update in enumerate(updates):
+        try:
+            _checked_item_update(update, item_key, now)
+        except InvalidEvent as error:
+            raise InvalidEvent(f"update {position}: {error}") from None
     return updates
 
 
@@ -444,7 +489,7 @@ class ItemEmbeddings:
         ]
         if not weighted:
             return {}
-        rows, weights = zip(*weighted)
+        rows, weights = zip(*weighted, strict=True)
         profile = np.asarray(weights, dtype=np.float32) @ self._rows32[list(rows)]
         floor = MODEL_SCORE_FLOOR * float(np.linalg.norm(profile))
         if not floor > 0:
@@ -508,7 +553,7 @@ MODEL_GLOB = f"model-*{MODEL_SUFFIX}"
 MAX_MODEL_BYTES = 16 * 1024 * 1024  # a model record or file; one on the topic is under 1 MB
 MAX_MODEL_ITEMS = 20_000
 MAX_MODEL_DIMS = 512
-MAX_ITEM_ID_CHARS = 256  # as user events allow
+MAX_ITEM_ID_CHARS = MAX_TEXT_CHARS  # as user events allow
 MAX_FINGERPRINT_CHARS = 1_000_000
 MAX_METADATA_BYTES = 8 * 1024 * 1024
 METADATA_KEYS = {"format", "format_version", "version", "fingerprint", "fitted_at", "explained_variance", "items"}

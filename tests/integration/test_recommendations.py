@@ -164,6 +164,38 @@ def test_bad_events_go_to_the_dead_letter_topic_and_the_agent_goes_on(isolated_b
     assert session[0][0] == "sku-a"
 
 
+def test_hostile_records_on_each_input_topic_are_dead_letters_and_valid_ones_apply(isolated_broker, start_workers):
+    (worker,) = start_workers(isolated_broker, 1)
+    deep = b"[" * 100_000 + b"]" * 100_000
+    produce_sync(isolated_broker.bootstrap, "user-events", [
+        ("u7", deep),
+        ("u7", b'{"user_id": "u7", "item_id": "\\ud800", "event": "view", "ts": %d}' % NOW),
+        ("u7", b'{"user_id": "u7", "item_id": "sku-a", "event": "view", "ts": 1' + b"0" * 5000 + b"}"),
+        view("u7", "sku-a", NOW + 1),
+    ], max_batch_size=1)
+    produce_sync(isolated_broker.bootstrap, "items", [
+        ("sku-z", deep),
+        ("sku-z", b'{"item_id": "sku-z", "price": NaN}'),
+        ("sku-z", {"item_id": "sku-z", "category": {"nested": [1]}}),
+        ("sku-z", {"item_id": "sku-z", "category": "hats", "available": False}),
+    ], max_batch_size=1)
+    update = {"item": "sku-q", "source": [9, 1], "ts": NOW, "weight": 1.0, "pairs": {"sku-r": 0.5}}
+    produce_sync(isolated_broker.bootstrap, "recs-item-updates", [
+        ("sku-q", {"item": "sku-q", "updates": [{**update, "source": [9, 2**64 - 1]}]}),
+        ("sku-q", b'{"item": "sku-q", "updates": [{"item": "sku-q", "source": [9, 1], "ts": NaN, "weight": 1, "pairs": {}}]}'),
+        ("sku-q", {"item": "sku-q", "updates": [update]}),
+    ], max_batch_size=1)
+
+    for topic, count in (("user-events", 3), ("items", 3), ("recs-item-updates", 2)):
+        reasons = [dict(record.headers)["dlq.reason"].decode() for record in consume_sync(isolated_broker.bootstrap, f"{topic}.dlq", count)]
+        assert all(reasons), (topic, reasons)
+    assert wait_for(lambda: worker.get("/table/recs_sessions/u7/")[1].get("items"), timeout=30, message="u7's session")[0][0] == "sku-a"
+    assert wait_for(lambda: worker.get("/table/recs_item_meta/sku-z/")[1], timeout=30, message="sku-z's metadata") == {
+        "category": "hats", "price": None, "available": False}
+    stats = wait_for(lambda: worker.get("/table/recs_item_stats/sku-q/")[1], timeout=30, message="sku-q's stats")
+    assert stats["applied"] == {"9": 1} and stats["total"] == [1.0, NOW] and list(stats["neighbours"]) == ["sku-r"]
+
+
 def test_k_is_validated(kafka_broker, start_workers):
     (worker,) = start_workers(kafka_broker, 1)
     for k in ("0", "101", "ten"):
