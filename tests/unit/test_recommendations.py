@@ -9,9 +9,27 @@ import pytest
 
 from models.clickstream import ClickstreamConfig, read_csv_events, synthetic_events
 from models.recommendations import (
-    HALF_LIFE, SESSION_LENGTH, TREND_STEP, Catalogue, InvalidEvent, UserEvent, add_decayed, add_purchase,
-    apply_item_update, decayed_value, fit_item_embeddings, item_updates, load_latest_model, model_from_bytes,
-    model_to_bytes, parse_item, parse_user_event, recommend, save_model, update_session, windowed_popularity,
+    HALF_LIFE,
+    SESSION_LENGTH,
+    TREND_STEP,
+    Catalogue,
+    InvalidEvent,
+    UserEvent,
+    add_decayed,
+    add_purchase,
+    apply_item_update,
+    decayed_value,
+    fit_item_embeddings,
+    item_updates,
+    load_latest_model,
+    model_from_bytes,
+    model_to_bytes,
+    parse_item,
+    parse_user_event,
+    recommend,
+    save_model,
+    update_session,
+    windowed_popularity,
 )
 
 T0 = 1767225600.0

@@ -9,7 +9,14 @@ from typing import List, Tuple
 import pytest
 
 from models.recommendations import (
-    HALF_LIFE, Catalogue, UserEvent, apply_item_update, fit_item_embeddings, item_updates, recommend, update_session,
+    HALF_LIFE,
+    Catalogue,
+    UserEvent,
+    apply_item_update,
+    fit_item_embeddings,
+    item_updates,
+    recommend,
+    update_session,
 )
 
 T0 = 1767225600.0
