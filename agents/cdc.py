@@ -10,6 +10,7 @@ The apply side runs on app/runtime.py: ``decode_change`` refuses (dead-letters) 
 sink may apply, so a batch holds only changes every sink can write; each sink's write runs under the
 one retry policy, and so does the batch body. docs/cdc.md states the guarantees.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -39,9 +40,29 @@ from app.dead_letters import dead_letter
 from app.runtime import decoded_batches, require_encodable, retrying, until_applied
 from app.settings import bootstrap_servers
 from models.cdc import (
-    UNAVAILABLE, Begin, Change, ColumnDef, Commit, Delete, Insert, InvalidChange, Relation, TupleValue, Unchanged, Update,
-    base_type, change_envelope, decode_message, fill_unavailable, int_to_lsn, key_json, latest_per_row, lsn_to_int,
-    parse_change, python_value, wire_value,
+    UNAVAILABLE,
+    Begin,
+    Change,
+    ColumnDef,
+    Commit,
+    Delete,
+    Insert,
+    InvalidChange,
+    Relation,
+    TupleValue,
+    Unchanged,
+    Update,
+    base_type,
+    change_envelope,
+    decode_message,
+    fill_unavailable,
+    int_to_lsn,
+    key_json,
+    latest_per_row,
+    lsn_to_int,
+    parse_change,
+    python_value,
+    wire_value,
 )
 from tables.cdc import cdc_rows, cdc_table_stats
 
@@ -62,8 +83,13 @@ def cdc_topic_name(table_name: str) -> str:
 
 def raw_topic(*names: str, partitions: int):
     return app.topic(
-        *names, key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw",
-        partitions=partitions, internal=True,  # created with TOPIC_PARTITIONS when absent
+        *names,
+        key_type=bytes,
+        value_type=bytes,
+        key_serializer="raw",
+        value_serializer="raw",
+        partitions=partitions,
+        internal=True,  # created with TOPIC_PARTITIONS when absent
     )
 
 
@@ -164,8 +190,7 @@ class Capture:
                 await self.stop_producer()
 
     async def try_lock(self, conn: psycopg.AsyncConnection) -> bool:
-        row = await (await conn.execute(
-            "SELECT pg_try_advisory_lock(hashtext('streamspine-cdc:' || %s))", (settings.cdc_slot,))).fetchone()
+        row = await (await conn.execute("SELECT pg_try_advisory_lock(hashtext('streamspine-cdc:' || %s))", (settings.cdc_slot,))).fetchone()
         return bool(row[0])
 
     async def start_producer(self) -> None:
@@ -173,7 +198,9 @@ class Capture:
             await change_topics.maybe_declare()
         await capture_state_topic.maybe_declare()
         self.producer = AIOKafkaProducer(
-            bootstrap_servers=bootstrap_servers(settings.kafka_broker), acks="all", linger_ms=5,
+            bootstrap_servers=bootstrap_servers(settings.kafka_broker),
+            acks="all",
+            linger_ms=5,
             max_batch_size=settings.cdc_producer_batch_size,
         )
         await self.producer.start()
@@ -198,8 +225,9 @@ class Capture:
         A slot without the snapshot-complete record (a capture that died mid-snapshot) is dropped
         and the snapshot taken again: the exported snapshot lives only as long as its connection.
         """
-        slot = await (await conn.execute(
-            "SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = %s", (settings.cdc_slot,))).fetchone()
+        slot = await (
+            await conn.execute("SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = %s", (settings.cdc_slot,))
+        ).fetchone()
         if slot is not None and await self.snapshot_completed():
             self.confirmed_lsn = lsn_to_int(slot[0]) if slot[0] else None
             log.info("CDC capturing from slot %s at %s", settings.cdc_slot, slot[0])
@@ -212,9 +240,11 @@ class Capture:
     async def snapshot(self) -> None:
         """Create the slot with an exported snapshot and publish every row of it as ``op: "r"``."""
         async with await psycopg.AsyncConnection.connect(self.dsn, autocommit=True, replication="database") as replication:
-            created = await (await replication.execute(
-                sql.SQL("CREATE_REPLICATION_SLOT {} LOGICAL pgoutput (SNAPSHOT 'export')").format(sql.Identifier(settings.cdc_slot))
-            )).fetchone()
+            created = await (
+                await replication.execute(
+                    sql.SQL("CREATE_REPLICATION_SLOT {} LOGICAL pgoutput (SNAPSHOT 'export')").format(sql.Identifier(settings.cdc_slot))
+                )
+            ).fetchone()
             consistent_lsn, snapshot_name = lsn_to_int(created[1]), created[2]
             log.info("CDC slot %s created at %s; snapshotting %s", settings.cdc_slot, created[1], ", ".join(self.tables))
             async with await psycopg.AsyncConnection.connect(self.dsn) as reader:
@@ -236,8 +266,18 @@ class Capture:
                 for row in rows:
                     after = self.row_image(info, row)
                     envelope = change_envelope(
-                        op="r", before=None, after=after, lsn=lsn, tx_id=None, ts_ms=now_ms, schema=info.schema,
-                        table=info.table, db=self.db, snapshot=True, now_ms=now_ms, columns=info.columns,
+                        op="r",
+                        before=None,
+                        after=after,
+                        lsn=lsn,
+                        tx_id=None,
+                        ts_ms=now_ms,
+                        schema=info.schema,
+                        table=info.table,
+                        db=self.db,
+                        snapshot=True,
+                        now_ms=now_ms,
+                        columns=info.columns,
                     )
                     records.append(self.record(info, after, envelope))
                 await self.publish(records)
@@ -245,8 +285,12 @@ class Capture:
 
     async def snapshot_completed(self) -> bool:
         """Whether capture-state records a completed snapshot of CDC_SLOT."""
-        consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap_servers(settings.kafka_broker), group_id=None,
-                                    enable_auto_commit=False, fetch_max_wait_ms=settings.consumer_fetch_wait_ms)
+        consumer = AIOKafkaConsumer(
+            bootstrap_servers=bootstrap_servers(settings.kafka_broker),
+            group_id=None,
+            enable_auto_commit=False,
+            fetch_max_wait_ms=settings.consumer_fetch_wait_ms,
+        )
         await consumer.start()
         try:
             partition = TopicPartition(capture_state_topic.get_topic_name(), 0)
@@ -315,7 +359,7 @@ class Capture:
     def row_image(self, info: TableInfo, values: Sequence[TupleValue], fallback: Optional[Sequence[TupleValue]] = None) -> Dict[str, Any]:
         """Column name -> Debezium JSON value; an unchanged TOAST value is taken from ``fallback``."""
         row = {}
-        for index, (column, oid, value) in enumerate(zip(info.columns, info.type_oids, values)):
+        for index, (column, oid, value) in enumerate(zip(info.columns, info.type_oids, values, strict=False)):
             if isinstance(value, Unchanged) and fallback is not None and isinstance(fallback[index], str):
                 value = fallback[index]
             row[column.name] = wire_value(oid, value)
@@ -328,9 +372,23 @@ class Capture:
 
         def event(op: str, before: Optional[Dict[str, Any]], after: Optional[Dict[str, Any]]):
             row = after if after is not None else before
-            return info, row, change_envelope(
-                op=op, before=before, after=after, lsn=begin.final_lsn, tx_id=begin.xid, ts_ms=begin.commit_ts_ms,
-                schema=info.schema, table=info.table, db=self.db, snapshot=False, now_ms=now_ms, columns=info.columns,
+            return (
+                info,
+                row,
+                change_envelope(
+                    op=op,
+                    before=before,
+                    after=after,
+                    lsn=begin.final_lsn,
+                    tx_id=begin.xid,
+                    ts_ms=begin.commit_ts_ms,
+                    schema=info.schema,
+                    table=info.table,
+                    db=self.db,
+                    snapshot=False,
+                    now_ms=now_ms,
+                    columns=info.columns,
+                ),
             )
 
         if isinstance(message, Insert):
@@ -377,6 +435,7 @@ class Capture:
 capture = Capture(settings.cdc_source_dsn, settings.cdc_table_names) if settings.cdc_source_dsn and CDC_TOPICS else None
 
 if capture is not None:
+
     @app.task
     async def capture_changes() -> None:
         """Every worker competes for the capture lock; the holder captures."""
@@ -460,9 +519,13 @@ class ReplicaSink:
         if self.conn is None or self.conn.closed:
             conn = await psycopg.AsyncConnection.connect(self.dsn, autocommit=True)
             try:
-                await self.run_ddl(conn, sql.SQL(
-                    "CREATE TABLE IF NOT EXISTS public._cdc_versions (table_name text, row_id text, lsn bigint NOT NULL,"
-                    " PRIMARY KEY (table_name, row_id))"))
+                await self.run_ddl(
+                    conn,
+                    sql.SQL(
+                        "CREATE TABLE IF NOT EXISTS public._cdc_versions (table_name text, row_id text, lsn bigint NOT NULL,"
+                        " PRIMARY KEY (table_name, row_id))"
+                    ),
+                )
             except BaseException:
                 await conn.close()  # the next attempt connects and creates the guard table again
                 raise
@@ -551,9 +614,12 @@ class ReplicaSink:
         columns = [sql.SQL("{} {}").format(sql.Identifier(c.name), sql.SQL(c.sql_type)) for c in change.columns]
         key = sql.SQL(", ").join(sql.Identifier(name) for name in change.key)
         await self.run_ddl(
-            conn, sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(change.schema)),
+            conn,
+            sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(change.schema)),
             sql.SQL("CREATE TABLE IF NOT EXISTS {} ({}, PRIMARY KEY ({}))").format(
-                quoted(change.table_name), sql.SQL(", ").join(columns), key))
+                quoted(change.table_name), sql.SQL(", ").join(columns), key
+            ),
+        )
         log.info("replica: created %s from the source columns", change.table_name)
 
     async def run_ddl(self, conn: psycopg.AsyncConnection, *statements: sql.Composable) -> None:
@@ -596,11 +662,20 @@ class ReplicaSink:
             where = sql.SQL(" AND ").join(sql.SQL("{} = {}").format(sql.Identifier(name), typed(name)) for name in key)
             return guard + sql.SQL("DELETE FROM {} WHERE {} AND EXISTS (SELECT 1 FROM guard)").format(quoted(table_name), where)
         updates = [name for name in names if name not in key]
-        on_conflict = sql.SQL("DO UPDATE SET {}").format(sql.SQL(", ").join(
-            sql.SQL("{0} = EXCLUDED.{0}").format(sql.Identifier(name)) for name in updates)) if updates else sql.SQL("DO NOTHING")
+        on_conflict = (
+            sql.SQL("DO UPDATE SET {}").format(
+                sql.SQL(", ").join(sql.SQL("{0} = EXCLUDED.{0}").format(sql.Identifier(name)) for name in updates)
+            )
+            if updates
+            else sql.SQL("DO NOTHING")
+        )
         return guard + sql.SQL("INSERT INTO {} ({}) SELECT {} FROM guard ON CONFLICT ({}) {}").format(
-            quoted(table_name), sql.SQL(", ").join(map(sql.Identifier, names)), sql.SQL(", ").join(map(typed, names)),
-            sql.SQL(", ").join(map(sql.Identifier, key)), on_conflict)
+            quoted(table_name),
+            sql.SQL(", ").join(map(sql.Identifier, names)),
+            sql.SQL(", ").join(map(typed, names)),
+            sql.SQL(", ").join(map(sql.Identifier, key)),
+            on_conflict,
+        )
 
     async def close(self) -> None:
         if self.conn is not None:
@@ -686,7 +761,7 @@ class RedisSink:
             results = await pipeline.execute(raise_on_error=False) if written else []
         except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as error:
             raise TransientSinkError(f"redis: {error}") from error
-        for change, result in zip(written, results):
+        for change, result in zip(written, results, strict=True):
             if isinstance(result, Exception):
                 if str(result).startswith(REDIS_TRANSIENT_REPLIES):
                     raise TransientSinkError(f"redis: {result}")
@@ -751,7 +826,7 @@ class ElasticsearchSink:
     @staticmethod
     def rejected(changes: List[Change], items: List[Dict[str, Any]]) -> Rejected:
         rejected, retry = [], False
-        for change, item in zip(changes, items):
+        for change, item in zip(changes, items, strict=False):
             result = next(iter(item.values()))
             status = result.get("status", 500)
             if status < 300 or status == 409 or (change.is_delete and status == 404):
@@ -854,8 +929,13 @@ def record_rows(stream: StreamT, latest: List[Change], rejected_ids: set) -> Non
         current = dict(cdc_rows.get(key) or {})
         previous = current.get(change.table_name)
         if previous is None or previous["lsn"] <= change.lsn:
-            current[change.table_name] = {"lsn": change.lsn, "op": change.op, "ts_ms": change.ts_ms,
-                                          "row": change.after, "tx_id": change.tx_id}
+            current[change.table_name] = {
+                "lsn": change.lsn,
+                "op": change.op,
+                "ts_ms": change.ts_ms,
+                "row": change.after,
+                "tx_id": change.tx_id,
+            }
             cdc_rows[key] = current
 
 
@@ -872,9 +952,15 @@ def record_counts(stream: StreamT, changes: List[Change], rejected_ids: set, now
         _, entry = stats.get(stats_key) or (event, dict(cdc_table_stats.get(stats_key) or {}))
         counts = dict(entry.get("counts", {}))
         counts[change.op] = counts.get(change.op, 0) + 1
-        entry.update(table=change.table_name, partition=event.message.partition, counts=counts,
-                     lsn=max(entry.get("lsn", 0), change.lsn), sinks=[sink.name for sink in SINKS],
-                     lag_ms=max(0, now_ms - change.ts_ms), applied_at_ms=now_ms)
+        entry.update(
+            table=change.table_name,
+            partition=event.message.partition,
+            counts=counts,
+            lsn=max(entry.get("lsn", 0), change.lsn),
+            sinks=[sink.name for sink in SINKS],
+            lag_ms=max(0, now_ms - change.ts_ms),
+            applied_at_ms=now_ms,
+        )
         stats[stats_key] = (event, entry)
     for stats_key, (event, entry) in stats.items():
         enter_partition(stream, event)
@@ -889,7 +975,7 @@ async def apply_batch(stream: StreamT, changes: List[Change]) -> None:
     refused: Dict[int, Tuple[Change, List[str]]] = {id(c): (c, [reason]) for c, reason in incomplete}
     latest = latest_per_row(changes)
     # The sinks are independent: applied side by side, a batch takes as long as the slowest one.
-    for sink, sink_rejected in zip(SINKS, await asyncio.gather(*(apply_to_sink(sink, latest) for sink in SINKS))):
+    for sink, sink_rejected in zip(SINKS, await asyncio.gather(*(apply_to_sink(sink, latest) for sink in SINKS)), strict=True):
         for change, reason in sink_rejected:
             refused.setdefault(id(change), (change, []))[1].append(f"{sink.name}: {reason}")
     for change, reasons in refused.values():
@@ -905,6 +991,7 @@ async def apply_change_stream(stream: StreamT) -> None:
 
 
 if change_topics is not None:
+
     @app.agent(change_topics)
     async def apply_changes(stream: StreamT) -> None:
         """Each batch of change events to the replica, Redis and Elasticsearch, then to the state tables."""
@@ -918,7 +1005,9 @@ def merge_table_stats(entries: Iterable[Dict[str, Any]]) -> Dict[str, Dict[str, 
     """Per-partition entries -> per table: summed counts, the highest LSN, the latest lag."""
     tables: Dict[str, Dict[str, Any]] = {}
     for entry in entries:
-        merged = tables.setdefault(entry["table"], {"counts": {}, "lsn": 0, "lag_ms": None, "applied_at_ms": 0, "sinks": entry.get("sinks", [])})
+        merged = tables.setdefault(
+            entry["table"], {"counts": {}, "lsn": 0, "lag_ms": None, "applied_at_ms": 0, "sinks": entry.get("sinks", [])}
+        )
         for op, count in entry.get("counts", {}).items():
             merged["counts"][op] = merged["counts"].get(op, 0) + count
         merged["lsn"] = max(merged["lsn"], entry.get("lsn", 0))
@@ -939,13 +1028,20 @@ async def slot_status() -> Optional[Dict[str, Any]]:
     """The slot as the source reports it (None without CDC_SOURCE_DSN)."""
     if not settings.cdc_source_dsn:
         return None
-    status: Dict[str, Any] = {"slot": settings.cdc_slot, "publication": settings.cdc_publication,
-                              "capturing_worker": None, "tables": settings.cdc_table_names}
+    status: Dict[str, Any] = {
+        "slot": settings.cdc_slot,
+        "publication": settings.cdc_publication,
+        "capturing_worker": None,
+        "tables": settings.cdc_table_names,
+    }
     try:
         async with await psycopg.AsyncConnection.connect(settings.cdc_source_dsn, autocommit=True, connect_timeout=3) as conn:
-            row = await (await conn.execute(
-                "SELECT confirmed_flush_lsn::text, active, pg_current_wal_lsn()::text FROM pg_replication_slots WHERE slot_name = %s",
-                (settings.cdc_slot,))).fetchone()
+            row = await (
+                await conn.execute(
+                    "SELECT confirmed_flush_lsn::text, active, pg_current_wal_lsn()::text FROM pg_replication_slots WHERE slot_name = %s",
+                    (settings.cdc_slot,),
+                )
+            ).fetchone()
         if row is not None:
             status.update(confirmed_lsn=row[0], active=row[1], source_wal_lsn=row[2])
     except psycopg.Error as error:
@@ -956,9 +1052,14 @@ async def slot_status() -> Optional[Dict[str, Any]]:
 @app.page("/cdc/status/local/")
 async def cdc_status_of_this_worker(view: web.View, request: web.Request) -> web.Response:
     """This worker's share of /cdc/status/."""
-    return view.json({"stats": local_stats(), "capturing": bool(capture and capture.capturing),
-                      "confirmed_lsn": capture.confirmed_lsn if capture and capture.capturing else None,
-                      "published": capture.published if capture else 0})
+    return view.json(
+        {
+            "stats": local_stats(),
+            "capturing": bool(capture and capture.capturing),
+            "confirmed_lsn": capture.confirmed_lsn if capture and capture.capturing else None,
+            "published": capture.published if capture else 0,
+        }
+    )
 
 
 @app.page("/cdc/status/")
@@ -1012,7 +1113,7 @@ async def cdc_row(view: web.View, request: web.Request, table: str, pk: str) -> 
     try:
         key = key_from_path(pk)
     except ValueError as error:
-        raise view.ValidationError(str(error))
+        raise view.ValidationError(str(error)) from None
     key_bytes = key_json(key)
     try:
         return await app.router.route_req(cdc_rows.name, key_bytes, view.web, request)
@@ -1023,5 +1124,6 @@ async def cdc_row(view: web.View, request: web.Request, table: str, pk: str) -> 
         raise view.NotFound("unknown row", table=table, key=key)
     if state["row"] is None:
         raise view.NotFound("row deleted", table=table, key=key, lsn=int_to_lsn(state["lsn"]))
-    return view.json({"table": table, "key": key, "lsn": int_to_lsn(state["lsn"]), "op": state["op"],
-                      "ts_ms": state["ts_ms"], "row": state["row"]})
+    return view.json(
+        {"table": table, "key": key, "lsn": int_to_lsn(state["lsn"]), "op": state["op"], "ts_ms": state["ts_ms"], "row": state["row"]}
+    )

@@ -1,4 +1,5 @@
 """Counts dead letters per source topic and serves the counts."""
+
 from __future__ import annotations
 
 from faust import web

@@ -5,6 +5,7 @@ logs -> ship_logs -> Elasticsearch (logs-<service>-YYYY.MM.DD, bulk, retried unt
                                                                            -> metrics (log_error_rate)
 Pages: /logs/stats/{service}/, /logs/recent/{service}/, /logs/status/
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -21,29 +22,53 @@ from faust import web
 from faust.types import EventT
 
 from agents.metrics import metrics_topic
-from models.metrics import key_text
 from app import app, settings
 from app.aggregation import hold, release
 from app.dead_letters import dead_letter
 from app.runtime import reason_of, require_encodable
 from app.search import BulkPair, BulkWriter, Rejection, optional_writer, put_index_template
 from models.logs import (
-    LEVELS, InvalidRecord, LogCounts, RecordContext, count_rows, document_id, document_origin, fold_counts, header_text,
-    index_name, index_template_patterns, is_error, parse_record, split_rows, window_key, window_start, window_summary,
+    LEVELS,
+    InvalidRecord,
+    LogCounts,
+    RecordContext,
+    count_rows,
+    document_id,
+    document_origin,
+    fold_counts,
+    header_text,
+    index_name,
+    index_template_patterns,
+    is_error,
+    parse_record,
+    split_rows,
+    window_key,
+    window_start,
+    window_summary,
     windows_to_close,
 )
+from models.metrics import key_text
 from tables.logs import log_stats, recent_lines
 
 log = logging.getLogger(__name__)
 
 logs_topic = app.topic(
     # Raw bytes: a record may be JSON, logfmt, plain text or a JSON array; the agent detects which.
-    "logs", key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw",
-    partitions=settings.topic_partitions, internal=True,
+    "logs",
+    key_type=bytes,
+    value_type=bytes,
+    key_serializer="raw",
+    value_serializer="raw",
+    partitions=settings.topic_partitions,
+    internal=True,
 )
 log_counts_topic = app.topic(
-    "log-counts", key_type=bytes, value_type=LogCounts, key_serializer="raw",
-    partitions=settings.topic_partitions, internal=True,
+    "log-counts",
+    key_type=bytes,
+    value_type=LogCounts,
+    key_serializer="raw",
+    partitions=settings.topic_partitions,
+    internal=True,
 )
 
 INDEX_TEMPLATE = "streamspine-logs"
@@ -222,7 +247,7 @@ def newest_lines(batch: ParsedBatch, service: str, limit: int) -> List[Dict[str,
     lines = [line for (name, _), kept in batch.recent.items() if name == service for line in kept[-limit:]]
     lines.sort(key=line_time)
     entries = [recent_entry(doc_id, doc) for doc_id, doc in lines[-limit:]]
-    return entries[len(entries) - entries_within(reversed(entries), RECENT_BYTES):]
+    return entries[len(entries) - entries_within(reversed(entries), RECENT_BYTES) :]
 
 
 def entries_within(entries: Iterable[Dict[str, Any]], budget: int) -> int:
@@ -270,8 +295,14 @@ async def dead_letter_rejections(rejections: List[Rejection], batch: ParsedBatch
         counters.dead_lettered += 1
 
 
-async def finish_part(stream: Any, batch: ParsedBatch, part: BulkPart, counted: asyncio.Future,
-                      turn: Tuple[asyncio.Future, asyncio.Future], rejections: List[Rejection]) -> None:
+async def finish_part(
+    stream: Any,
+    batch: ParsedBatch,
+    part: BulkPart,
+    counted: asyncio.Future,
+    turn: Tuple[asyncio.Future, asyncio.Future],
+    rejections: List[Rejection],
+) -> None:
     """After a part's bulk write (every line stored or refused): dead-letter the refused lines,
     then release the part's events in their turn (see ``release_in_order``)."""
     lines, part.actions = len(part.actions), []  # the documents are not kept while the counts are awaited
@@ -306,8 +337,7 @@ class ReleaseOrder:
         return previous
 
 
-async def release_in_order(stream: Any, events: List[EventT], counted: asyncio.Future,
-                           turn: Tuple[asyncio.Future, asyncio.Future]) -> None:
+async def release_in_order(stream: Any, events: List[EventT], counted: asyncio.Future, turn: Tuple[asyncio.Future, asyncio.Future]) -> None:
     """Release ``events`` once the batch's counts are in Kafka (``counted``) and the part before
     was released; if either failed, they stay held (and so do all parts after them)."""
     previous, released = turn
@@ -330,8 +360,7 @@ class BulkWrites:
         self.slots = asyncio.Semaphore(limit)
         self.tasks: Deque[asyncio.Future] = deque()
 
-    async def start(self, write: Coroutine[Any, Any, Any],
-                    then: Optional[Callable[[Any], Awaitable[None]]] = None) -> None:
+    async def start(self, write: Coroutine[Any, Any, Any], then: Optional[Callable[[Any], Awaitable[None]]] = None) -> None:
         """Wait for a free slot (raising what a finished write raised), then run ``write`` and,
         with its slot given back, ``then(its result)``."""
         try:
@@ -429,7 +458,10 @@ async def ship_logs(stream) -> None:
     """
     if writer is not None:
         await put_index_template(
-            writer.client, INDEX_TEMPLATE, index_template_patterns(settings.log_index_pattern), INDEX_MAPPINGS,
+            writer.client,
+            INDEX_TEMPLATE,
+            index_template_patterns(settings.log_index_pattern),
+            INDEX_MAPPINGS,
             max_backoff=settings.elasticsearch_max_backoff,
         )
     writes, order = BulkWrites(settings.log_bulk_in_flight), ReleaseOrder()
@@ -455,14 +487,13 @@ def merge_recent(current: List[Dict[str, Any]], new: List[Dict[str, Any]], limit
     merged = list(reversed(new)) + [entry for entry in current if entry["id"] not in seen]
     merged.sort(key=lambda entry: entry["@timestamp"], reverse=True)
     del merged[limit:]
-    return merged[:entries_within(merged, RECENT_BYTES)]
+    return merged[: entries_within(merged, RECENT_BYTES)]
 
 
 async def send_error_rate(service: str, start: float, levels: Dict[str, int]) -> None:
     """A closed window's error ratio as a ``log_error_rate`` sample on ``metrics``."""
     summary = window_summary(start, settings.log_stats_window, levels)
-    sample = {"service": service, "instance": "logs", "metric": LOG_ERROR_RATE,
-              "value": summary["error_ratio"], "ts": summary["end"]}
+    sample = {"service": service, "instance": "logs", "metric": LOG_ERROR_RATE, "value": summary["error_ratio"], "ts": summary["end"]}
     delivery = await metrics_topic.send(key=service.encode(), value=json.dumps(sample).encode())
     await delivery
 
@@ -496,7 +527,8 @@ async def close_quiet_windows() -> None:
         service = key.decode() if isinstance(key, bytes) else key
         if windows_to_close(state, now=now, window=settings.log_stats_window, grace=CLOSE_GRACE):
             await log_counts_topic.send(
-                key=service.encode(), value=LogCounts(service=service, source_partition=-1, counts=[], recent=[]),
+                key=service.encode(),
+                value=LogCounts(service=service, source_partition=-1, counts=[], recent=[]),
             )
 
 
@@ -554,12 +586,14 @@ async def service_recent_lines(view: web.View, request: web.Request, service: st
 @app.page("/logs/status/")
 async def shipping_status(view: web.View, request: web.Request) -> web.Response:
     """This worker's shipping totals and whether Elasticsearch is configured."""
-    return view.json({
-        "elasticsearch": settings.elasticsearch_url is not None,
-        "index_pattern": settings.log_index_pattern,
-        "es_retries": writer.retries if writer is not None else 0,
-        **counters.__dict__,
-    })
+    return view.json(
+        {
+            "elasticsearch": settings.elasticsearch_url is not None,
+            "index_pattern": settings.log_index_pattern,
+            "es_retries": writer.retries if writer is not None else 0,
+            **counters.__dict__,
+        }
+    )
 
 
 __all__ = ["logs_topic", "log_counts_topic", "ship_logs", "count_log_lines", "is_error"]

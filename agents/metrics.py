@@ -6,6 +6,7 @@ alert checks (timer, every worker) -> metrics (keyed by service) -> record_sampl
 alert-silences -> every worker's SilenceCache (read outside the consumer group)
 Pages: /metrics/{service}/, /metrics/services/{service}/, /alerts/, /alerts/silences
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -76,7 +77,11 @@ from tables.metrics import alert_states, latest_samples, metric_panes, metric_se
 
 metrics_topic = app.topic(
     # Keys arrive as bytes and are decoded in the agent, so a key that is not UTF-8 is dead-lettered.
-    "metrics", key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw",
+    "metrics",
+    key_type=bytes,
+    value_type=bytes,
+    key_serializer="raw",
+    value_serializer="raw",
     partitions=settings.topic_partitions,
     internal=True,  # the worker creates it with TOPIC_PARTITIONS when it does not exist yet
 )
@@ -140,7 +145,9 @@ class SilenceCache:
         partition = TopicPartition(silences_topic.get_topic_name(), 0)
         consumer = AIOKafkaConsumer(
             bootstrap_servers=bootstrap_servers(settings.kafka_broker),
-            group_id=None, auto_offset_reset="earliest", fetch_max_wait_ms=settings.consumer_fetch_wait_ms,
+            group_id=None,
+            auto_offset_reset="earliest",
+            fetch_max_wait_ms=settings.consumer_fetch_wait_ms,
         )
         await consumer.start()
         try:
@@ -264,7 +271,8 @@ async def observe_series(service: str, instance: str, metric: str, tagged: List[
         metric_panes.pop(pane_key(series, start), None)
         panes.discard(start)
     metric_series[series] = {
-        "panes": sorted(panes), "last_ts": last_ts,
+        "panes": sorted(panes),
+        "last_ts": last_ts,
         "baselines": {name: baseline.asdict() for name, baseline in baselines.items()},
         APPLIED: max([applied] + [offset for offset, _ in tagged]),
     }
@@ -295,8 +303,7 @@ async def observe_service(service: str, records: List[Tuple[int, List[MetricSamp
 
 def absent_after_of(alert: Alert) -> float:
     """ALERT_ABSENT_AFTER, or the window of the alert's rule plus one step."""
-    return absent_after(RULES_BY_NAME.get(alert.rule), settings.alert_absent_after, settings.metric_window_step,
-                        settings.metric_window)
+    return absent_after(RULES_BY_NAME.get(alert.rule), settings.alert_absent_after, settings.metric_window_step, settings.metric_window)
 
 
 async def check_alert(service: str, fingerprint: str, at: float) -> None:
@@ -379,7 +386,7 @@ async def forward_keyless(batch: List[Decoded[MetricsRecord]]) -> None:
     deliveries = []
     for service, samples in by_service.items():
         for first in range(0, len(samples), FORWARDED_SAMPLES):
-            value = json.dumps(samples[first:first + FORWARDED_SAMPLES]).encode()
+            value = json.dumps(samples[first : first + FORWARDED_SAMPLES]).encode()
             deliveries.append(await metrics_topic.send(key=service.encode(), value=value))
     await asyncio.gather(*deliveries)
 
@@ -391,7 +398,8 @@ async def apply_batch(stream: StreamT, batch: List[Decoded[MetricsRecord]]) -> N
     at = clock()
     keyed = [
         (entry.event, [(entry.value.service, [(entry.event.message.offset, entry.value.samples)])])
-        for entry in batch if isinstance(entry.value, IncomingSamples) and entry.value.service is not None
+        for entry in batch
+        if isinstance(entry.value, IncomingSamples) and entry.value.service is not None
     ]
     for part in fold_deltas(keyed, combine=operator.add).values():
         enter_partition(stream, part.last_event)
@@ -461,7 +469,7 @@ async def check_alerts_of_this_worker() -> None:
         return
     for service, fingerprints in due.items():
         for first in range(0, len(fingerprints), MAX_CHECKED_ALERTS):
-            value = json.dumps(fingerprints[first:first + MAX_CHECKED_ALERTS]).encode()
+            value = json.dumps(fingerprints[first : first + MAX_CHECKED_ALERTS]).encode()
             await metrics_topic.send(key=service.encode(), value=value, headers={ALERT_CHECK_HEADER: b"1"})
 
 
@@ -472,6 +480,7 @@ async def follow_silences() -> None:
 
 
 if webhook is not None:
+
     @app.task
     async def deliver_webhooks() -> None:
         """Send queued Alertmanager payloads to ALERT_WEBHOOK_URL."""
@@ -565,8 +574,10 @@ def silence_from_request(body: Any, now: float) -> Silence:
     if not isinstance(body, dict):
         raise ValueError("body must be a JSON object")
     matchers = body.get("matchers")
-    if not isinstance(matchers, list) or not matchers or not all(
-        isinstance(m, dict) and isinstance(m.get("name"), str) and isinstance(m.get("value"), str) for m in matchers
+    if (
+        not isinstance(matchers, list)
+        or not matchers
+        or not all(isinstance(m, dict) and isinstance(m.get("name"), str) and isinstance(m.get("value"), str) for m in matchers)
     ):
         raise ValueError("matchers must be a non-empty list of {name, value, is_regex}")
     ends_at = epoch_time(body.get("ends_at"), "ends_at")
@@ -597,6 +608,6 @@ class Silences(web.View):
         try:
             silence = silence_from_request(await request.json(), time.time())
         except ValueError as error:
-            raise self.ValidationError(str(error))
+            raise self.ValidationError(str(error)) from None
         await silences_topic.send(key=silence.id, value=silence)
         return self.json(silence.asdict(), status=201)

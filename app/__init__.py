@@ -1,4 +1,5 @@
 """The streamspine Faust application: ``faust -A app worker -l info``."""
+
 from __future__ import annotations
 
 import gc
@@ -15,7 +16,6 @@ remember_secrets(settings.secret_values)
 app = faust.App(settings.app_id, **faust_settings(settings))
 
 
-
 @app.on_worker_init.connect
 def create_data_dir(sender: faust.App, **kwargs: object) -> None:
     """Faust creates DATA_DIR without its parents: a fresh checkout has no ./data yet."""
@@ -23,8 +23,8 @@ def create_data_dir(sender: faust.App, **kwargs: object) -> None:
 
 
 # Register the platform pages and every job's agents, tables and pages.
-from app import cli, dashboard, prometheus, web  # noqa: E402,F401
 from agents import cdc, dead_letters, logs, metrics, migration, recommendations  # noqa: E402,F401
+from app import cli, dashboard, prometheus, web  # noqa: E402,F401
 
 
 def tune_garbage_collector(settings: Settings) -> None:

@@ -10,6 +10,7 @@ The first three talk to a worker's web server (``--url``, default this host's WE
 with ADMIN_TOKEN where a change needs it; ``dlq-replay`` reads ``<topic>.dlq`` from Kafka and
 produces the chosen records back to ``<topic>`` exactly as they were first written.
 """
+
 from __future__ import annotations
 
 import json
@@ -89,14 +90,14 @@ def matchers_of(pairs: Sequence[str]) -> List[Dict[str, Any]]:
     option("--created-by", default="faust-cli", show_default=True),
     url_option,
 )
-async def silences(self: Any, action: str = "list", matches: Sequence[str] = (), hours: float = 1.0,
-                   comment: str = "", created_by: str = "", url: str = "") -> None:
+async def silences(
+    self: Any, action: str = "list", matches: Sequence[str] = (), hours: float = 1.0, comment: str = "", created_by: str = "", url: str = ""
+) -> None:
     """List the silences, or add one: faust -A app silences [list|add] --match service=cart."""
     if action == "list":
         print_answer(*await call_worker("GET", f"{url}/alerts/silences"))
     elif action == "add":
-        body = {"matchers": matchers_of(matches), "ends_at": time.time() + hours * 3600,
-                "comment": comment, "created_by": created_by}
+        body = {"matchers": matchers_of(matches), "ends_at": time.time() + hours * 3600, "comment": comment, "created_by": created_by}
         print_answer(*await call_worker("POST", f"{url}/alerts/silences", body))
     else:
         raise SystemExit(f"unknown action {action!r}: use list or add")
@@ -140,8 +141,9 @@ def replayed_record(dlq_topic: str, record: ConsumerRecord) -> Tuple[Optional[by
 
 async def read_dead_letters(dlq_topic: str, accept: ReplayFilter) -> List[ConsumerRecord]:
     """Every dead letter of ``dlq_topic`` up to its end when the command started that ``accept``s."""
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap_servers(settings.kafka_broker), group_id=None,
-                                enable_auto_commit=False, auto_offset_reset="earliest")
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=bootstrap_servers(settings.kafka_broker), group_id=None, enable_auto_commit=False, auto_offset_reset="earliest"
+    )
     await consumer.start()
     try:
         partitions = [TopicPartition(dlq_topic, p) for p in sorted(consumer.partitions_for_topic(dlq_topic) or ())]
@@ -179,9 +181,16 @@ def describe_letter(record: ConsumerRecord) -> str:
     option("--limit", type=int, default=None, help="Replay at most this many."),
     option("--dry-run", is_flag=True, default=False, help="Only list what would be replayed."),
 )
-async def dlq_replay(self: Any, topic: str, reason: Optional[str] = None, key: Optional[str] = None,
-                     partition: Optional[int] = None, since: Optional[float] = None, limit: Optional[int] = None,
-                     dry_run: bool = False) -> None:
+async def dlq_replay(
+    self: Any,
+    topic: str,
+    reason: Optional[str] = None,
+    key: Optional[str] = None,
+    partition: Optional[int] = None,
+    since: Optional[float] = None,
+    limit: Optional[int] = None,
+    dry_run: bool = False,
+) -> None:
     """Send dead letters of TOPIC (read from TOPIC.dlq) back to TOPIC after a fix."""
     if topic.endswith(DLQ_SUFFIX):
         topic = topic[: -len(DLQ_SUFFIX)]
@@ -196,8 +205,9 @@ async def dlq_replay(self: Any, topic: str, reason: Optional[str] = None, key: O
     if dry_run:
         print(f"{len(replayable)} of {len(letters)} matching dead letters would go back to {topic} ({skipped} without their value)")
         return
-    producer = AIOKafkaProducer(bootstrap_servers=bootstrap_servers(settings.kafka_broker), acks="all",
-                                max_request_size=app.conf.producer_max_request_size)
+    producer = AIOKafkaProducer(
+        bootstrap_servers=bootstrap_servers(settings.kafka_broker), acks="all", max_request_size=app.conf.producer_max_request_size
+    )
     await producer.start()
     try:
         deliveries = []

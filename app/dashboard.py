@@ -9,6 +9,7 @@ The page loads nothing but its own worker's files and endpoints: a Content-Secur
 State-changing actions send the admin token the operator typed into the page; the server never
 puts it there.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -60,8 +61,7 @@ def merge_overviews(parts: Iterable[Mapping[str, List[str]]], unreachable: List[
         log_services.update(part.get("log_services", []))
         topics.update(part.get("dead_letter_topics", []))
     services = [
-        {"name": name, "metrics": name in metric_services, "logs": name in log_services}
-        for name in sorted(metric_services | log_services)
+        {"name": name, "metrics": name in metric_services, "logs": name in log_services} for name in sorted(metric_services | log_services)
     ]
     return {"services": services, "dead_letter_topics": sorted(topics), "unreachable": sorted(unreachable)}
 

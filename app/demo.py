@@ -5,6 +5,7 @@ of every form (JSON, logfmt, plain text, JSON arrays) with an error now and then
 clicks and purchases for the recommendations, and one malformed record every 30 s so the
 dead-letter path can be seen working.
 """
+
 from __future__ import annotations
 
 import argparse

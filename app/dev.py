@@ -2,6 +2,7 @@
 
 Ctrl-C stops everything this started.
 """
+
 from __future__ import annotations
 
 import os

@@ -8,6 +8,7 @@ ApiVersions answer breaks librdkafka before 2.2 (Debian 12's kcat and rsyslog om
 shim rewrites it to the bytes Apache Kafka sends. Tansu listens on a private port and advertises
 the shim's, so every later connection of a client goes through the shim too.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -59,8 +60,7 @@ class LocalBroker:
     by this process. ``port`` is the one clients use; ``shim=False`` exposes Tansu there directly
     (librdkafka < 2.2 clients then fail their handshake)."""
 
-    def __init__(self, port: Optional[int] = None, host: str = "127.0.0.1", log_path: Optional[Path] = None,
-                 shim: bool = True) -> None:
+    def __init__(self, port: Optional[int] = None, host: str = "127.0.0.1", log_path: Optional[Path] = None, shim: bool = True) -> None:
         self.host = host
         self.port = port or free_port(host)
         self.tansu_port = free_port(host) if shim else self.port
@@ -86,12 +86,21 @@ class LocalBroker:
     def start(self, timeout: float = 15.0) -> "LocalBroker":
         """Start the broker (then its shim) and return once clients can connect."""
         self._log = open(self.log_path, "wb")
-        self._spawn([broker_binary(), "broker", "--listener-url", f"tcp://{self.host}:{self.tansu_port}",
-                     "--advertised-listener-url", f"tcp://{self.bootstrap}", "--storage-engine", "memory://tansu/"])
+        self._spawn(
+            [
+                broker_binary(),
+                "broker",
+                "--listener-url",
+                f"tcp://{self.host}:{self.tansu_port}",
+                "--advertised-listener-url",
+                f"tcp://{self.bootstrap}",
+                "--storage-engine",
+                "memory://tansu/",
+            ]
+        )
         self._wait_until_listening(self.tansu_port, timeout)
         if self.tansu_port != self.port:
-            self._spawn([sys.executable, str(SHIM_SCRIPT), "--listen", self.bootstrap,
-                         "--upstream", f"{self.host}:{self.tansu_port}"])
+            self._spawn([sys.executable, str(SHIM_SCRIPT), "--listen", self.bootstrap, "--upstream", f"{self.host}:{self.tansu_port}"])
             self._wait_until_listening(self.port, timeout)
         return self
 

@@ -15,6 +15,7 @@ importing the app.
 
 ``python app/local_broker_shim.py --listen 127.0.0.1:9092 --upstream 127.0.0.1:19092``
 """
+
 from __future__ import annotations
 
 import argparse
@@ -71,7 +72,7 @@ def read_tagged_fields(data: bytes, pos: int) -> Tuple[Dict[int, bytes], int]:
         size, pos = read_uvarint(data, pos)
         if pos + size > len(data):
             raise ValueError("tagged field runs past the end of the response")
-        fields[tag] = data[pos:pos + size]
+        fields[tag] = data[pos : pos + size]
         pos += size
     return fields, pos
 

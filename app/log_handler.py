@@ -23,6 +23,7 @@ those of the Kafka client library's loggers (``excluded_loggers``, ``aiokafka`` 
 attached to a root logger at DEBUG it would otherwise ship the client's lines about sending
 lines, each send logging more.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -52,9 +53,17 @@ class KafkaLogHandler(logging.Handler):
     """Ship log records as ECS JSON lines to Kafka (see the module docstring)."""
 
     def __init__(
-        self, bootstrap_servers: str, service: str, *, topic: str = "logs", host: Optional[str] = None,
-        max_queue: int = 100_000, batch_lines: int = 100, max_record_bytes: int = 900_000,
-        max_field_chars: int = 65_536, level: int = logging.NOTSET,
+        self,
+        bootstrap_servers: str,
+        service: str,
+        *,
+        topic: str = "logs",
+        host: Optional[str] = None,
+        max_queue: int = 100_000,
+        batch_lines: int = 100,
+        max_record_bytes: int = 900_000,
+        max_field_chars: int = 65_536,
+        level: int = logging.NOTSET,
         excluded_loggers: Iterable[str] = KAFKA_CLIENT_LOGGERS,
     ) -> None:
         super().__init__(level)
@@ -100,7 +109,7 @@ class KafkaLogHandler(logging.Handler):
         for name in ("message", "error.message", "error.stack_trace"):
             value = line.get(name)
             if isinstance(value, str) and len(value) > self.max_field_chars:
-                line[name], line["truncated"] = value[:self.max_field_chars], True
+                line[name], line["truncated"] = value[: self.max_field_chars], True
         return line
 
     def filter(self, record: logging.LogRecord) -> bool:

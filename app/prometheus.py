@@ -7,6 +7,7 @@ count, so exposing metrics adds no work per record. Jobs add their own gauges wi
     def alerts_by_state() -> Dict[Tuple[str, ...], float]:
         return {("firing",): 2.0, ("pending",): 1.0}
 """
+
 from __future__ import annotations
 
 import logging
@@ -38,9 +39,11 @@ _job_gauges: List[JobGauge] = []
 
 def gauge(name: str, documentation: str, labels: Sequence[str] = ()) -> Callable[[Callable[[], Samples]], Callable[[], Samples]]:
     """Register a function that returns ``{label values: value}``, read at every scrape."""
+
     def register(read: Callable[[], Samples]) -> Callable[[], Samples]:
         _job_gauges.append(JobGauge(name, documentation, tuple(labels), read))
         return read
+
     return register
 
 
@@ -59,11 +62,13 @@ class WorkerCollector(Collector):
         received = dict(monitor.messages_received_by_topic)
         sent = dict(monitor.messages_sent_by_topic)
         yield counter_family("streamspine_records_consumed", "Records read, per topic.", "topic", received)
-        yield counter_family("streamspine_records_produced", "Records sent, per topic (changelogs and dead letters included).",
-                             "topic", sent)
+        yield counter_family(
+            "streamspine_records_produced", "Records sent, per topic (changelogs and dead letters included).", "topic", sent
+        )
         dead = {topic[: -len(DLQ_SUFFIX)]: count for topic, count in sent.items() if topic.endswith(DLQ_SUFFIX)}
-        yield counter_family("streamspine_records_dead_lettered", "Records refused and sent to <topic>.dlq, per source topic.",
-                             "topic", dead)
+        yield counter_family(
+            "streamspine_records_dead_lettered", "Records refused and sent to <topic>.dlq, per source topic.", "topic", dead
+        )
         yield from self.consumer_offsets(monitor)
         yield from self.batches()
         yield CounterMetricFamily("streamspine_rebalances", "Rebalances this worker took part in.", value=monitor.rebalances)
@@ -72,10 +77,12 @@ class WorkerCollector(Collector):
 
     def consumer_offsets(self, monitor) -> Iterator:
         committed, end = monitor.tp_committed_offsets, monitor.tp_end_offsets
-        lag = GaugeMetricFamily("streamspine_consumer_lag", "Records between the committed offset and the end, per partition.",
-                                labels=["topic", "partition"])
-        committed_family = GaugeMetricFamily("streamspine_consumer_committed_offset", "Last committed offset.",
-                                             labels=["topic", "partition"])
+        lag = GaugeMetricFamily(
+            "streamspine_consumer_lag", "Records between the committed offset and the end, per partition.", labels=["topic", "partition"]
+        )
+        committed_family = GaugeMetricFamily(
+            "streamspine_consumer_committed_offset", "Last committed offset.", labels=["topic", "partition"]
+        )
         assigned = app.consumer.assignment() if app.consumer is not None else set()
         for tp in sorted(assigned, key=lambda tp: (tp.topic, tp.partition)):
             labels = [tp.topic, str(tp.partition)]
@@ -87,10 +94,10 @@ class WorkerCollector(Collector):
         yield committed_family
 
     def batches(self) -> Iterator:
-        applied = SummaryMetricFamily("streamspine_batch_apply_seconds", "Time to apply a batch (retries included), per job step.",
-                                      labels=["step"])
-        retries = CounterMetricFamily("streamspine_retries", "Retries of a failed batch or sink write, per job step.",
-                                      labels=["step"])
+        applied = SummaryMetricFamily(
+            "streamspine_batch_apply_seconds", "Time to apply a batch (retries included), per job step.", labels=["step"]
+        )
+        retries = CounterMetricFamily("streamspine_retries", "Retries of a failed batch or sink write, per job step.", labels=["step"])
         for step, stats in sorted(apply_stats.items()):
             applied.add_metric([step], count_value=stats.batches, sum_value=stats.seconds)
             retries.add_metric([step], stats.retries)

@@ -1,5 +1,6 @@
 """Secrets never reach a log line or an error message: passwords in URLs and DSNs, tokens in query
 strings and Authorization headers, and the values of the secret settings themselves."""
+
 from __future__ import annotations
 
 import logging
@@ -11,8 +12,13 @@ _PATTERNS = [
     # scheme://user:password@host
     (re.compile(r"(?P<keep>\b[A-Za-z][A-Za-z0-9+.-]*://[^/\s:@]*:)[^@\s]*(?=@)"), MASK),
     # ?token=...&password=... in a URL, password=... in a libpq key/value DSN
-    (re.compile(r"(?P<keep>(?:[?&;\s]|^)(?:password|passwd|pwd|token|access_token|secret|api_key|apikey|key|sig|signature)=)[^&\s;]*",
-                re.IGNORECASE), MASK),
+    (
+        re.compile(
+            r"(?P<keep>(?:[?&;\s]|^)(?:password|passwd|pwd|token|access_token|secret|api_key|apikey|key|sig|signature)=)[^&\s;]*",
+            re.IGNORECASE,
+        ),
+        MASK,
+    ),
     # Authorization: Bearer <token> / Basic <credentials>
     (re.compile(r"(?P<keep>\b(?:Bearer|Basic)\s+)[A-Za-z0-9._~+/=-]+", re.IGNORECASE), MASK),
 ]
@@ -30,7 +36,7 @@ def remember_secrets(values: Iterable[str]) -> None:
 def redact(text: str) -> str:
     """``text`` with every password, token and known secret replaced by ***."""
     for pattern, mask in _PATTERNS:
-        text = pattern.sub(lambda match: match.group("keep") + mask, text)
+        text = pattern.sub(lambda match, mask=mask: match.group("keep") + mask, text)
     for secret in _known_secrets:
         text = text.replace(secret, MASK)
     return text

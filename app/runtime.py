@@ -13,6 +13,7 @@
 - ``take_events`` acknowledges the events when the loop body returns, in read order, so offsets are
   committed only past records that were applied or dead-lettered.
 """
+
 from __future__ import annotations
 
 import logging
@@ -74,7 +75,11 @@ def require_encodable(value: Any) -> Any:
 
 
 async def decoded_batches(
-    stream: StreamT, decode: Callable[[EventT], Optional[T]], *, max_: int, within: float,
+    stream: StreamT,
+    decode: Callable[[EventT], Optional[T]],
+    *,
+    max_: int,
+    within: float,
 ) -> AsyncIterator[List[Decoded[T]]]:
     """Batches of up to ``max_`` records (or what arrived ``within`` seconds), decoded.
 
@@ -100,7 +105,10 @@ def _log_retry(what: str, state: RetryCallState) -> None:
     attempt = state.attempt_number
     apply_stats[what].retries += 1
     log.error(
-        "%s failed (%r); retry %d", what, error, attempt,
+        "%s failed (%r); retry %d",
+        what,
+        error,
+        attempt,
         exc_info=error if attempt % 100 == 1 else None,  # the traceback on the 1st and every 100th
     )
 
@@ -109,7 +117,9 @@ def retrying(what: str, *, max_backoff: float = MAX_BACKOFF, initial: float = 0.
     """The one retry policy: exponential backoff up to ``max_backoff``, forever, for any
     Exception (never cancellation or exit), logging each retry."""
     return AsyncRetrying(
-        wait=wait_exponential(multiplier=initial, max=max_backoff), stop=stop_never, reraise=True,
+        wait=wait_exponential(multiplier=initial, max=max_backoff),
+        stop=stop_never,
+        reraise=True,
         retry=retry_if_exception(lambda error: isinstance(error, Exception)),
         before_sleep=lambda state: _log_retry(what, state),
     )

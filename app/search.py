@@ -22,18 +22,18 @@ dict into (``({"index": {"_index": ..., "_id": ...}}, doc)``), passed through as
 Actions carry deterministic ``_id``s (and, where ordering matters, external versions), so a retry
 or a redelivered record overwrites instead of duplicating.
 """
+
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
 from typing import Any, Collection, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
+import orjson
 from elastic_transport import ConnectionError as TransportConnectionError
-from elastic_transport import ConnectionTimeout
-from elastic_transport import OrjsonSerializer
+from elastic_transport import ConnectionTimeout, OrjsonSerializer
 from elasticsearch import ApiError, AsyncElasticsearch
 from elasticsearch.helpers import async_streaming_bulk, expand_action
-import orjson
 from tenacity import AsyncRetrying, retry_if_exception, stop_never, wait_exponential
 
 log = logging.getLogger(__name__)
@@ -91,8 +91,7 @@ def is_retried(op_type: str, info: Mapping[str, Any]) -> bool:
     if "exception" in info:
         return status in RETRYABLE_REQUEST_STATUS
     error = info.get("error")
-    return (status == 404 and op_type != "delete" and isinstance(error, Mapping)
-            and error.get("type") == "index_not_found_exception")
+    return status == 404 and op_type != "delete" and isinstance(error, Mapping) and error.get("type") == "index_not_found_exception"
 
 
 class DocumentSerializer(OrjsonSerializer):
@@ -111,7 +110,11 @@ class DocumentSerializer(OrjsonSerializer):
 def search_client(url: str) -> AsyncElasticsearch:
     """An async client whose own retries are off: BulkWriter is the one retry mechanism."""
     return AsyncElasticsearch(
-        url, max_retries=0, retry_on_timeout=False, request_timeout=30, serializer=DocumentSerializer(),
+        url,
+        max_retries=0,
+        retry_on_timeout=False,
+        request_timeout=30,
+        serializer=DocumentSerializer(),
     )
 
 
@@ -142,7 +145,11 @@ class BulkWriter:
     """Bulk-index, update or delete documents; see the module docstring for the guarantees."""
 
     def __init__(
-        self, client: AsyncElasticsearch, *, max_backoff: float = 30.0, initial_backoff: float = 0.1,
+        self,
+        client: AsyncElasticsearch,
+        *,
+        max_backoff: float = 30.0,
+        initial_backoff: float = 0.1,
         accept_status: Collection[int] = (),
     ) -> None:
         self.client = client
@@ -176,9 +183,16 @@ class BulkWriter:
         retry: List[Action] = []
         reason = ""
         async for ok, item in async_streaming_bulk(
-            self.client, actions, chunk_size=CHUNK_SIZE, max_chunk_bytes=MAX_CHUNK_BYTES,
-            expand_action_callback=bulk_pair, raise_on_error=False, raise_on_exception=False,
-            yield_ok=False, ignore_status=self.accept_status, filter_path=BULK_FILTER_PATH,
+            self.client,
+            actions,
+            chunk_size=CHUNK_SIZE,
+            max_chunk_bytes=MAX_CHUNK_BYTES,
+            expand_action_callback=bulk_pair,
+            raise_on_error=False,
+            raise_on_exception=False,
+            yield_ok=False,
+            ignore_status=self.accept_status,
+            filter_path=BULK_FILTER_PATH,
         ):
             if ok:
                 continue
@@ -204,7 +218,9 @@ class BulkWriter:
         self.retries += 1
         error = state.outcome.exception() if state.outcome else None
         log.warning(
-            "Elasticsearch write failed (%s); retry %d in %.1fs", error, state.attempt_number,
+            "Elasticsearch write failed (%s); retry %d in %.1fs",
+            error,
+            state.attempt_number,
             state.next_action.sleep if state.next_action else 0.0,
         )
 
@@ -212,19 +228,25 @@ class BulkWriter:
         await self.client.close()
 
 
-async def put_index_template(client: AsyncElasticsearch, name: str, patterns: List[str], mappings: Dict[str, Any],
-                             *, max_backoff: float = 30.0) -> None:
+async def put_index_template(
+    client: AsyncElasticsearch, name: str, patterns: List[str], mappings: Dict[str, Any], *, max_backoff: float = 30.0
+) -> None:
     """Create or replace an index template, retrying until the cluster answers."""
     retrying = AsyncRetrying(
         retry=retry_if_exception(is_transient_error),
-        wait=wait_exponential(multiplier=0.1, max=max_backoff), stop=stop_never, reraise=True,
+        wait=wait_exponential(multiplier=0.1, max=max_backoff),
+        stop=stop_never,
+        reraise=True,
         before_sleep=lambda state: log.warning("index template %s not stored yet: %s", name, state.outcome.exception()),
     )
     async for attempt in retrying:
         with attempt:
             await client.indices.put_index_template(
-                name=name, index_patterns=patterns, priority=200,
-                template={"mappings": mappings}, meta={"managed_by": "streamspine"},
+                name=name,
+                index_patterns=patterns,
+                priority=200,
+                template={"mappings": mappings},
+                meta={"managed_by": "streamspine"},
             )
 
 

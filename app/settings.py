@@ -1,12 +1,13 @@
 """Worker settings: read once from environment variables, validated at start (12-factor)."""
+
 from __future__ import annotations
 
 import re
 import sys
 from datetime import datetime, timezone
 from pathlib import Path
-from urllib.parse import unquote, urlsplit
 from typing import Any, Dict, List, Literal, Optional, Tuple
+from urllib.parse import unquote, urlsplit
 
 from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -24,12 +25,16 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(extra="ignore", frozen=True, env_ignore_empty=True)
 
     # --- platform -----------------------------------------------------------------------------
-    app_id: str = Field("streamspine", min_length=1, pattern=r"^[A-Za-z0-9._-]+$",
-                        description="Faust app id: the consumer group and the prefix of changelog topics.")
-    kafka_broker: str = Field("kafka://localhost:9092",
-                              description="Bootstrap servers, `kafka://host:port[,host:port]` (`;` separates URLs).")
-    topic_partitions: int = Field(8, ge=1, le=1024,
-                                  description="Partitions of the topics and tables the worker creates.")
+    app_id: str = Field(
+        "streamspine",
+        min_length=1,
+        pattern=r"^[A-Za-z0-9._-]+$",
+        description="Faust app id: the consumer group and the prefix of changelog topics.",
+    )
+    kafka_broker: str = Field(
+        "kafka://localhost:9092", description="Bootstrap servers, `kafka://host:port[,host:port]` (`;` separates URLs)."
+    )
+    topic_partitions: int = Field(8, ge=1, le=1024, description="Partitions of the topics and tables the worker creates.")
     store: str = Field("rocksdb://", description="Table store: `rocksdb://` or `memory://`.")
     data_dir: Path = Field(Path("./data"), description="Where RocksDB tables live; one per worker on the same host.")
     web_host: str = Field("127.0.0.1", description="Address the web server binds to.")
@@ -40,21 +45,28 @@ class Settings(BaseSettings):
     broker_heartbeat_interval: float = Field(1.0, gt=0, le=60, description="Seconds between consumer heartbeats.")
     fast_consumer: bool = Field(True, description="Consume and produce through app/transport.py; `false` uses Faust's stock consumer.")
     consumer_fetch_wait_ms: int = Field(
-        500, ge=1, le=30000,
+        500,
+        ge=1,
+        le=30000,
         description="Longest wait of a consumer fetch for new data (Kafka's default). It only paces the polling of "
-                    "idle partitions; against the local broker, which holds every fetch for the full wait, `make run` "
-                    "and the tests use 20.")
+        "idle partitions; against the local broker, which holds every fetch for the full wait, `make run` "
+        "and the tests use 20.",
+    )
     producer_max_batch_size: int = Field(16384, ge=1, le=64 * 1024 * 1024, description="Bytes per producer batch.")
     gc_thresholds: str = Field(
         "50000,20,100",
         description="Python's cyclic GC thresholds `gen0,gen1,gen2`, or `default` (700,10,10): fewer, cheaper "
-                    "collections for a worker that allocates a few objects per record.")
+        "collections for a worker that allocates a few objects per record.",
+    )
     gc_freeze: bool = Field(True, description="After the imports, move every live object into the GC's permanent generation.")
     processing_guarantee: Literal["at_least_once", "exactly_once"] = Field(
-        "at_least_once", description="`exactly_once` needs Kafka transactions (the local broker has none).")
+        "at_least_once", description="`exactly_once` needs Kafka transactions (the local broker has none)."
+    )
     admin_token: Optional[str] = Field(
-        None, min_length=8,
-        description="Bearer token of the state-changing endpoints (at least 8 characters); unset disables them. Never logged.")
+        None,
+        min_length=8,
+        description="Bearer token of the state-changing endpoints (at least 8 characters); unset disables them. Never logged.",
+    )
     log_level: Literal["debug", "info", "warning", "error", "critical"] = Field("info", description="Worker log level.")
     # --- monitoring & alerting ------------------------------------------------------------------
     alert_rules: Path = Field(Path(__file__).with_name("alert_rules.yaml"), description="The alert rules file.")
@@ -63,18 +75,27 @@ class Settings(BaseSettings):
     metric_window_step: float = Field(10.0, gt=0, le=3600, description="Seconds per pane; windows are whole panes.")
     metric_window_expires: float = Field(3600.0, gt=0, le=7 * 86400, description="Seconds a pane is kept.")
     alert_absent_after: Optional[float] = Field(
-        None, gt=0, le=7 * 86400,
+        None,
+        gt=0,
+        le=7 * 86400,
         description="Seconds without a sample after which a pending/firing alert of that series resolves "
-                    "(Prometheus: an absent series ends its alert); unset: the rule's window plus one METRIC_WINDOW_STEP.")
+        "(Prometheus: an absent series ends its alert); unset: the rule's window plus one METRIC_WINDOW_STEP.",
+    )
     alert_repeat_interval: float = Field(
-        14400.0, gt=0, le=7 * 86400,
-        description="Seconds between re-sends of a still firing alert to the webhook (Alertmanager's repeat_interval).")
+        14400.0,
+        gt=0,
+        le=7 * 86400,
+        description="Seconds between re-sends of a still firing alert to the webhook (Alertmanager's repeat_interval).",
+    )
     # --- centralized logging --------------------------------------------------------------------
-    elasticsearch_url: Optional[str] = Field(None, description="Elasticsearch for log lines and CDC rows; without it the log statistics still run.")
+    elasticsearch_url: Optional[str] = Field(
+        None, description="Elasticsearch for log lines and CDC rows; without it the log statistics still run."
+    )
     elasticsearch_max_backoff: float = Field(30.0, gt=0, le=3600, description="Seconds; the longest wait between retries of a write.")
     log_index_pattern: str = Field(
         "logs-{service}-{date:%Y.%m.%d}",
-        description="Index of a line: `{service}` (lower-cased, unsafe characters replaced) and `{date:<strftime>}` (UTC).")
+        description="Index of a line: `{service}` (lower-cased, unsafe characters replaced) and `{date:<strftime>}` (UTC).",
+    )
     log_batch_max: int = Field(5000, ge=1, le=30000, description="Records per bulk batch.")
     log_batch_within: float = Field(0.2, gt=0, le=60, description="Seconds a record waits for its batch.")
     log_bulk_lines: int = Field(2000, ge=1, le=100_000, description="Lines per bulk write (whole records).")
@@ -82,22 +103,34 @@ class Settings(BaseSettings):
     log_stats_window: int = Field(60, ge=1, le=86400, description="Whole seconds per statistics window.")
     log_recent_limit: int = Field(200, ge=1, le=10000, description="Newest lines kept per service (and at most 256 KiB of them).")
     # --- zero-downtime migration ----------------------------------------------------------------
-    migration_compare_window: float = Field(30.0, gt=0, le=86400, description="Seconds a result waits for the other system's before it counts as missing.")
-    migration_reconcile_grace: float = Field(60.0, gt=0, le=7 * 86400, description="Seconds a V1 event id may wait for its V2 copy before it is reported missing.")
-    migration_ignore_fields: str = Field("source_version,event_id,processed_at", description="Result fields (V2 names) left out of the comparison.")
+    migration_compare_window: float = Field(
+        30.0, gt=0, le=86400, description="Seconds a result waits for the other system's before it counts as missing."
+    )
+    migration_reconcile_grace: float = Field(
+        60.0, gt=0, le=7 * 86400, description="Seconds a V1 event id may wait for its V2 copy before it is reported missing."
+    )
+    migration_ignore_fields: str = Field(
+        "source_version,event_id,processed_at", description="Result fields (V2 names) left out of the comparison."
+    )
     migration_tolerance: float = Field(0.005, ge=0, description="Numeric difference still counted as equal.")
     migration_samples: int = Field(20, ge=1, le=1000, description="Mismatch samples and missing ids kept for the status.")
     # --- realtime recommendations ---------------------------------------------------------------
     recs_session_timeout: float = Field(1800.0, gt=0, le=7 * 86400, description="Seconds of inactivity (event time) that end a session.")
     recs_neighbours: int = Field(50, ge=1, le=1000, description="Co-occurring items kept per item.")
-    recs_refit_interval: float = Field(60.0, gt=0, le=86400, description="Seconds between the leader's model refits (only when the item tables changed).")
+    recs_refit_interval: float = Field(
+        60.0, gt=0, le=86400, description="Seconds between the leader's model refits (only when the item tables changed)."
+    )
     recs_embedding_dims: int = Field(32, ge=2, le=256, description="TruncatedSVD components of the item model.")
     # --- change data capture --------------------------------------------------------------------
-    cdc_source_dsn: Optional[str] = Field(None, description="`postgresql://` URL of the source (wal_level=logical, a REPLICATION role); enables capture.")
+    cdc_source_dsn: Optional[str] = Field(
+        None, description="`postgresql://` URL of the source (wal_level=logical, a REPLICATION role); enables capture."
+    )
     cdc_tables: str = Field("", description="Comma-separated `schema.table` to capture and apply; each needs a primary key.")
     cdc_slot: str = Field("streamspine_cdc", pattern=r"^[a-z0-9_]{1,63}$", description="Replication slot name.")
     cdc_publication: str = Field("streamspine_cdc", pattern=r"^[a-z_][a-z0-9_]{0,62}$", description="Publication name.")
-    cdc_topic_prefix: str = Field("cdc", pattern=r"^[A-Za-z0-9_-]+$", description="Prefix of the change topics (a Debezium connector's `topic.prefix`).")
+    cdc_topic_prefix: str = Field(
+        "cdc", pattern=r"^[A-Za-z0-9_-]+$", description="Prefix of the change topics (a Debezium connector's `topic.prefix`)."
+    )
     cdc_poll_interval: float = Field(0.1, gt=0, le=60, description="Seconds between slot polls when the last poll was not full.")
     cdc_max_changes: int = Field(5000, ge=1, le=1_000_000, description="Changes per poll (whole transactions: a poll may return more).")
     cdc_producer_batch_size: int = Field(65536, ge=1, le=64 * 1024 * 1024, description="Bytes per produce batch of the capture.")
@@ -156,7 +189,7 @@ class Settings(BaseSettings):
         except (KeyError, IndexError, ValueError) as error:
             raise ValueError(f"may use only {{service}} and {{date:<strftime>}}: {error}") from None
         if name != name.lower() or any(char in name for char in ' \\/*?"<>|,#:'):
-            raise ValueError(f"gives {name!r}, not a valid Elasticsearch index name (lower case, no spaces or \\/*?\"<>|,#:)")
+            raise ValueError(f'gives {name!r}, not a valid Elasticsearch index name (lower case, no spaces or \\/*?"<>|,#:)')
         return value
 
     @field_validator("redis_url")
@@ -189,17 +222,21 @@ class Settings(BaseSettings):
     @model_validator(mode="after")
     def _window_is_whole_steps(self) -> "Settings":
         if self.metric_window % self.metric_window_step or self.metric_window_expires < self.metric_window:
-            raise ValueError(
-                "METRIC_WINDOW must be a whole number of METRIC_WINDOW_STEP and at most METRIC_WINDOW_EXPIRES"
-            )
+            raise ValueError("METRIC_WINDOW must be a whole number of METRIC_WINDOW_STEP and at most METRIC_WINDOW_EXPIRES")
         return self
 
     @property
     def secret_values(self) -> List[str]:
         """Values that must never appear in a log line: the admin token and every URL's password."""
         values = [self.admin_token or ""]
-        for url in (self.kafka_broker, self.elasticsearch_url, self.redis_url, self.replica_dsn,
-                    self.cdc_source_dsn, self.alert_webhook_url):
+        for url in (
+            self.kafka_broker,
+            self.elasticsearch_url,
+            self.redis_url,
+            self.replica_dsn,
+            self.cdc_source_dsn,
+            self.alert_webhook_url,
+        ):
             values.append(url_password(url) if url else "")
         return [value for value in values if len(value) >= 4]
 

@@ -1,5 +1,6 @@
 """Platform pages: liveness, readiness, the admin-token guard for state-changing endpoints, and
 JSON answers for every error the web server gives."""
+
 from __future__ import annotations
 
 import hmac
@@ -45,12 +46,7 @@ async def learn_table_partitions(sender: object = None, **kwargs: object) -> Non
 def worker_is_ready() -> bool:
     """True once table recovery has completed, routing works and no rebalance is under way."""
     recovery = app.tables.recovery
-    return (
-        recovery.completed.is_set()
-        and _routing_tables_known
-        and not app.in_recovery
-        and not app.rebalancing
-    )
+    return recovery.completed.is_set() and _routing_tables_known and not app.in_recovery and not app.rebalancing
 
 
 def require_admin_token(view: web.View, request: web.Request) -> None:

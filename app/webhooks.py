@@ -9,6 +9,7 @@ so it is logged, counted and skipped. When the queue is full the oldest payload 
 counted); agents/metrics.py sends firing alerts again every ALERT_REPEAT_INTERVAL, which makes good
 such a drop, or a queue lost with its worker, for every alert still firing.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -30,8 +31,9 @@ class RetryableResponse(Exception):
 class WebhookSender:
     """POSTs JSON payloads to one URL, in order, from a background task."""
 
-    def __init__(self, url: str, *, max_pending: int = 1000, timeout: float = 5.0,
-                 initial_backoff: float = 0.2, max_backoff: float = 10.0) -> None:
+    def __init__(
+        self, url: str, *, max_pending: int = 1000, timeout: float = 5.0, initial_backoff: float = 0.2, max_backoff: float = 10.0
+    ) -> None:
         self.url = url
         self.queue: "asyncio.Queue[bytes]" = asyncio.Queue(max_pending)
         self.timeout = aiohttp.ClientTimeout(total=timeout)

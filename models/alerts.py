@@ -1,4 +1,5 @@
 """Alert rules (parsed from YAML), the alert lifecycle, silences and the Alertmanager webhook payload."""
+
 from __future__ import annotations
 
 import hashlib
@@ -195,8 +196,9 @@ class _RuleFields:
             raise self.problem(key, f"{key} must be one of {', '.join(options)}, got {value!r}{hint}")
         return value
 
-    def number(self, key: str, default: Optional[float] = None, check: Callable[[float], bool] = math.isfinite,
-               expected: str = "a number") -> float:
+    def number(
+        self, key: str, default: Optional[float] = None, check: Callable[[float], bool] = math.isfinite, expected: str = "a number"
+    ) -> float:
         value = self.raw(key, default, required=default is None)
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not check(value):
             raise self.problem(key, f"{key} must be {expected}, got {value!r}")
@@ -230,8 +232,10 @@ class _RuleFields:
         try:
             template.format(**{name: 1.0 if name in ("value", "threshold") else "x" for name in SUMMARY_PLACEHOLDERS})
         except KeyError as error:
-            raise self.problem("summary", f"summary uses unknown placeholder {{{error.args[0]}}}; "
-                                          f"use {', '.join('{' + p + '}' for p in SUMMARY_PLACEHOLDERS)}") from None
+            raise self.problem(
+                "summary",
+                f"summary uses unknown placeholder {{{error.args[0]}}}; use {', '.join('{' + p + '}' for p in SUMMARY_PLACEHOLDERS)}",
+            ) from None
         except (ValueError, IndexError) as error:
             raise self.problem("summary", f"summary is not a valid template: {error}") from None
         return template
@@ -284,8 +288,9 @@ def _anomaly_rule(fields: _RuleFields, name: str) -> AnomalyRule:
         for_seconds=fields.duration("for", "0s"),
         severity=fields.choice("severity", SEVERITIES, "warning"),
         labels=fields.labels(),
-        summary=fields.summary("{rule}: {metric} is {value:.4g} on {service}/{instance}, "
-                               "more than {threshold:g} standard deviations from its baseline"),
+        summary=fields.summary(
+            "{rule}: {metric} is {value:.4g} on {service}/{instance}, more than {threshold:g} standard deviations from its baseline"
+        ),
     )
 
 
@@ -381,13 +386,23 @@ def rule_threshold(rule: Rule) -> float:
 
 def render_summary(rule: Rule, service: str, instance: str, value: float) -> str:
     """The rule's summary with its placeholders filled in."""
-    return rule.summary.format(service=service, instance=instance, metric=rule.metric, rule=rule.name,
-                               value=value, threshold=rule_threshold(rule))
+    return rule.summary.format(
+        service=service, instance=instance, metric=rule.metric, rule=rule.name, value=value, threshold=rule_threshold(rule)
+    )
 
 
-def _active_alert(rule: Rule, service: str, instance: str, status: str, value: float, now: float,
-                  active_since: float, starts_at: Optional[float], at: Optional[float] = None,
-                  notified_at: Optional[float] = None) -> Alert:
+def _active_alert(
+    rule: Rule,
+    service: str,
+    instance: str,
+    status: str,
+    value: float,
+    now: float,
+    active_since: float,
+    starts_at: Optional[float],
+    at: Optional[float] = None,
+    notified_at: Optional[float] = None,
+) -> Alert:
     return Alert(
         fingerprint=alert_fingerprint(rule.name, service, instance),
         rule=rule.name,
@@ -414,8 +429,16 @@ def _resolved(alert: Alert, now: float) -> Alert:
     return Alert(**{**alert.asdict(), "status": "resolved", "ends_at": now, "last_evaluated": now})
 
 
-def evaluate(previous: Optional[Alert], rule: Rule, service: str, instance: str, condition_holds: bool,
-             value: float, now: float, at: Optional[float] = None) -> Tuple[Optional[Alert], Optional[Alert]]:
+def evaluate(
+    previous: Optional[Alert],
+    rule: Rule,
+    service: str,
+    instance: str,
+    condition_holds: bool,
+    value: float,
+    now: float,
+    at: Optional[float] = None,
+) -> Tuple[Optional[Alert], Optional[Alert]]:
     """Advance one alert's lifecycle: return (the state to store, or None to clear it; the notification, or None).
 
     pending waits out ``for``; only the moves to firing and to resolved are notified, each once.
@@ -427,8 +450,7 @@ def evaluate(previous: Optional[Alert], rule: Rule, service: str, instance: str,
             return None, _resolved(active, now)
         return None, None
     if active is not None and active.status == "firing":
-        state = _active_alert(rule, service, instance, "firing", value, now, active.active_since, active.starts_at,
-                              at, active.notified_at)
+        state = _active_alert(rule, service, instance, "firing", value, now, active.active_since, active.starts_at, at, active.notified_at)
         return state, None
     active_since = active.active_since if active is not None else now
     if now - active_since >= rule.for_seconds:
@@ -515,8 +537,14 @@ def parse_alert_check(value: Any) -> List[str]:
 
 def alert_labels(alert: Alert) -> Dict[str, str]:
     """All labels of an alert: the rule's labels plus alertname, service, instance, severity and metric."""
-    return {**alert.labels, "alertname": alert.rule, "service": alert.service, "instance": alert.instance,
-            "severity": alert.severity, "metric": alert.metric}
+    return {
+        **alert.labels,
+        "alertname": alert.rule,
+        "service": alert.service,
+        "instance": alert.instance,
+        "severity": alert.severity,
+        "metric": alert.metric,
+    }
 
 
 def _matcher_matches(matcher: Mapping[str, Any], labels: Mapping[str, str]) -> bool:
@@ -549,8 +577,10 @@ def check_silence(silence: Silence) -> Silence:
             raise ValueError(f"silence {name} must be an epoch time, got {value!r}")
         if isinstance(value, int) and abs(value) > 2**53 or not math.isfinite(value):
             raise ValueError(f"silence {name} must be a finite epoch time")
-    if not isinstance(silence.id, str) or not isinstance(silence.matchers, list) or not all(
-        isinstance(matcher, dict) for matcher in silence.matchers
+    if (
+        not isinstance(silence.id, str)
+        or not isinstance(silence.matchers, list)
+        or not all(isinstance(matcher, dict) for matcher in silence.matchers)
     ):
         raise ValueError("a silence needs a string id and a list of matcher objects")
     return silence

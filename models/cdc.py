@@ -23,6 +23,7 @@ number beyond a double, integers of at most 64 bits, not nested past the parser'
 UTF-8) and checks every field it uses; ``python_value`` raises only ``InvalidChange`` for a value
 its column cannot take. Either way the event is dead-lettered with the reason.
 """
+
 from __future__ import annotations
 
 import base64
@@ -183,14 +184,14 @@ class _Reader:
         end = self.data.find(b"\x00", self.pos)
         if end < 0:
             raise ProtocolError("unterminated string")
-        value = self.data[self.pos:end].decode("utf-8")
+        value = self.data[self.pos : end].decode("utf-8")
         self.pos = end + 1
         return value
 
     def raw(self, size: int) -> bytes:
         if self.pos + size > len(self.data):
             raise ProtocolError(f"value of {size} bytes truncated at byte {self.pos}")
-        value = self.data[self.pos:self.pos + size]
+        value = self.data[self.pos : self.pos + size]
         self.pos += size
         return value
 
@@ -527,14 +528,31 @@ def row_id(key: Mapping[str, Any]) -> str:
 
 
 def change_envelope(
-    *, op: str, before: Optional[Dict[str, Any]], after: Optional[Dict[str, Any]], lsn: int, tx_id: Optional[int],
-    ts_ms: int, schema: str, table: str, db: str, snapshot: Union[bool, str], now_ms: int,
+    *,
+    op: str,
+    before: Optional[Dict[str, Any]],
+    after: Optional[Dict[str, Any]],
+    lsn: int,
+    tx_id: Optional[int],
+    ts_ms: int,
+    schema: str,
+    table: str,
+    db: str,
+    snapshot: Union[bool, str],
+    now_ms: int,
     columns: Optional[Sequence[ColumnDef]] = None,
 ) -> Dict[str, Any]:
     """A Debezium change event value; ``source.columns`` (not Debezium's) lets a replica create the table."""
     source: Dict[str, Any] = {
-        "version": "streamspine", "connector": "postgresql", "name": "streamspine", "db": db,
-        "schema": schema, "table": table, "txId": tx_id, "lsn": lsn, "ts_ms": ts_ms,
+        "version": "streamspine",
+        "connector": "postgresql",
+        "name": "streamspine",
+        "db": db,
+        "schema": schema,
+        "table": table,
+        "txId": tx_id,
+        "lsn": lsn,
+        "ts_ms": ts_ms,
         "snapshot": snapshot if isinstance(snapshot, str) else ("true" if snapshot else "false"),
     }
     if columns is not None:
@@ -694,11 +712,17 @@ def parse_change(raw_key: Optional[bytes], raw_value: Optional[bytes]) -> Option
     columns = _columns(source)
     tx_id = source.get("txId")
     return Change(
-        schema=schema, table=table, op=op, key=_key(raw_key, after if after is not None else before, columns),
-        before=before, after=after, lsn=_integer(source["lsn"], "source.lsn", minimum=0),
+        schema=schema,
+        table=table,
+        op=op,
+        key=_key(raw_key, after if after is not None else before, columns),
+        before=before,
+        after=after,
+        lsn=_integer(source["lsn"], "source.lsn", minimum=0),
         ts_ms=_integer(source.get("ts_ms", envelope.get("ts_ms", 0)), "source.ts_ms"),
         snapshot=_snapshot_flag(source.get("snapshot", False)),
-        tx_id=None if tx_id is None else _integer(tx_id, "source.txId"), columns=columns,
+        tx_id=None if tx_id is None else _integer(tx_id, "source.txId"),
+        columns=columns,
     )
 
 

@@ -1,4 +1,5 @@
 """Records of the dead-letter mechanism shared by every agent."""
+
 from __future__ import annotations
 
 import faust

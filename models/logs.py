@@ -7,6 +7,7 @@ or raises ``InvalidRecord`` with the reason that goes to the dead-letter queue. 
 hostile until parsed: nesting, field names and date texts are bounded, and a long line costs
 time in proportion to its length (docs/logging.md lists what is refused).
 """
+
 from __future__ import annotations
 
 import json
@@ -30,44 +31,119 @@ ERROR_LEVELS = frozenset({"error", "fatal"})
 
 # Spellings seen in the wild -> the level names of ECS/our statistics.
 LEVEL_ALIASES = {
-    "trace": "trace", "finest": "trace", "verbose": "trace",
-    "debug": "debug", "dbug": "debug", "fine": "debug",
-    "info": "info", "information": "info", "informational": "info", "notice": "info",
-    "warn": "warn", "warning": "warn",
-    "error": "error", "err": "error", "eror": "error", "severe": "error",
-    "fatal": "fatal", "critical": "fatal", "crit": "fatal", "alert": "fatal", "emerg": "fatal", "panic": "fatal",
+    "trace": "trace",
+    "finest": "trace",
+    "verbose": "trace",
+    "debug": "debug",
+    "dbug": "debug",
+    "fine": "debug",
+    "info": "info",
+    "information": "info",
+    "informational": "info",
+    "notice": "info",
+    "warn": "warn",
+    "warning": "warn",
+    "error": "error",
+    "err": "error",
+    "eror": "error",
+    "severe": "error",
+    "fatal": "fatal",
+    "critical": "fatal",
+    "crit": "fatal",
+    "alert": "fatal",
+    "emerg": "fatal",
+    "panic": "fatal",
 }
 SYSLOG_SEVERITIES = {0: "fatal", 1: "fatal", 2: "fatal", 3: "error", 4: "warn", 5: "info", 6: "info", 7: "debug"}
 
 # Shipper field names -> ECS field names (dotted). Anything else that is not already an ECS
 # field is kept under ``labels``.
 FIELD_ALIASES = {
-    "@timestamp": "@timestamp", "ts": "@timestamp", "timestamp": "@timestamp", "time": "@timestamp",
-    "t": "@timestamp", "datetime": "@timestamp",
-    "level": "log.level", "lvl": "log.level", "severity": "log.level", "log.level": "log.level", "loglevel": "log.level",
-    "service": "service.name", "service.name": "service.name", "app": "service.name", "application": "service.name",
-    "message": "message", "msg": "message",
-    "trace_id": "trace.id", "traceid": "trace.id", "traceId": "trace.id", "trace.id": "trace.id",
-    "span_id": "span.id", "spanid": "span.id", "spanId": "span.id", "span.id": "span.id",
-    "transaction_id": "transaction.id", "transaction.id": "transaction.id",
-    "host": "host.name", "hostname": "host.name", "host.name": "host.name",
-    "logger": "log.logger", "logger_name": "log.logger", "log.logger": "log.logger",
-    "error": "error.message", "exc_info": "error.stack_trace", "stack_trace": "error.stack_trace",
-    "error.message": "error.message", "error.type": "error.type", "error.stack_trace": "error.stack_trace",
-    "pid": "process.pid", "process.pid": "process.pid", "thread": "process.thread.name",
-    "environment": "service.environment", "env": "service.environment", "version": "service.version",
-    "user_id": "user.id", "user.id": "user.id",
+    "@timestamp": "@timestamp",
+    "ts": "@timestamp",
+    "timestamp": "@timestamp",
+    "time": "@timestamp",
+    "t": "@timestamp",
+    "datetime": "@timestamp",
+    "level": "log.level",
+    "lvl": "log.level",
+    "severity": "log.level",
+    "log.level": "log.level",
+    "loglevel": "log.level",
+    "service": "service.name",
+    "service.name": "service.name",
+    "app": "service.name",
+    "application": "service.name",
+    "message": "message",
+    "msg": "message",
+    "trace_id": "trace.id",
+    "traceid": "trace.id",
+    "traceId": "trace.id",
+    "trace.id": "trace.id",
+    "span_id": "span.id",
+    "spanid": "span.id",
+    "spanId": "span.id",
+    "span.id": "span.id",
+    "transaction_id": "transaction.id",
+    "transaction.id": "transaction.id",
+    "host": "host.name",
+    "hostname": "host.name",
+    "host.name": "host.name",
+    "logger": "log.logger",
+    "logger_name": "log.logger",
+    "log.logger": "log.logger",
+    "error": "error.message",
+    "exc_info": "error.stack_trace",
+    "stack_trace": "error.stack_trace",
+    "error.message": "error.message",
+    "error.type": "error.type",
+    "error.stack_trace": "error.stack_trace",
+    "pid": "process.pid",
+    "process.pid": "process.pid",
+    "thread": "process.thread.name",
+    "environment": "service.environment",
+    "env": "service.environment",
+    "version": "service.version",
+    "user_id": "user.id",
+    "user.id": "user.id",
 }
 # Top-level ECS field sets: a dotted extra field under one of these is kept as it is.
-ECS_ROOTS = frozenset({
-    "agent", "client", "cloud", "container", "destination", "dns", "ecs", "error", "event", "file", "host",
-    "http", "log", "network", "observer", "orchestrator", "organization", "process", "related", "server",
-    "service", "source", "span", "threat", "tls", "trace", "transaction", "url", "user", "user_agent",
-})
-KEY_PATTERN = re.compile(r"^[A-Za-z_@][A-Za-z0-9_.@-]*$")
-LEVEL_MARKER = re.compile(
-    r"\b(TRACE|DEBUG|INFO|NOTICE|WARN|WARNING|ERROR|ERR|SEVERE|FATAL|CRITICAL|CRIT|PANIC)\b|\[(\w+)\]"
+ECS_ROOTS = frozenset(
+    {
+        "agent",
+        "client",
+        "cloud",
+        "container",
+        "destination",
+        "dns",
+        "ecs",
+        "error",
+        "event",
+        "file",
+        "host",
+        "http",
+        "log",
+        "network",
+        "observer",
+        "orchestrator",
+        "organization",
+        "process",
+        "related",
+        "server",
+        "service",
+        "source",
+        "span",
+        "threat",
+        "tls",
+        "trace",
+        "transaction",
+        "url",
+        "user",
+        "user_agent",
+    }
 )
+KEY_PATTERN = re.compile(r"^[A-Za-z_@][A-Za-z0-9_.@-]*$")
+LEVEL_MARKER = re.compile(r"\b(TRACE|DEBUG|INFO|NOTICE|WARN|WARNING|ERROR|ERR|SEVERE|FATAL|CRITICAL|CRIT|PANIC)\b|\[(\w+)\]")
 ERROR_MARKER = re.compile(r"Traceback \(most recent call last\)|\bException\b|\bpanic:")
 MAX_LINES_PER_RECORD = 10_000
 # A line nested deeper, or with a field name of more dotted parts, is refused: its document would
@@ -118,12 +194,14 @@ def guess_level(text: str, default: str = "info") -> str:
 
 # The first line of a traceback; "  + Exception Group Traceback ..." opens an exception group.
 TRACEBACK_HEADER = re.compile(
-    r"^(?P<indent>[ \t]*)(?P<group>\+ )?(?:Exception Group )?Traceback \(most recent call last\):[ \t]*$", re.MULTILINE,
+    r"^(?P<indent>[ \t]*)(?P<group>\+ )?(?:Exception Group )?Traceback \(most recent call last\):[ \t]*$",
+    re.MULTILINE,
 )
 # Between the tracebacks of a chain, at the start of a line: the last exception follows the last one.
 CHAIN_SEPARATOR = re.compile(
     r"^(?:The above exception was the direct cause of the following exception:"
-    r"|During handling of the above exception, another exception occurred:)[ \t]*$", re.MULTILINE,
+    r"|During handling of the above exception, another exception occurred:)[ \t]*$",
+    re.MULTILINE,
 )
 # "ValueError: card expired", "ValueError", "requests.exceptions.HTTPError: 502 ..."
 EXCEPTION_LINE = re.compile(r"^(?P<type>[A-Za-z_][\w.]*)(?:: ?(?P<message>.*))?$", re.DOTALL)
@@ -135,7 +213,7 @@ def split_traceback(text: str) -> Tuple[str, Optional[str]]:
     match = TRACEBACK_HEADER.search(text)
     if match is None:
         return text, None
-    return text[:match.start()].rstrip(), text[match.start():].rstrip()
+    return text[: match.start()].rstrip(), text[match.start() :].rstrip()
 
 
 def traceback_error(stack_trace: str) -> Dict[str, str]:
@@ -158,7 +236,7 @@ def traceback_error(stack_trace: str) -> Dict[str, str]:
             if exception:
                 break  # an exception group's sub-exceptions follow its own exception
             continue
-        text = text[len(prefix):]
+        text = text[len(prefix) :]
         if exception or (text and not text[0].isspace()):  # frames, source and carets are indented
             exception.append(text)
     found = EXCEPTION_LINE.match("\n".join(exception).rstrip())
@@ -385,8 +463,7 @@ def flatten_ecs_objects(fields: Mapping[str, Any]) -> Dict[str, Any]:
     return flat
 
 
-def ecs_document(fields: Mapping[str, Any], context: "RecordContext", line: int,
-                 default_level: str = "info") -> Dict[str, Any]:
+def ecs_document(fields: Mapping[str, Any], context: "RecordContext", line: int, default_level: str = "info") -> Dict[str, Any]:
     """One line's fields (from JSON or logfmt) as an ECS document; a Python stack trace without
     ``error.type``/``error.message`` gives them."""
     doc: Dict[str, Any] = {}
@@ -423,12 +500,15 @@ def ecs_document(fields: Mapping[str, Any], context: "RecordContext", line: int,
         raise InvalidRecord(f"line {line}: service must be a non-empty string, got {service!r}")
     timestamp = found.pop("@timestamp", None)
     doc = finish_document(
-        doc, context, line,
+        doc,
+        context,
+        line,
         message=message,
         level=level or guess_level(message, default_level),
         service=(service or "").strip() or None,
         timestamp=timestamp_text(timestamp) if timestamp is not None else None,
-        extra=found, labels=labels,
+        extra=found,
+        labels=labels,
     )
     stack_trace = found.get("error.stack_trace")
     if isinstance(stack_trace, str) and TRACEBACK_HEADER.search(stack_trace):
@@ -436,9 +516,7 @@ def ecs_document(fields: Mapping[str, Any], context: "RecordContext", line: int,
     return doc
 
 
-LEADING_TIMESTAMP = re.compile(
-    r"^\[?(\d{4}-\d{2}-\d{2}[T ]\d{2}:\d{2}:\d{2}(?:[.,]\d+)?(?:Z|[+-]\d{2}:?\d{2})?)\]?\s"
-)
+LEADING_TIMESTAMP = re.compile(r"^\[?(\d{4}-\d{2}-\d{2}[T ]\d{2}:\d{2}:\d{2}(?:[.,]\d+)?(?:Z|[+-]\d{2}:?\d{2})?)\]?\s")
 
 
 def plain_document(text: str, context: "RecordContext", line: int, default_level: str = "info") -> Dict[str, Any]:
@@ -451,13 +529,22 @@ def plain_document(text: str, context: "RecordContext", line: int, default_level
             timestamp = timestamp_text(match.group(1).replace(",", "."))
         except InvalidRecord:
             timestamp = None
-    return finish_document({}, context, line, message=text, level=guess_level(text, default_level), service=None,
-                           timestamp=timestamp, extra={}, labels={})
+    return finish_document(
+        {}, context, line, message=text, level=guess_level(text, default_level), service=None, timestamp=timestamp, extra={}, labels={}
+    )
 
 
 def finish_document(
-    doc: Dict[str, Any], context: "RecordContext", line: int, *, message: str, level: str,
-    service: Optional[str], timestamp: Optional[str], extra: Mapping[str, Any], labels: Dict[str, str],
+    doc: Dict[str, Any],
+    context: "RecordContext",
+    line: int,
+    *,
+    message: str,
+    level: str,
+    service: Optional[str],
+    timestamp: Optional[str],
+    extra: Mapping[str, Any],
+    labels: Dict[str, str],
 ) -> Dict[str, Any]:
     """Fill in what every document has: service, time, level, message, ids, enrichment."""
     service = service or context.service
@@ -476,7 +563,6 @@ def finish_document(
     child(doc, "event")["dataset"] = f"{service}.log"
     doc["ecs"] = {"version": ECS_VERSION}
     return doc
-
 
 
 class RecordContext:
@@ -668,7 +754,7 @@ def counted_rows(rows: Iterable[List[Any]], counted: int) -> Iterator[Tuple[floa
         if row[2].__class__ is list:
             start, level, offsets, lines = row
             if offsets:
-                yield start, level, sum(lines[bisect_right(offsets, counted):]), offsets[-1]
+                yield start, level, sum(lines[bisect_right(offsets, counted) :]), offsets[-1]
         else:  # [offset, window_start, level, lines]
             offset, start, level, lines = row
             yield start, level, lines if offset > counted else 0, offset
@@ -713,7 +799,8 @@ def windows_to_close(state: Mapping[str, Any], *, now: float, window: float, gra
     newest = state.get("newest_window")
     starts = sorted(float(start) for start in state.get("windows", {}))
     return [
-        start for start in starts
+        start
+        for start in starts
         if start > closed_through and ((newest is not None and start + window < newest) or start + window + grace <= now)
     ]
 
@@ -723,9 +810,12 @@ def window_summary(start: float, window: float, levels: Mapping[str, int]) -> Di
     total = sum(levels.values())
     errors = sum(count for level, count in levels.items() if is_error(level))
     return {
-        "start": start, "end": start + window,
+        "start": start,
+        "end": start + window,
         "counts": {level: levels.get(level, 0) for level in LEVELS},
-        "total": total, "errors": errors, "error_ratio": errors / total if total else 0.0,
+        "total": total,
+        "errors": errors,
+        "error_ratio": errors / total if total else 0.0,
     }
 
 

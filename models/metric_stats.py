@@ -1,4 +1,5 @@
 """Per-window metric statistics (count, sum, min, max, quantiles) and EWMA baselines for anomalies."""
+
 from __future__ import annotations
 
 import math

@@ -1,4 +1,5 @@
 """Metric samples sent by services, and how a raw record becomes samples."""
+
 from __future__ import annotations
 
 import json

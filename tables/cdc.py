@@ -5,6 +5,7 @@ entry lives in the partition of the records it summarises (all CDC topics have T
 ``@app.table_route``-style routing by that key reaches the worker that owns the row. Two tables
 can share a primary key value, so the value maps ``schema.table`` to that table's row.
 """
+
 from __future__ import annotations
 
 from app import app, settings

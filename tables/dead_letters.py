@@ -1,4 +1,5 @@
 """Dead-letter counts per source topic."""
+
 from __future__ import annotations
 
 from app import app, settings

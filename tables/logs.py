@@ -1,5 +1,6 @@
 """Log statistics. Both tables are co-partitioned with the internal ``log-counts`` topic (key:
 service name as raw bytes), so one worker owns all of a service's statistics."""
+
 from __future__ import annotations
 
 from app import app, settings

@@ -1,5 +1,6 @@
 """Monitoring state. Every table is co-partitioned with the ``metrics`` topic (key: service name)
 and written only under an event of that partition, so one worker owns all of a service's state."""
+
 from __future__ import annotations
 
 from app import app, settings
