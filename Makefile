@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 INSTALLED := $(VENV)/.installed
 
-.PHONY: install system-tools run test bench docs clean
+.PHONY: install system-tools run test test-unit lint bench docs clean
 
 $(INSTALLED): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +28,10 @@ run: install
 ## The whole suite: unit tests and real workers against real services.
 test: install system-tools
 	$(PY) -m pytest
+
+## The fast tests only (tests/unit: pure functions, agents under Faust's test_context, a few against the local broker).
+test-unit: install
+	$(PY) -m pytest tests/unit
 
 ## Throughput next to Quix Streams (bench/README.md): installs the bench extra, then one run.
 ## Extra options: make bench BENCH_ARGS="--repeat 3 --records 200000"
