@@ -240,8 +240,8 @@ def prefix() -> str:
     return f"x{next(examples)}-"
 
 
-async def until(predicate, timeout: float = 10.0) -> None:
-    """Wait for the agent's batch to be written (it writes every RECS_BATCH_WITHIN at most)."""
+async def until(predicate, timeout: float = 60.0) -> None:
+    """Wait for the agent's batch to be written: a bound for a busy machine, not a timing assertion."""
     deadline = asyncio.get_running_loop().time() + timeout
     while not predicate() and asyncio.get_running_loop().time() < deadline:
         await asyncio.sleep(0.01)
@@ -292,12 +292,16 @@ async def test_user_events_hostile_records_are_dead_letters_and_valid_ones_apply
     for user in ("u1", "u2", "u3"):
         assert recs_sessions[tag + user] == sessions.get(tag + user, {}), user  # a table of dicts: {} when unwritten
         assert recs_purchased[tag + user] == purchased.get(tag + user, {}), user
+    assert {item: updates for item, updates in sent_updates(outputs).items() if item != "sku-a"} == updates  # sku-a: the sentinel's
+    assert outputs.sent["forwarded"] == forwarded
+
+
+def sent_updates(outputs: Outputs) -> Dict[str, list]:
+    """The item updates sent to recs-item-updates, per item, in order (whatever the batches were)."""
     sent: Dict[str, list] = {}
     for key, value in outputs.sent["updates"]:
-        if key != b"sku-a":  # the sentinel's item
-            sent.setdefault(key.decode(), []).extend(orjson.loads(value)["updates"])
-    assert sent == updates
-    assert outputs.sent["forwarded"] == forwarded
+        sent.setdefault(key.decode(), []).extend(orjson.loads(value)["updates"])
+    return sent
 
 
 def expected_user_effects(cases: List[Case]):
@@ -390,7 +394,7 @@ async def test_every_hostile_user_event_is_a_dead_letter_amid_applied_ones(monke
     assert [offset for offset, _ in outputs.letters] == hostile and all(reason for _, reason in outputs.letters)
     assert [entry[0] for entry in recs_sessions[first["user_id"]]["items"]] == [f"{tag}sku-a", f"{tag}sku-b"]
     assert recs_purchased[first["user_id"]] == {"items": [f"{tag}sku-b"]}
-    assert sorted(key for key, _ in outputs.sent["updates"]) == [f"{tag}sku-a".encode(), f"{tag}sku-b".encode()]
+    assert sent_updates(outputs) == expected_user_effects(cases + [last])[2]  # batches may split them: compared per item
     assert outputs.sent["forwarded"] == []
 
 
