@@ -1,14 +1,18 @@
 """The V1 -> V2 mapping, comparison and routing rules (models/migration.py), without Kafka."""
 from __future__ import annotations
 
+import json
+import re
 from collections import Counter
 from decimal import Decimal
 
 import pytest
+from hypothesis import given, settings, strategies as st
 
 from models.migration import (
-    CompareRules, InvalidRecord, answering_system, canary_bucket, check_phase_change, compare_results,
-    parse_command, phase_at, translate, v1_event_id,
+    CompareRules, InvalidRecord, PhaseMarker, RoutedCommand, answering_system, canary_bucket, check_phase_change,
+    compare_results, decode_json, equal, message_bytes, parse_command, parse_commands_record, phase_at, translate,
+    v1_event_id, with_marker,
 )
 
 V1 = {"id": "o-1", "customer": "c-9", "total_cents": 1250, "status": "NEW", "created": "2024-11-01 10:00:00"}
@@ -95,3 +99,126 @@ def test_commands_are_validated():
     assert parse_command({"command_id": "c1", "order_id": "o1", "action": "pay"})["payload"] == {}
     with pytest.raises(InvalidRecord, match="command_id"):
         parse_command({"order_id": "o1", "action": "pay"})
+
+
+# --- hostile values: refused with a reason (InvalidRecord), never another exception ---------------
+
+JSON_SCALARS = st.one_of(st.none(), st.booleans(), st.integers(), st.floats(allow_nan=False, allow_infinity=False), st.text(max_size=12))
+JSON_VALUES = st.recursive(JSON_SCALARS, lambda inner: st.one_of(st.lists(inner, max_size=3), st.dictionaries(st.text(max_size=5), inner, max_size=3)), max_leaves=8)
+# Values that overflow a conversion: quantize, float(), astimezone, Decimal arithmetic.
+HOSTILE_SCALARS = st.sampled_from([10**40, 10**400, 2**64, -1, 1e308, "1e999999", "-9e999999", "1e-999999", "sNaN", "NaN", "-0",
+                                   "0001-01-01T00:30:00+01:00", "9999-12-31T23:30:00-01:00", "0999-01-01 00:00:00", "\ud800", "", " ",
+                                   "ÄÖÜ", True, None, [], {}])
+
+
+def field(valid):
+    return st.one_of(st.just(valid), HOSTILE_SCALARS, JSON_VALUES)
+
+
+ANY_V1_EVENT = st.fixed_dictionaries(
+    {"id": field("o-1"), "customer": field("c-9"), "status": field("PAID"), "currency": field("EUR")},
+    optional={"schema_version": st.sampled_from([1, 2, 3, "2", True]), "event_id": field("e-1"), "total_cents": field(1250),
+              "total": field("12.50"), "created": field("2024-11-01 10:00:00"), "created_at": field("2024-11-01T10:00:00Z")})
+
+
+@settings(max_examples=1000, deadline=None)
+@given(ANY_V1_EVENT)
+def test_any_v1_event_translates_or_is_refused_with_a_reason(event):
+    try:
+        order = translate(event)
+    except InvalidRecord as error:
+        assert str(error)
+    else:
+        assert re.fullmatch(r"\d+\.\d\d", order.amount["value"]) and re.fullmatch(r"[A-Z]{3}", order.amount["currency"])
+        assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", order.created_at)
+
+
+@settings(max_examples=1000, deadline=None)
+@given(st.one_of(HOSTILE_SCALARS, JSON_VALUES), st.one_of(HOSTILE_SCALARS, JSON_VALUES))
+def test_comparing_any_two_values_never_raises(v1, v2):
+    rules = CompareRules()
+    assert isinstance(equal(v1, v2, rules), bool)
+    assert isinstance(compare_results({"total": v1, "status": v1}, {"total": v2, "state": v2}, rules), dict)
+
+
+def test_huge_numbers_of_opposite_signs_are_not_equal():
+    assert not equal("9e999999", "-9e999999", CompareRules())
+    assert equal("9e999999", "9E+999999", CompareRules())
+
+
+@pytest.mark.parametrize("change, reason", [
+    ({"total_cents": 10**40}, "too large an amount"),
+    ({"schema_version": 2, "total": "1e999999", "currency": "EUR", "created_at": "2024-11-01T10:00:00Z"}, "too large an amount"),
+    ({"schema_version": 2, "total": 10**400, "currency": "EUR", "created_at": "2024-11-01T10:00:00Z"}, "too large an amount"),
+    ({"created": "0001-01-01T00:30:00+01:00"}, "out of range in UTC"),
+    ({"created": "9999-12-31T23:30:00-01:00"}, "out of range in UTC"),
+    ({"event_id": "e" * 300}, "more than 256"),
+    ({"currency": "ÄÖÜ"}, "ISO 4217"),
+])
+def test_values_that_overflow_a_conversion_are_refused_with_a_reason(change, reason):
+    with pytest.raises(InvalidRecord, match=reason):
+        translate({**V1, **change})
+
+
+def test_dates_before_year_1000_keep_four_digits():
+    assert translate({**V1, "created": "0999-03-01 10:00:00"}).created_at == "0999-03-01T10:00:00Z"
+
+
+@pytest.mark.parametrize("value, reason", [
+    (b"[" * 10_000 + b"]" * 10_000, "deeper than 64"),
+    (b'{"a": ' + b"[" * 65 + b"]" * 65 + b"}", "deeper than 64"),
+    (b"9" * 5000, "not JSON"),
+    (b'{"a": NaN}', "NaN is not a number"),
+    (b'{"a": -Infinity}', "-Infinity is not a number"),
+    (b'{"a": 1e400}', "out of a number's range"),
+    (b"\xff\xfe", "not JSON"),
+    (None, "no value"),
+])
+def test_hostile_json_is_refused_with_a_reason(value, reason):
+    with pytest.raises(InvalidRecord, match=reason):
+        decode_json(value)
+
+
+def test_json_as_deep_as_allowed_is_read():
+    assert decode_json(b"[" * 64 + b"]" * 64) is not None
+
+
+@pytest.mark.parametrize("marker, reason", [
+    ({"phase": "live", "canary_percent": 0, "change_id": "c", "changed_at": 1}, "unknown phase"),
+    ({"phase": "canary", "canary_percent": 100, "change_id": "c", "changed_at": 1}, "canary_percent"),
+    ({"phase": "cutover", "canary_percent": 5, "change_id": "c", "changed_at": 1}, "canary_percent"),
+    ({"phase": "cutover", "canary_percent": 0, "change_id": "", "changed_at": 1}, "change_id"),
+    ({"phase": "cutover", "canary_percent": 0, "change_id": "c", "changed_at": 10**400}, "finite number"),
+    ({"phase": "cutover", "canary_percent": 0, "change_id": "c", "changed_at": "now"}, "must be a number"),
+    ([1], "JSON object"),
+])
+def test_phase_markers_are_validated(marker, reason):
+    with pytest.raises(InvalidRecord, match=reason):
+        parse_commands_record({"phase_marker": marker})
+
+
+def test_a_marker_read_again_is_not_added_twice():
+    marker = PhaseMarker(phase="cutover", canary_percent=0, change_id="c-1", changed_at=1.0)
+    history = with_marker([[3, "canary", 10, "c-0"]], 7, marker, keep=100)
+    assert history == [[3, "canary", 10, "c-0"], [7, "cutover", 0, "c-1"]]
+    assert with_marker(history, 7, marker, keep=100) == history
+    assert phase_at(history, 8) == ("cutover", 0) and phase_at([[3, "canary", 10]], 4) == ("canary", 10)
+
+
+# --- messages carry exactly their documented fields ------------------------------------------------
+
+V2_FIELDS = {"order_id", "customer_id", "amount", "state", "created_at", "source_version", "event_id"}
+
+
+def message_bytes_keys(record) -> set:
+    return set(json.loads(record.dumps()))
+
+
+def test_v2_orders_routed_commands_and_markers_serialize_without_faust_metadata():
+    assert message_bytes_keys(translate(dict(V1))) == V2_FIELDS
+    routed = RoutedCommand(command_id="c", order_id="o", action="pay", payload={}, system="v1", answers=True,
+                           phase="shadow", canary_percent=0)
+    assert message_bytes_keys(routed) == {"command_id", "order_id", "action", "payload", "system", "answers", "phase", "canary_percent"}
+    assert json.loads(message_bytes(routed)) == routed.asdict()
+    marker = PhaseMarker(phase="shadow", canary_percent=0, change_id="c", changed_at=1.0)
+    assert message_bytes_keys(marker) == {"phase", "canary_percent", "change_id", "changed_at"}
