@@ -46,6 +46,7 @@ VARIANTS: Dict[str, str] = {
     "aiokafka": "raw aiokafka getmany loop: json.loads + count in a dict",
     "quix": "Quix Streams: per-key count in RocksDB state, changelog on",
     "bytewax": "Bytewax: Kafka input, stateful_map per-key count (state in memory, no recovery store)",
+    "bytewax-recovery": "same, with a recovery store: state snapshots in SQLite at every 1 s epoch",
     "faust-bare": "stock Faust (kafka://, default settings): agent only iterates",
     "faust-table": "stock Faust: RocksDB table, table[key] += 1 per record",
     "streamspine-bare": "faust_settings() + streamspine:// transport: agent only iterates",
@@ -53,7 +54,7 @@ VARIANTS: Dict[str, str] = {
                            "one RocksDB table write per key per batch under until_applied",
 }
 PEERS = ("quix", "bytewax")  # the ratio columns
-STATEFUL = {"quix", "bytewax", "faust-table", "streamspine-runtime"}
+STATEFUL = {"quix", "bytewax", "bytewax-recovery", "faust-table", "streamspine-runtime"}
 RETENTION = {"retention.ms": "604800000", "retention.bytes": "-1"}  # Tansu needs both for Quix
 
 
@@ -165,7 +166,10 @@ def run_quix(args: argparse.Namespace, meter: Meter) -> None:
 
 def run_bytewax(args: argparse.Namespace, meter: Meter) -> None:
     """Bytewax's stateful count: its Kafka input (librdkafka), ``stateful_map`` keyed by the record
-    key, one worker; the state lives in memory (no recovery store is configured)."""
+    key, one worker; the state lives in memory, or (``bytewax-recovery``) is snapshotted to its
+    SQLite recovery store at the end of every 1 s epoch (the last epoch's snapshot is not timed)."""
+    from datetime import timedelta
+
     import bytewax.operators as op
     from bytewax._bytewax import cli_main
     from bytewax.connectors.kafka import operators as kop
@@ -189,7 +193,15 @@ def run_bytewax(args: argparse.Namespace, meter: Meter) -> None:
     keyed = op.map("key", source.oks, lambda message: (message.key.decode(), message.value))
     counted = op.stateful_map("count", keyed, count)
     op.inspect("meter", counted, lambda _step, item: seen(*item))
-    cli_main(flow, workers_per_process=1)
+    if args.variant == "bytewax-recovery":
+        from bytewax.recovery import RecoveryConfig, init_db_dir
+
+        db_dir = args.work_dir / "bytewax-recovery"
+        db_dir.mkdir(parents=True, exist_ok=True)
+        init_db_dir(db_dir, 1)
+        cli_main(flow, workers_per_process=1, epoch_interval=timedelta(seconds=1), recovery_config=RecoveryConfig(db_dir))
+    else:
+        cli_main(flow, workers_per_process=1)
     raise SystemExit("bytewax: the dataflow ended before the Nth record")
 
 
@@ -305,6 +317,7 @@ RUNNERS: Dict[str, Callable[[argparse.Namespace, Meter], None]] = {
     "aiokafka": run_aiokafka,
     "quix": run_quix,
     "bytewax": run_bytewax,
+    "bytewax-recovery": run_bytewax,
     "faust-bare": run_faust,
     "faust-table": run_faust,
     "streamspine-bare": run_faust,
@@ -339,7 +352,7 @@ class Result:
 
 def require_peers(variants: List[str]) -> None:
     """Quix Streams and Bytewax are benchmark-only dependencies; stop with a clear line when one is missing."""
-    modules = {"quix": "quixstreams", "bytewax": "bytewax"}
+    modules = {"quix": "quixstreams", "bytewax": "bytewax", "bytewax-recovery": "bytewax"}
     missing = [module for variant, module in modules.items()
                if variant in variants and importlib.util.find_spec(module) is None]
     if missing:
