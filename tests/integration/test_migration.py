@@ -11,12 +11,14 @@ from typing import Dict, List, Optional, Set, Tuple
 
 from aiokafka import AIOKafkaProducer
 
-from models.migration import answering_system, translate
+from models.migration import answering_system, check_phase_change, translate
 from tests.support.kafka import consume_sync, consume_to_end_sync, produce_sync
 from tests.support.workers import WorkerProcess, http_post, wait_for, wait_until_ready
 
 TOKEN = "migration-admin-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
+V2_FIELDS = {"order_id", "customer_id", "amount", "state", "created_at", "source_version", "event_id"}
+ROUTED_FIELDS = {"command_id", "order_id", "action", "payload", "system", "answers", "phase", "canary_percent"}
 
 
 def v1_event(i: int, status: str = "NEW") -> dict:
@@ -47,9 +49,9 @@ def test_bridge_translates_each_v1_event_once_with_exact_values(isolated_broker,
     translated = consume_sync(isolated_broker.bootstrap, "orders.v2", 40)
     by_order = {record.key.decode(): json.loads(record.value) for record in translated}
     assert len(translated) == 40 and len(by_order) == 40
-    for event in events:
-        expected = translate(dict(event)).asdict()
-        assert {k: v for k, v in by_order[event["id"]].items() if k in expected} == expected
+    for event in events:  # exactly the documented fields: no Faust "__faust" metadata
+        assert by_order[event["id"]] == translate(dict(event)).asdict()
+        assert set(by_order[event["id"]]) == V2_FIELDS
     assert by_order["o-3"]["amount"] == {"value": "10.03", "currency": "USD"}
     assert by_order["o-4"]["amount"] == {"value": "14.50", "currency": "EUR"}
     dead = consume_sync(isolated_broker.bootstrap, "orders.v1.dlq", 2)
@@ -151,6 +153,7 @@ def processed(bootstrap: str, system: str, sent: List[str], timeout: float = 60.
         duplicates = 0
         for record in consume_to_end_sync(bootstrap, f"orders.{system}.in"):
             routed = json.loads(record.value)
+            assert set(routed) == ROUTED_FIELDS, routed  # exactly the documented fields
             if routed["command_id"] in answers:
                 duplicates += 1
                 assert answers[routed["command_id"]] == routed["answers"], f"{routed['command_id']} routed two ways"
@@ -224,3 +227,114 @@ def test_killing_a_worker_during_the_walk_changes_nothing(isolated_broker, start
     finally:
         for worker in restarted:
             worker.stop()
+
+
+DEEP = b"[" * 10_000 + b"]" * 10_000
+
+
+def raw_json(template: dict, field: str, raw: str) -> bytes:
+    """``template`` as JSON with ``field`` set to raw JSON text (numbers Python cannot print)."""
+    return json.dumps({**template, field: "@@RAW@@"}).replace('"@@RAW@@"', raw).encode()
+
+
+def dead_letters(bootstrap: str, topic: str, count: int) -> List[str]:
+    records = consume_sync(bootstrap, f"{topic}.dlq", count)
+    assert len(records) == count
+    return [dict(record.headers)["dlq.reason"].decode() for record in records]
+
+
+def test_hostile_records_are_dead_lettered_and_the_good_ones_around_them_applied(isolated_broker, start_workers):
+    (worker,) = start_workers(isolated_broker, 1, MIGRATION_COMPARE_WINDOW="600")
+    bootstrap = isolated_broker.bootstrap
+    schema_2 = v1_event(2)
+    hostile_v1 = [("o-h", DEEP), ("o-h", raw_json(v1_event(1), "total_cents", "9" * 5000)),
+                  ("o-h", json.dumps({**v1_event(1), "id": "o-h", "total_cents": 10**40}).encode()),
+                  ("o-h", json.dumps({**schema_2, "id": "o-h", "created_at": "0001-01-01T00:30:00+01:00"}).encode()),
+                  ("o-h", raw_json({**schema_2, "id": "o-h"}, "total", "1" + "0" * 400)),
+                  ("o-h", json.dumps({**schema_2, "id": "o-h", "event_id": "\ud800"}).encode())]
+    good_v1 = [(f"o-{i}", v1_event(i)) for i in range(10)]
+    interleaved = [record for pair in zip(good_v1[:len(hostile_v1)], hostile_v1, strict=True) for record in pair] + good_v1[len(hostile_v1):]
+    produce_sync(bootstrap, "orders.v1", interleaved, max_batch_size=1)
+    hostile_v2 = [("o-0", DEEP), ("o-0", b"not json"), ("o-other", json.dumps(translate(v1_event(0)).asdict()).encode())]
+    produce_sync(bootstrap, "orders.v2", hostile_v2)
+    command = {"command_id": "c-h", "order_id": "o-h", "action": "pay", "payload": {}}
+    hostile_commands = [("o-h", DEEP), ("o-h", json.dumps({**command, "payload": {"n": 2**64}}).encode()),
+                        ("o-h", raw_json(command, "payload", '{"n": NaN}')),
+                        (None, b'{"phase_marker": %s}' % raw_json({"phase": "cutover", "canary_percent": 0, "change_id": "x"},
+                                                                  "changed_at", "1" + "0" * 400))]
+    good_commands = [(f"o-{i}", {"command_id": f"c-{i}", "order_id": f"o-{i}", "action": "pay", "payload": {"n": 2**63 - 1}}) for i in range(10)]
+    produce_sync(bootstrap, "orders.commands", good_commands[:5] + hostile_commands + good_commands[5:], max_batch_size=1)
+    hostile_results = [("r-h", DEEP), ("r-h", json.dumps({"n": 2**64}).encode()),
+                       ("r-h", json.dumps({**v1_event(1), "total_cents": 10**40, "n": 2**70}).encode()), (None, b"{}")]
+    v1_results = [(f"r-{i}", v1_event(2 * i + 1)) for i in range(5)]
+    v2_results = [(f"r-{i}", translate(v1_event(2 * i + 1)).asdict()) for i in range(5)]
+    produce_sync(bootstrap, "migration.v1.results", v1_results[:2] + hostile_results + v1_results[2:], max_batch_size=1)
+    produce_sync(bootstrap, "migration.v2.results", v2_results, max_batch_size=1)
+
+    def settled():
+        status = status_of(worker)
+        done = (status["bridge"]["translated"] == 10 and status["bridge"]["dead_lettered"] == 6
+                and status["router"]["routed"] == 10 and status["router"]["dead_lettered"] == 4 and status["compared"] == 5
+                and status["completeness"]["reconciled"] == 10)
+        return status if done else None
+
+    status = wait_for(settled, timeout=90, message="every good record applied")
+    assert status["matched"] == 5 and status["bridge"]["duplicates"] == 0
+    bridged = [record for record in consume_sync(bootstrap, "orders.v2", 13) if record.value not in {value for _, value in hostile_v2}]
+    by_order = {record.key.decode(): json.loads(record.value) for record in bridged}
+    assert by_order == {key: translate(event).asdict() for key, event in good_v1}
+    for system in ("v1", "v2"):
+        routed = {json.loads(record.value)["command_id"]: json.loads(record.value) for record in consume_sync(bootstrap, f"orders.{system}.in", 10)}
+        assert set(routed) == {f"c-{i}" for i in range(10)} and all(set(value) == ROUTED_FIELDS for value in routed.values())
+    assert all(dead_letters(bootstrap, "orders.v1", 6))
+    assert all(dead_letters(bootstrap, "orders.v2", 3))
+    assert all(dead_letters(bootstrap, "orders.commands", 4))
+    assert all(dead_letters(bootstrap, "migration.v1.results", 4))
+
+
+def marker_walks(bootstrap: str) -> Dict[int, List[Tuple[str, int]]]:
+    """Each orders.commands partition's phase markers, in offset order."""
+    walks: Dict[int, List[Tuple[str, int]]] = defaultdict(list)
+    for record in sorted(consume_to_end_sync(bootstrap, "orders.commands"), key=lambda r: (r.partition, r.offset)):
+        marker = json.loads(record.value).get("phase_marker")
+        if marker:
+            walks[record.partition].append((marker["phase"], marker["canary_percent"]))
+    return walks
+
+
+def test_phase_changes_posted_back_to_back_cannot_make_a_forbidden_move(isolated_broker, start_workers):
+    # The local broker answers a fetch only after the full wait: with 2 s the router reads a marker
+    # up to 2 s after POST wrote it, so the second POST comes while the first is still in flight.
+    (worker,) = start_workers(isolated_broker, 1, ADMIN_TOKEN=TOKEN, CONSUMER_FETCH_WAIT_MS="2000")
+    post = lambda body: http_post(worker.url + "/migration/phase", body, headers=AUTH)  # noqa: E731
+    change_phase(worker, "canary", 10)
+
+    first, second = post({"phase": "cutover"}), post({"phase": "canary", "canary_percent": 5})
+    assert first[0] == 202, first
+    assert second[0] in (409, 400) and isinstance(second[1], dict) and second[1].get("error"), second  # cutover -> canary
+    wait_for(lambda: (lambda s: s["phase"] == "cutover" and not s["pending_changes"] and s)(status_of(worker)),
+             timeout=60, message="cutover everywhere")
+
+    change_phase(worker, "rollback")
+    change_phase(worker, "shadow")
+    change_phase(worker, "canary", 10)
+    answers: Dict[str, Tuple[int, dict]] = {}
+    posts = [threading.Thread(target=lambda name=name, body=body: answers.__setitem__(name, post(body)))
+             for name, body in (("cutover", {"phase": "cutover"}), ("canary", {"phase": "canary", "canary_percent": 20}))]
+    for thread in posts:
+        thread.start()
+    for thread in posts:
+        thread.join(30)
+    assert any(code == 202 for code, _ in answers.values()), answers
+    assert all(code in (202, 409, 400) for code, _ in answers.values()), answers
+    status = wait_for(lambda: (lambda s: s["phase"] != "changing" and not s["pending_changes"] and s)(status_of(worker)),
+                      timeout=60, message="the accepted changes everywhere")
+
+    walks = marker_walks(isolated_broker.bootstrap)
+    assert len(walks) == 8 and len({tuple(walk) for walk in walks.values()}) == 1, walks  # one walk, every partition
+    walk = walks[0]
+    current = "shadow"
+    for phase, percent in walk:  # every step allowed from the phase before it
+        check_phase_change(current, phase, percent or None)
+        current = phase
+    assert (status["phase"], status["canary_percent"]) == walk[-1]
