@@ -17,7 +17,7 @@ app = faust.App(settings.app_id, **faust_settings(settings))
 
 
 @app.on_worker_init.connect
-def create_data_dir(sender: faust.App, **kwargs: object) -> None:
+def create_data_dir(sender: faust.App, /, *args: object, **kwargs: object) -> None:
     """Faust creates DATA_DIR without its parents: a fresh checkout has no ./data yet."""
     settings.data_dir.mkdir(parents=True, exist_ok=True)
 

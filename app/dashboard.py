@@ -109,7 +109,7 @@ async def dashboard_redirect(view: web.View, request: web.Request) -> web.Respon
 
 
 @app.on_worker_init.connect
-def serve_dashboard_files(sender: faust.App, **kwargs: object) -> None:
+def serve_dashboard_files(sender: faust.App, /, *args: object, **kwargs: object) -> None:
     """Serve app/static/ under /ui/static/ (from the checkout the worker runs from)."""
     sender.web.add_static("/ui/static/", STATIC_DIR)
 

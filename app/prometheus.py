@@ -11,7 +11,7 @@ count, so exposing metrics adds no work per record. Jobs add their own gauges wi
 from __future__ import annotations
 
 import logging
-from typing import Callable, Dict, Iterator, List, NamedTuple, Sequence, Tuple
+from typing import Callable, Dict, Iterator, List, Mapping, NamedTuple, Sequence, Tuple
 
 from faust import web
 from prometheus_client import CollectorRegistry, generate_latest
@@ -47,7 +47,7 @@ def gauge(name: str, documentation: str, labels: Sequence[str] = ()) -> Callable
     return register
 
 
-def counter_family(name: str, documentation: str, label: str, counts: Dict[str, float]) -> CounterMetricFamily:
+def counter_family(name: str, documentation: str, label: str, counts: Mapping[str, float]) -> CounterMetricFamily:
     family = CounterMetricFamily(name, documentation, labels=[label])
     for value, count in sorted(counts.items()):
         family.add_metric([value], count)

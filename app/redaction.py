@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 import re
-from typing import Iterable, List
+from typing import Callable, Iterable, List
 
 MASK = "***"
 _PATTERNS = [
@@ -33,10 +33,19 @@ def remember_secrets(values: Iterable[str]) -> None:
     _known_secrets.sort(key=len, reverse=True)
 
 
+def _keep_then(mask: str) -> Callable[[re.Match[str]], str]:
+    """A replacement that keeps a match's ``keep`` group and puts ``mask`` in place of the rest."""
+
+    def replace(match: re.Match[str]) -> str:
+        return match.group("keep") + mask
+
+    return replace
+
+
 def redact(text: str) -> str:
     """``text`` with every password, token and known secret replaced by ***."""
     for pattern, mask in _PATTERNS:
-        text = pattern.sub(lambda match, mask=mask: match.group("keep") + mask, text)
+        text = pattern.sub(_keep_then(mask), text)
     for secret in _known_secrets:
         text = text.replace(secret, MASK)
     return text

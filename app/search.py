@@ -53,15 +53,17 @@ Action = Union[Dict[str, Any], BulkPair]
 
 def bulk_pair(action: Action) -> BulkPair:
     """The ``(header, body)`` lines of an action (the helpers' ``expand_action_callback``)."""
-    return action if action.__class__ is tuple else expand_action(action)  # type: ignore[return-value]
+    if isinstance(action, tuple):
+        return action
+    return expand_action(action)  # type: ignore[return-value]  # of a dict: ({op: meta}, dict or None), never bytes
 
 
 def action_target(action: Action) -> Tuple[Optional[str], Optional[str]]:
     """``(_index, _id)`` of an action of either form."""
-    if action.__class__ is tuple:
+    if isinstance(action, tuple):
         meta = next(iter(action[0].values()))
         return meta.get("_index"), meta.get("_id")
-    return action.get("_index"), action.get("_id")  # type: ignore[union-attr]
+    return action.get("_index"), action.get("_id")
 
 
 @dataclass(frozen=True)
@@ -182,12 +184,14 @@ class BulkWriter:
         by_id: Optional[Dict[Tuple[Optional[str], Optional[str]], Action]] = None
         retry: List[Action] = []
         reason = ""
+        # The helpers are typed for dict and str actions, but hand every action as it is to
+        # expand_action_callback: that is how (header, body) pairs pass through.
         async for ok, item in async_streaming_bulk(
             self.client,
-            actions,
+            actions,  # type: ignore[arg-type]
             chunk_size=CHUNK_SIZE,
             max_chunk_bytes=MAX_CHUNK_BYTES,
-            expand_action_callback=bulk_pair,
+            expand_action_callback=bulk_pair,  # type: ignore[arg-type]
             raise_on_error=False,
             raise_on_exception=False,
             yield_ok=False,
@@ -237,7 +241,9 @@ async def put_index_template(
         wait=wait_exponential(multiplier=0.1, max=max_backoff),
         stop=stop_never,
         reraise=True,
-        before_sleep=lambda state: log.warning("index template %s not stored yet: %s", name, state.outcome.exception()),
+        before_sleep=lambda state: log.warning(
+            "index template %s not stored yet: %s", name, state.outcome.exception() if state.outcome else None
+        ),
     )
     async for attempt in retrying:
         with attempt:

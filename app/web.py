@@ -25,7 +25,7 @@ _routing_tables_known = False
 
 
 @app.on_rebalance_complete.connect
-async def learn_table_partitions(sender: object = None, **kwargs: object) -> None:
+async def learn_table_partitions(sender: object = None, /, *args: object, **kwargs: object) -> None:
     """Fetch the partition metadata of every changelog topic, so table routes work at once.
 
     Faust's router hashes a key with its producer's metadata, which learns a topic only when the
@@ -125,6 +125,6 @@ async def json_errors(request: aiohttp_web.Request, handler: Handler) -> aiohttp
 
 
 @app.on_worker_init.connect
-def answer_errors_as_json(sender: faust.App, **kwargs: object) -> None:
+def answer_errors_as_json(sender: faust.App, /, *args: object, **kwargs: object) -> None:
     """Install ``json_errors`` on the worker's aiohttp application before it starts serving."""
     sender.web.web_app.middlewares.append(json_errors)
