@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from faust import web
+from faust.types import StreamT
 
 from app import app
 from app.dead_letters import dead_letter_notices
@@ -11,10 +12,9 @@ from tables.dead_letters import dead_letter_counts
 
 
 @app.agent(dead_letter_notices)
-async def count_dead_letters(notices) -> None:
+async def count_dead_letters(notices: StreamT[DeadLetter]) -> None:
     """dead-letters -> dead_letter_counts[source topic]."""
     async for notice in notices:
-        notice: DeadLetter
         stats = dead_letter_counts[notice.source_topic]
         dead_letter_counts[notice.source_topic] = DeadLetterStats(
             count=stats.count + 1,

@@ -286,7 +286,9 @@ async def dead_letter_rejections(rejections: List[Rejection], batch: ParsedBatch
     """A record with a line Elasticsearch refused goes to the DLQ once, naming the line and why."""
     reasons: Dict[int, Tuple[EventT, List[str]]] = {}
     for rejection in rejections:
-        partition, offset, line = document_origin(rejection.doc_id)
+        doc_id = rejection.doc_id
+        assert doc_id is not None  # every line's action carries its document_id
+        partition, offset, line = document_origin(doc_id)
         event = batch.records[(partition, offset)]
         entry = reasons.setdefault(id(event), (event, []))
         entry[1].append(f"line {line}: Elasticsearch refused it ({rejection.status}): {rejection.reason}")

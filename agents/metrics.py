@@ -19,7 +19,7 @@ import sys
 import time
 import uuid
 from functools import reduce
-from typing import Any, Dict, Iterable, List, Mapping, NamedTuple, Optional, Tuple, Union
+from typing import Any, AsyncIterator, Dict, Iterable, List, Mapping, NamedTuple, Optional, Tuple, Union, cast
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from faust import web
@@ -404,7 +404,7 @@ async def apply_batch(stream: StreamT, batch: List[Decoded[MetricsRecord]]) -> N
     for part in fold_deltas(keyed, combine=operator.add).values():
         enter_partition(stream, part.last_event)
         for service, records in part.deltas.items():
-            await observe_service(service, records, at)
+            await observe_service(cast(str, service), records, at)  # keyed by service above
     for entry in batch:
         if isinstance(entry.value, AlertCheck):
             enter_partition(stream, entry.event)
@@ -436,7 +436,11 @@ async def record_samples(stream) -> None:
     """Decode each record (one sample, an array, or an alert check; app/runtime.py dead-letters
     what fails), dead-letter refused array elements, re-key keyless samples, then apply the batch
     until it is applied (a failure retries it, never skips it)."""
-    async for batch in decoded_batches(stream, decode_metrics_record, max_=BATCH_MAX, within=BATCH_WITHIN):
+    # Typed here: mypy would infer the join of the two record types (a plain tuple).
+    batches: AsyncIterator[List[Decoded[MetricsRecord]]] = decoded_batches(
+        stream, decode_metrics_record, max_=BATCH_MAX, within=BATCH_WITHIN
+    )
+    async for batch in batches:
         await dead_letter_refused_elements(batch)
         await until_applied(forward_keyless, batch, what="metrics re-keying")
         await until_applied(apply_batch, stream, batch, what="metrics")
@@ -484,6 +488,7 @@ if webhook is not None:
     @app.task
     async def deliver_webhooks() -> None:
         """Send queued Alertmanager payloads to ALERT_WEBHOOK_URL."""
+        assert webhook is not None  # this task exists only with a webhook
         await webhook.run()
 
 

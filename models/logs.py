@@ -664,7 +664,7 @@ def parse_record(value: Optional[bytes], context: RecordContext) -> List[Dict[st
     return [line_documents(item, context, line) for line, item in enumerate(items)]
 
 
-def header_text(headers: Optional[Iterable[Tuple[str, bytes]]], name: str) -> Optional[str]:
+def header_text(headers: Union[Mapping[str, bytes], Iterable[Tuple[str, bytes]], None], name: str) -> Optional[str]:
     """A header's value as text (the first one named ``name``), or None."""
     if not headers:
         return None

@@ -119,7 +119,9 @@ def merge(a: WindowAggregate, b: WindowAggregate) -> WindowAggregate:
 
 def _observed_quantile(sketch: BaseDDSketch, q: float, low: float, high: float) -> float:
     # A bin's representative value may fall just outside the observed range; the true quantile cannot.
-    return min(max(float(sketch.get_quantile_value(q)), low), high)
+    value = sketch.get_quantile_value(q)
+    assert value is not None  # None only for an empty sketch: summary() asks a window with values
+    return min(max(float(value), low), high)
 
 
 def summary(agg: WindowAggregate) -> Dict[str, Optional[float]]:
