@@ -18,7 +18,7 @@ import json
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import orjson
 import psycopg
@@ -191,6 +191,7 @@ class Capture:
 
     async def try_lock(self, conn: psycopg.AsyncConnection) -> bool:
         row = await (await conn.execute("SELECT pg_try_advisory_lock(hashtext('streamspine-cdc:' || %s))", (settings.cdc_slot,))).fetchone()
+        assert row is not None  # a SELECT without FROM returns one row
         return bool(row[0])
 
     async def start_producer(self) -> None:
@@ -204,6 +205,12 @@ class Capture:
             max_batch_size=settings.cdc_producer_batch_size,
         )
         await self.producer.start()
+
+    @property
+    def session_producer(self) -> AIOKafkaProducer:
+        """The producer of the capture session under way (started before anything is published)."""
+        assert self.producer is not None, "no capture session is under way"
+        return self.producer
 
     async def stop_producer(self) -> None:
         if self.producer is not None:
@@ -245,6 +252,7 @@ class Capture:
                     sql.SQL("CREATE_REPLICATION_SLOT {} LOGICAL pgoutput (SNAPSHOT 'export')").format(sql.Identifier(settings.cdc_slot))
                 )
             ).fetchone()
+            assert created is not None  # CREATE_REPLICATION_SLOT answers one row (or raises)
             consistent_lsn, snapshot_name = lsn_to_int(created[1]), created[2]
             log.info("CDC slot %s created at %s; snapshotting %s", settings.cdc_slot, created[1], ", ".join(self.tables))
             async with await psycopg.AsyncConnection.connect(self.dsn) as reader:
@@ -309,7 +317,7 @@ class Capture:
 
     async def mark_snapshot_completed(self, lsn: int) -> None:
         value = json.dumps({"slot": settings.cdc_slot, "snapshot_completed": True, "lsn": lsn, "at": time.time()})
-        await (await self.producer.send(capture_state_topic.get_topic_name(), value.encode(), key=settings.cdc_slot.encode()))
+        await (await self.session_producer.send(capture_state_topic.get_topic_name(), value.encode(), key=settings.cdc_slot.encode()))
 
     async def stream(self, conn: psycopg.AsyncConnection) -> None:
         """Poll the slot; publish whole transactions; advance the slot once Kafka acknowledged them."""
@@ -422,14 +430,15 @@ class Capture:
         partitions: Dict[str, List[int]] = {}
         for topic, key, value in records:
             if topic not in partitions:
-                partitions[topic] = sorted(await self.producer.partitions_for(topic))
+                partitions[topic] = sorted(await self.session_producer.partitions_for(topic))
             lanes.setdefault((topic, PARTITIONER(key, partitions[topic], partitions[topic])), []).append((key, value))
         acks = await asyncio.gather(*(self.send_lane(topic, partition, lane) for (topic, partition), lane in lanes.items()))
         await asyncio.gather(*(ack for lane_acks in acks for ack in lane_acks))
         self.published += len(records)
 
     async def send_lane(self, topic: str, partition: int, lane: List[Tuple[bytes, Optional[bytes]]]) -> List[asyncio.Future]:
-        return [await self.producer.send(topic, value, key=key, partition=partition) for key, value in lane]
+        producer = self.session_producer
+        return [await producer.send(topic, value, key=key, partition=partition) for key, value in lane]
 
 
 capture = Capture(settings.cdc_source_dsn, settings.cdc_table_names) if settings.cdc_source_dsn and CDC_TOPICS else None
@@ -439,6 +448,7 @@ if capture is not None:
     @app.task
     async def capture_changes() -> None:
         """Every worker competes for the capture lock; the holder captures."""
+        assert capture is not None  # this task exists only with a capture
         await capture.run_forever()
 
 
@@ -501,7 +511,7 @@ class ReplicaSink:
         if "\x00" in change.row_id:
             return "a primary key value holds NUL, which PostgreSQL text cannot"
         types = self.column_types(change)
-        values = change.key if change.is_delete else change.after
+        values = change.key if change.is_delete else change.after_image
         try:
             for name, value in values.items():
                 if name in types and value != UNAVAILABLE:  # filled from the previous (checked) image later
@@ -602,6 +612,7 @@ class ReplicaSink:
 
     async def load_table(self, conn: psycopg.AsyncConnection, table_name: str) -> bool:
         exists = await (await conn.execute("SELECT to_regclass(%s)", (quoted(table_name).as_string(conn),))).fetchone()
+        assert exists is not None  # a SELECT without FROM returns one row
         if exists[0] is None:
             return False
         rows = await (await conn.execute(TABLE_INFO_SQL, (quoted(table_name).as_string(conn),))).fetchall()
@@ -611,6 +622,7 @@ class ReplicaSink:
 
     async def create_table(self, conn: psycopg.AsyncConnection, change: Change) -> None:
         # sql_type goes in as SQL: parse_change let through only type names (models.cdc.SQL_TYPE)
+        assert change.columns is not None  # check_table creates a table only from the event's columns
         columns = [sql.SQL("{} {}").format(sql.Identifier(c.name), sql.SQL(c.sql_type)) for c in change.columns]
         key = sql.SQL(", ").join(sql.Identifier(name) for name in change.key)
         await self.run_ddl(
@@ -622,7 +634,7 @@ class ReplicaSink:
         )
         log.info("replica: created %s from the source columns", change.table_name)
 
-    async def run_ddl(self, conn: psycopg.AsyncConnection, *statements: sql.Composable) -> None:
+    async def run_ddl(self, conn: psycopg.AsyncConnection, *statements: Union[sql.SQL, sql.Composed]) -> None:
         """``statements`` in one transaction, under DDL_LOCK (one session at a time)."""
         async with conn.transaction():
             await conn.execute(self.DDL_LOCK)
@@ -641,7 +653,7 @@ class ReplicaSink:
         guard = [change.table_name, change.row_id, change.lsn]
         if change.is_delete:
             return guard + [replica_value(change.key[name], types[name]) for name in key]
-        return guard + [replica_value(value, types[name]) for name, value in change.after.items()]
+        return guard + [replica_value(value, types[name]) for name, value in change.after_image.items()]
 
     def statement(self, change: Change) -> sql.Composed:
         """The guarded upsert or delete of a table and column set (cached: built once)."""
@@ -652,7 +664,7 @@ class ReplicaSink:
 
     @staticmethod
     def statement_key(change: Change) -> Tuple[str, bool, Tuple[str, ...]]:
-        return change.table_name, change.is_delete, () if change.is_delete else tuple(change.after)
+        return change.table_name, change.is_delete, () if change.is_delete else tuple(change.after_image)
 
     def build_statement(self, table_name: str, is_delete: bool, names: Tuple[str, ...]) -> sql.Composed:
         types, key = self.tables[table_name]
@@ -686,6 +698,7 @@ class ReplicaSink:
 def replica_value(value: Any, sql_type: str) -> Any:
     """A Debezium JSON value -> a query parameter for a column of ``sql_type`` (cast in the SQL);
     raises InvalidChange for a value the column cannot take."""
+    parameter: Any
     if base_type(sql_type) in ("json", "jsonb"):
         if sql_type.endswith("[]"):
             if value is not None and not isinstance(value, list):
@@ -723,7 +736,11 @@ def redis_write(change: Change) -> Tuple[List[bytes], List[bytes]]:
     row_key = f"{change.table_name}:{change.row_id}"
     try:
         keys = [row_key.encode(), f"_cdc_lsn:{row_key}".encode()]
-        fields = [] if change.is_delete else [part for name, value in change.after.items() for part in (name.encode(), orjson.dumps(value))]
+        fields = (
+            []
+            if change.is_delete
+            else [part for name, value in change.after_image.items() for part in (name.encode(), orjson.dumps(value))]
+        )
     except (UnicodeEncodeError, TypeError, orjson.JSONEncodeError) as error:
         raise InvalidChange(f"not writable to Redis: {error}") from None
     return keys, [f"{change.lsn:020d}".encode(), b"delete" if change.is_delete else b"upsert", *fields]
@@ -800,7 +817,7 @@ class ElasticsearchSink:
             if change.is_delete:
                 operations.append({"delete": meta})
             else:
-                operations.extend([{"index": meta}, change.after])
+                operations.extend([{"index": meta}, change.after_image])
         return operations
 
     async def apply(self, changes: List[Change]) -> Rejected:
@@ -1065,10 +1082,12 @@ async def cdc_status_of_this_worker(view: web.View, request: web.Request) -> web
 @app.page("/cdc/status/")
 async def cdc_status(view: web.View, request: web.Request) -> web.Response:
     """Slot, confirmed LSN, last applied LSN per sink and table, lag and counts, from every worker."""
-    entries, capturing = {}, None
+    entries: Dict[Tuple[str, int], Dict[str, Any]] = {}
+    capturing: Optional[str] = None
     me = str(app.conf.canonical_url).rstrip("/")
     workers = {str(worker).rstrip("/") for worker in app.router.tables_metadata()} | {me}
     for worker in sorted(workers):
+        part: Dict[str, Any]
         if worker == me:
             part = {"stats": local_stats(), "capturing": bool(capture and capture.capturing)}
         else:

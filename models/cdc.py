@@ -429,8 +429,14 @@ def _check_numeric_digits(value: Decimal, sql_type: str) -> None:
         precision, scale = int(modifiers.group(1)), int(modifiers.group(2) or 0)
         if integer_digits > precision - scale:
             raise ValueError(f"more than {precision - scale} digits before the decimal point")
-    elif integer_digits > NUMERIC_MAX_INTEGER_DIGITS or -value.as_tuple().exponent > NUMERIC_MAX_SCALE:
+    elif integer_digits > NUMERIC_MAX_INTEGER_DIGITS or _digits_after_point(value) > NUMERIC_MAX_SCALE:
         raise ValueError("beyond PostgreSQL's numeric range")
+
+
+def _digits_after_point(value: Decimal) -> int:
+    exponent = value.as_tuple().exponent
+    assert isinstance(exponent, int)  # a finite value's (the only kind checked); NaN's is "n"
+    return -exponent
 
 
 @lru_cache(maxsize=4096)  # a handful of types, looked up for every value
@@ -515,6 +521,12 @@ class Change:
     @property
     def is_delete(self) -> bool:
         return self.op == "d"
+
+    @property
+    def after_image(self) -> Dict[str, Any]:
+        """The row after a create, update or read (parse_change refuses those without one)."""
+        assert self.after is not None, f"a change of op {self.op!r} without an after-image"
+        return self.after
 
 
 def key_json(key: Mapping[str, Any]) -> bytes:
