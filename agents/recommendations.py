@@ -14,6 +14,7 @@ keeps a read replica of the item tables by following their changelog topics (the
 source of truth, written co-partitioned and recovered by Faust). The request is routed to the
 user's owner, which scores the session from its local user tables, its replica and the latest model.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -59,8 +60,13 @@ log = logging.getLogger(__name__)
 def raw_topic(name: str, partitions: int = settings.topic_partitions):
     """A topic of raw bytes (decoded in the agent, so bad records can be dead-lettered as they came)."""
     return app.topic(
-        name, key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw",
-        partitions=partitions, internal=True,  # the worker creates it when it does not exist yet
+        name,
+        key_type=bytes,
+        value_type=bytes,
+        key_serializer="raw",
+        value_serializer="raw",
+        partitions=partitions,
+        internal=True,  # the worker creates it when it does not exist yet
     )
 
 
@@ -86,7 +92,9 @@ class TopicFollower:
     one consumer, and hands each record to its topic's ``apply``; reconnects on errors.
     ``positions`` are the next offsets read per (topic, partition)."""
 
-    def __init__(self, topics: Dict[Callable[[], str], Tuple[int, Apply]], latest_only: bool = False, fetch_wait_ms: Optional[int] = None) -> None:
+    def __init__(
+        self, topics: Dict[Callable[[], str], Tuple[int, Apply]], latest_only: bool = False, fetch_wait_ms: Optional[int] = None
+    ) -> None:
         self.topics = topics  # topic name (resolved at start) -> (partitions, apply)
         self.latest_only = latest_only
         self.fetch_wait_ms = fetch_wait_ms or settings.consumer_fetch_wait_ms
@@ -112,8 +120,12 @@ class TopicFollower:
         applies = {name(): apply for name, (_partitions, apply) in self.topics.items()}
         partitions = [TopicPartition(name(), number) for name, (count, _apply) in self.topics.items() for number in range(count)]
         consumer = AIOKafkaConsumer(
-            bootstrap_servers=bootstrap_servers(settings.kafka_broker), group_id=None, enable_auto_commit=False,
-            auto_offset_reset="earliest", fetch_max_wait_ms=self.fetch_wait_ms, max_partition_fetch_bytes=4 * 1024 * 1024,
+            bootstrap_servers=bootstrap_servers(settings.kafka_broker),
+            group_id=None,
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            fetch_max_wait_ms=self.fetch_wait_ms,
+            max_partition_fetch_bytes=4 * 1024 * 1024,
         )
         await consumer.start()
         try:
@@ -175,10 +187,18 @@ def json_value(value: Optional[bytes]) -> Optional[Dict[str, Any]]:
 
 catalogue = Catalogue()
 model_holder = ModelHolder()
-item_follower = TopicFollower({
-    recs_item_stats.changelog_topic.get_topic_name: (settings.topic_partitions, lambda key, value: catalogue.put_stats(key.decode(), json_value(value))),
-    recs_item_meta.changelog_topic.get_topic_name: (settings.topic_partitions, lambda key, value: catalogue.put_meta(key.decode(), json_value(value))),
-})
+item_follower = TopicFollower(
+    {
+        recs_item_stats.changelog_topic.get_topic_name: (
+            settings.topic_partitions,
+            lambda key, value: catalogue.put_stats(key.decode(), json_value(value)),
+        ),
+        recs_item_meta.changelog_topic.get_topic_name: (
+            settings.topic_partitions,
+            lambda key, value: catalogue.put_meta(key.decode(), json_value(value)),
+        ),
+    }
+)
 # Models are rare: a long fetch wait keeps this consumer from polling the broker 50 times a second
 # when the worker runs with a short one (the local broker: app/local_broker.py WORKER_ENV).
 model_follower = TopicFollower({models_topic.get_topic_name: (1, model_holder.receive)}, latest_only=True, fetch_wait_ms=500)
@@ -206,6 +226,8 @@ def decode_user_event(event: EventT) -> UserEvent:
 def decode_item_updates(event: EventT) -> Tuple[str, List[Dict[str, Any]]]:
     """A ``recs-item-updates`` record as (item, updates); raises for a record to dead-letter."""
     item = key_text(event.key)
+    if item is None:
+        raise ValueError("a recs-item-updates record needs its item id as the key")
     updates = require_encodable(parse_item_updates(event.value, item))
     return item, updates
 
@@ -309,7 +331,7 @@ async def apply_item_updates(stream: StreamT, batch: List[Decoded[Tuple[str, Lis
             applied = apply_item_update(stats, update, max_neighbours=settings.recs_neighbours)
             if applied is not None:
                 stats, changed = applied, True
-        if changed:
+        if changed and stats is not None:
             pending[item] = (entry.event, stats)
     write_per_key(stream, recs_item_stats, pending)
 
@@ -324,7 +346,10 @@ async def record_item_updates(stream: StreamT) -> None:
 async def apply_items(stream: StreamT, batch: List[Decoded[Item]]) -> None:
     """Each item's latest metadata of the batch, one write per item."""
     pending = {
-        entry.value.item_id: (entry.event, {"category": entry.value.category, "price": entry.value.price, "available": entry.value.available})
+        entry.value.item_id: (
+            entry.event,
+            {"category": entry.value.category, "price": entry.value.price, "available": entry.value.available},
+        )
         for entry in batch
     }
     write_per_key(stream, recs_item_meta, pending)
@@ -406,9 +431,11 @@ async def recommendations_for_user(view: web.View, request: web.Request, user_id
     purchased = (recs_purchased.get(user_id) or {}).get("items", [])
     model = model_holder.current
     result = recommend(session.get("items", []), purchased, catalogue, model, k)
-    return view.json({
-        "user_id": user_id,
-        "items": [{"item_id": item, "score": score} for item, score in result.items],
-        "model_version": model.version if model else 0,
-        "strategy": result.strategy,
-    })
+    return view.json(
+        {
+            "user_id": user_id,
+            "items": [{"item_id": item, "score": score} for item, score in result.items],
+            "model_version": model.version if model else 0,
+            "strategy": result.strategy,
+        }
+    )

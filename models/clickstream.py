@@ -9,6 +9,7 @@ Structure of the synthetic stream:
   the charger after the case); a session follows them with probability ``p_follow``;
 - event types: mostly views, then clicks, add-to-carts and purchases (purchases after add-to-cart).
 """
+
 from __future__ import annotations
 
 import csv
@@ -16,7 +17,7 @@ import random
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Dict, Iterator, List
+from typing import Dict, Iterator, List, Sequence, TypeVar
 
 T0 = 1767225600.0  # 2026-01-01 UTC
 
@@ -38,7 +39,10 @@ class ClickstreamConfig:
     mean_length: float = 6.0
 
 
-def _weighted_choice(rng: random.Random, population: List[str], cumulative: List[float]) -> str:
+Choice = TypeVar("Choice")
+
+
+def _weighted_choice(rng: random.Random, population: Sequence[Choice], cumulative: List[float]) -> Choice:
     return rng.choices(population, cum_weights=cumulative, k=1)[0]
 
 
@@ -59,13 +63,16 @@ class _Catalogue:
         rng.shuffle(items)
         for position, item in enumerate(items):
             self.by_category[position % config.categories].append(item)
-        self.category_cum = {c: _cumulative([1 / (r + 1) ** config.zipf for r in range(len(members))]) for c, members in self.by_category.items()}
+        self.category_cum = {
+            c: _cumulative([1 / (r + 1) ** config.zipf for r in range(len(members))]) for c, members in self.by_category.items()
+        }
         # Categories themselves are unequally popular.
         self.categories = list(self.by_category)
         self.categories_cum = _cumulative([1 / (c + 1) ** 0.7 for c in self.categories])
         self.successors = {
             item: [_weighted_choice(rng, members, self.category_cum[c]) for _ in range(config.successors)]
-            for c, members in self.by_category.items() for item in members
+            for c, members in self.by_category.items()
+            for item in members
         }
 
     def popular_in(self, rng: random.Random, category: int) -> str:
@@ -103,7 +110,9 @@ def synthetic_events(config: ClickstreamConfig = ClickstreamConfig()) -> List[Di
     return events
 
 
-def _session(rng, catalogue: _Catalogue, config: ClickstreamConfig, user: str, session_id: str, start: float, category: int, length: int) -> Iterator[Dict]:
+def _session(
+    rng, catalogue: _Catalogue, config: ClickstreamConfig, user: str, session_id: str, start: float, category: int, length: int
+) -> Iterator[Dict]:
     item, seen, carted, ts = catalogue.popular_in(rng, category), set(), False, start
     for _ in range(length):
         seen.add(item)
@@ -134,7 +143,7 @@ def read_csv_events(path: Path, limit: int = 0) -> List[Dict]:
     YOOCHOOSE ``clicks.dat`` (no header: ``session_id,timestamp ISO-8601,item_id,category``), by time."""
     events: List[Dict] = []
     with open(path, newline="") as handle:
-        rows = csv.reader(handle)
+        rows: Iterator[List[str]] = csv.reader(handle)
         first = next(rows, None)
         if first is None:
             return []
@@ -156,7 +165,13 @@ def _chain(head: List[List[str]], rest) -> Iterator[List[str]]:
 
 def _retailrocket_event(row: List[str]) -> Dict:
     # RetailRocket has visitors, not sessions: sessions are cut by 30 minutes of inactivity.
-    return {"user_id": f"v{row[1]}", "item_id": row[3], "event": RETAILROCKET_EVENTS.get(row[2], "view"), "session_id": None, "ts": int(row[0]) / 1000}
+    return {
+        "user_id": f"v{row[1]}",
+        "item_id": row[3],
+        "event": RETAILROCKET_EVENTS.get(row[2], "view"),
+        "session_id": None,
+        "ts": int(row[0]) / 1000,
+    }
 
 
 def _yoochoose_event(row: List[str]) -> Dict:

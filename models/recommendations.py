@@ -15,6 +15,7 @@ State is plain JSON-able dicts, because it lives in Faust tables:
   "ts", "weight", "pairs": {neighbour: weight}}``; a ``recs-item-updates`` record carries the updates
   of a batch of events for one item: ``{"item", "updates": [...]}``.
 """
+
 from __future__ import annotations
 
 import io
@@ -180,8 +181,13 @@ def _checked_item_update(update: Any, item: str, now: float) -> Dict[str, Any]:
     if update["item"] != item:
         raise InvalidEvent(f"an update of item {_shown(update['item'])} in a record of {item!r}")
     source = update["source"]
-    if not (isinstance(source, list) and len(source) == 2 and all(type(x) is int for x in source)
-            and 0 <= source[0] < 2 ** 31 and 0 <= source[1] < 2 ** 63):
+    if not (
+        isinstance(source, list)
+        and len(source) == 2
+        and all(type(x) is int for x in source)
+        and 0 <= source[0] < 2**31
+        and 0 <= source[1] < 2**63
+    ):
         raise InvalidEvent(f"'source' must be [partition, offset] of non-negative integers, got {_shown(source)}")
     _event_time(update, now)
     if not _is_number(update["weight"]) or not 0 <= update["weight"] <= MAX_WEIGHT:
@@ -204,7 +210,9 @@ def parse_item_updates(raw: Optional[bytes], item_key: Optional[str], now: Optio
     data = _decode_object(raw)
     updates = data.get("updates")
     if set(data) != {"item", "updates"} or data["item"] != item_key or not isinstance(updates, list):
-        raise InvalidEvent(f"not item updates of {item_key!r}: {{item, updates: [{{item, source: [partition, offset], ts, weight, pairs}}]}}")
+        raise InvalidEvent(
+            f"not item updates of {item_key!r}: {{item, updates: [{{item, source: [partition, offset], ts, weight, pairs}}]}}"
+        )
     now = time.time() if now is None else now
     for position, update in enumerate(updates):
         try:
@@ -236,7 +244,10 @@ def is_new_session(session: Mapping[str, Any], event: UserEvent, timeout: float 
 
 
 def update_session(
-    session: Mapping[str, Any], event: UserEvent, offset: int, timeout: float = SESSION_TIMEOUT,
+    session: Mapping[str, Any],
+    event: UserEvent,
+    offset: int,
+    timeout: float = SESSION_TIMEOUT,
 ) -> SessionUpdate:
     """Add an event to the user's session; idempotent: an offset already applied changes nothing.
 
@@ -280,7 +291,7 @@ def item_updates(event: UserEvent, previous_items: Sequence[Sequence[Any]], sour
     two event weights over their distance in the session (1 = adjacent).
     """
     item = event.item_id
-    updates = {item: {"item": item, "source": list(source), "ts": event.ts, "weight": event.weight, "pairs": {}}}
+    updates: Dict[str, Dict[str, Any]] = {item: {"item": item, "source": list(source), "ts": event.ts, "weight": event.weight, "pairs": {}}}
     recent = list(previous_items)[-PAIR_WINDOW:]
     for distance, (other, other_weight, *_rest) in enumerate(reversed(recent), start=1):
         pair = math.sqrt(event.weight * other_weight) / distance
@@ -316,8 +327,13 @@ def prune_neighbours(neighbours: Dict[str, List[float]], now: float, keep: int, 
 
 
 def apply_item_update(
-    stats: Optional[Mapping[str, Any]], update: Mapping[str, Any], *, max_neighbours: int = MAX_NEIGHBOURS,
-    half_life: float = HALF_LIFE, trend_step: float = TREND_STEP, trend_window: float = TREND_WINDOW,
+    stats: Optional[Mapping[str, Any]],
+    update: Mapping[str, Any],
+    *,
+    max_neighbours: int = MAX_NEIGHBOURS,
+    half_life: float = HALF_LIFE,
+    trend_step: float = TREND_STEP,
+    trend_window: float = TREND_WINDOW,
 ) -> Optional[Dict[str, Any]]:
     """The item's stats with ``update`` applied, or None when its source offset was applied already."""
     stats = stats or {}
@@ -360,8 +376,11 @@ class Catalogue:
     """
 
     def __init__(
-        self, half_life: float = HALF_LIFE, trend_window: float = TREND_WINDOW,
-        clock: Callable[[], float] = time.monotonic, trending_refresh: float = 0.5,
+        self,
+        half_life: float = HALF_LIFE,
+        trend_window: float = TREND_WINDOW,
+        clock: Callable[[], float] = time.monotonic,
+        trending_refresh: float = 0.5,
     ) -> None:
         self.stats: Dict[str, Dict[str, Any]] = {}
         self.meta: Dict[str, Dict[str, Any]] = {}
@@ -422,7 +441,9 @@ class Catalogue:
         """Items by popularity in the trending window, most popular first (recomputed at most every refresh)."""
         clock = self.clock()
         if self._trending_at is None or (self._changed and clock - self._trending_at >= self.trending_refresh):
-            scores = ((item, windowed_popularity(stats.get("panes", {}), self.now, self.trend_window)) for item, stats in self.stats.items())
+            scores = (
+                (item, windowed_popularity(stats.get("panes", {}), self.now, self.trend_window)) for item, stats in self.stats.items()
+            )
             self._trending = sorted(((item, score) for item, score in scores if score > 0), key=lambda kv: (-kv[1], kv[0]))
             self._trending_at, self._changed = clock, False
         return self._trending
@@ -484,7 +505,8 @@ class ItemEmbeddings:
         normalisation before blending would otherwise lift up to 1.0.
         """
         weighted = [
-            (self.index[item], weight) for item, weight in recency_weights(session_items)
+            (self.index[item], weight)
+            for item, weight in recency_weights(session_items)
             if item in self.index and self.coverage[self.index[item]] >= MODEL_MIN_COVERAGE
         ]
         if not weighted:
@@ -508,7 +530,12 @@ def row_coverage(matrix: sparse.csr_matrix, row_factors: np.ndarray) -> np.ndarr
 
 
 def fit_item_embeddings(
-    catalogue: Catalogue, version: int, fingerprint: str, dims: int = 32, max_items: int = 3000, seed: int = 0,
+    catalogue: Catalogue,
+    version: int,
+    fingerprint: str,
+    dims: int = 32,
+    max_items: int = 3000,
+    seed: int = 0,
 ) -> Optional[ItemEmbeddings]:
     """Fit the model on the ``max_items`` items with the most weight; None while there is too little data."""
     ranked = sorted(((item, catalogue.weight(item)) for item in catalogue.stats), key=lambda kv: (-kv[1], kv[0]))
@@ -528,8 +555,12 @@ def fit_item_embeddings(
     row_factors = svd.fit_transform(matrix)
     # float16 halves the model on the wire (it travels as one Kafka record) and ranks the same.
     return ItemEmbeddings(
-        version=version, fingerprint=fingerprint, fitted_at=time.time(), items=items,
-        row_factors=row_factors.astype(np.float16), col_factors=svd.components_.T.astype(np.float16),
+        version=version,
+        fingerprint=fingerprint,
+        fitted_at=time.time(),
+        items=items,
+        row_factors=row_factors.astype(np.float16),
+        col_factors=svd.components_.T.astype(np.float16),
         coverage=row_coverage(matrix, row_factors).astype(np.float16),
         explained_variance=float(svd.explained_variance_ratio_.sum()),
     )
@@ -559,7 +590,7 @@ MAX_METADATA_BYTES = 8 * 1024 * 1024
 METADATA_KEYS = {"format", "format_version", "version", "fingerprint", "fitted_at", "explained_variance", "items"}
 FACTOR_DTYPE = np.dtype("<f2")
 METADATA_DTYPE = np.dtype("|u1")
-MODEL_MEMBERS = {  # name: dtype, dimensions, most elements
+MODEL_MEMBERS: Dict[str, Tuple[np.dtype, int, int]] = {  # name: dtype, dimensions, most elements
     "metadata": (METADATA_DTYPE, 1, MAX_METADATA_BYTES),
     "row_factors": (FACTOR_DTYPE, 2, MAX_MODEL_ITEMS * MAX_MODEL_DIMS),
     "col_factors": (FACTOR_DTYPE, 2, MAX_MODEL_ITEMS * MAX_MODEL_DIMS),
@@ -578,9 +609,13 @@ def model_path(directory: Path, version: int) -> Path:
 
 def model_metadata(model: ItemEmbeddings) -> Dict[str, Any]:
     return {
-        "format": MODEL_FORMAT, "format_version": MODEL_FORMAT_VERSION, "version": model.version,
-        "fingerprint": model.fingerprint, "fitted_at": model.fitted_at,
-        "explained_variance": model.explained_variance, "items": list(model.items),
+        "format": MODEL_FORMAT,
+        "format_version": MODEL_FORMAT_VERSION,
+        "version": model.version,
+        "fingerprint": model.fingerprint,
+        "fitted_at": model.fitted_at,
+        "explained_variance": model.explained_variance,
+        "items": list(model.items),
     }
 
 
@@ -629,8 +664,13 @@ def _read_model(data: bytes) -> ItemEmbeddings:
     if coverage.shape != (len(items),) or not ((coverage >= 0) & (coverage <= 1)).all():
         raise InvalidModel(f"coverage must be {len(items)} values in 0..1")
     return ItemEmbeddings(
-        version=metadata["version"], fingerprint=metadata["fingerprint"], fitted_at=metadata["fitted_at"],
-        items=items, row_factors=rows, col_factors=cols, coverage=coverage,
+        version=metadata["version"],
+        fingerprint=metadata["fingerprint"],
+        fitted_at=metadata["fitted_at"],
+        items=items,
+        row_factors=rows,
+        col_factors=cols,
+        coverage=coverage,
         explained_variance=metadata["explained_variance"],
     )
 
@@ -659,7 +699,7 @@ def _model_metadata(raw: np.ndarray) -> Dict[str, Any]:
     if metadata["format"] != MODEL_FORMAT or metadata["format_version"] != MODEL_FORMAT_VERSION:
         raise InvalidModel(f"not {MODEL_FORMAT} version {MODEL_FORMAT_VERSION}: {metadata['format']!r} {metadata['format_version']!r}")
     version = metadata["version"]
-    if isinstance(version, bool) or not isinstance(version, int) or not 1 <= version < 2 ** 63:
+    if isinstance(version, bool) or not isinstance(version, int) or not 1 <= version < 2**63:
         raise InvalidModel(f"version must be a positive 64-bit integer, got {version!r}")
     if not isinstance(metadata["fingerprint"], str) or len(metadata["fingerprint"]) > MAX_FINGERPRINT_CHARS:
         raise InvalidModel("fingerprint must be a string")
@@ -670,7 +710,8 @@ def _model_metadata(raw: np.ndarray) -> Dict[str, Any]:
         metadata[name] = float(value)
     items = metadata["items"]
     if (
-        not isinstance(items, list) or not 1 <= len(items) <= MAX_MODEL_ITEMS
+        not isinstance(items, list)
+        or not 1 <= len(items) <= MAX_MODEL_ITEMS
         or not all(isinstance(item, str) and 0 < len(item) <= MAX_ITEM_ID_CHARS for item in items)
         or len(set(items)) != len(items)
     ):
@@ -734,8 +775,11 @@ def _normalised(scores: Mapping[str, float]) -> Dict[str, float]:
 
 
 def score_session(
-    session_items: Sequence[Sequence[Any]], catalogue: Catalogue, model: Optional[ItemEmbeddings],
-    trending_pool: int = 200, recent: int = PAIR_WINDOW,
+    session_items: Sequence[Sequence[Any]],
+    catalogue: Catalogue,
+    model: Optional[ItemEmbeddings],
+    trending_pool: int = 200,
+    recent: int = PAIR_WINDOW,
 ) -> SessionScores:
     """Run the scorers on the session's ``recent`` latest items."""
     latest = list(session_items)[-recent:]
@@ -752,7 +796,11 @@ def blend(scores: SessionScores, weights: BlendWeights) -> Tuple[Dict[str, float
         return dict(scores.trending), "trending"
     strategy = "blended" if scores.embeddings and weights.embeddings else "session-knn"
     blended: Dict[str, float] = {}
-    for part, weight in ((scores.session_knn, weights.session_knn), (scores.embeddings, weights.embeddings), (scores.trending, weights.trending)):
+    for part, weight in (
+        (scores.session_knn, weights.session_knn),
+        (scores.embeddings, weights.embeddings),
+        (scores.trending, weights.trending),
+    ):
         if weight:
             for item, score in part.items():
                 blended[item] = blended.get(item, 0.0) + weight * score
@@ -760,8 +808,12 @@ def blend(scores: SessionScores, weights: BlendWeights) -> Tuple[Dict[str, float
 
 
 def recommend(
-    session_items: Sequence[Sequence[Any]], purchased: Iterable[str], catalogue: Catalogue,
-    model: Optional[ItemEmbeddings], k: int, weights: BlendWeights = BlendWeights(),
+    session_items: Sequence[Sequence[Any]],
+    purchased: Iterable[str],
+    catalogue: Catalogue,
+    model: Optional[ItemEmbeddings],
+    k: int,
+    weights: BlendWeights = BlendWeights(),
 ) -> Recommendation:
     """Top ``k`` items for a session: each scorer's scores divided by its best, weighted and summed.
 
@@ -776,6 +828,7 @@ def recommend(
 
 def top_k(scores: Mapping[str, float], excluded: set, catalogue: Catalogue, k: int, fill: Mapping[str, float]) -> List[Tuple[str, float]]:
     """The ``k`` best allowed items (ties by id), topped up from ``fill`` with lower scores."""
+
     def allowed(item: str) -> bool:
         return item not in excluded and catalogue.is_available(item)
 

@@ -1,6 +1,7 @@
 """Recommendations state. User tables are co-partitioned with ``user-events`` (key: user id); item
 tables with ``recs-item-updates`` and ``items`` (key: item id). Each is written only under an event of
 its key's partition, so one worker owns all of a user's or an item's state."""
+
 from __future__ import annotations
 
 from app import app, settings
