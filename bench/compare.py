@@ -109,7 +109,7 @@ class Meter:
 
 
 def run_aiokafka(args: argparse.Namespace, meter: Meter) -> None:
-    """Variant a: aiokafka's own consumer loop, the floor under any Python Kafka framework here."""
+    """aiokafka's own consumer loop, the floor under any Python Kafka framework here."""
     from aiokafka import AIOKafkaConsumer
 
     async def consume() -> None:
@@ -132,7 +132,7 @@ def run_aiokafka(args: argparse.Namespace, meter: Meter) -> None:
 
 
 def run_quix(args: argparse.Namespace, meter: Meter) -> None:
-    """Variant b: Quix Streams stateful count (RocksDB state with changelog topic, the defaults)."""
+    """Quix Streams: stateful count (RocksDB state with changelog topic, the defaults)."""
     from quixstreams import Application
     from quixstreams.processing.context import ProcessingContext
 
@@ -232,7 +232,7 @@ def faust_app(args: argparse.Namespace) -> Any:
 
 
 def add_iterating_agent(app: Any, topic: Any, meter: Meter) -> None:
-    """Variants c and e: an agent that only iterates its stream."""
+    """faust-bare, streamspine-bare: an agent that only iterates its stream."""
     @app.agent(topic)
     async def iterate(stream: Any) -> None:
         async for _value in stream:
