@@ -100,10 +100,13 @@ async def decoded_batches(
         yield batch
 
 
-def _log_retry(what: str, state: RetryCallState) -> None:
+def _log_retry(what: str, expected: bool, state: RetryCallState) -> None:
     error = state.outcome.exception() if state.outcome else None
     attempt = state.attempt_number
     apply_stats[what].retries += 1
+    if expected:  # an outage the caller waits out: one line per retry
+        log.warning("%s failed (%s); retry %d", what, error, attempt)
+        return
     log.error(
         "%s failed (%r); retry %d",
         what,
@@ -113,15 +116,29 @@ def _log_retry(what: str, state: RetryCallState) -> None:
     )
 
 
-def retrying(what: str, *, max_backoff: float = MAX_BACKOFF, initial: float = 0.1) -> AsyncRetrying:
-    """The one retry policy: exponential backoff up to ``max_backoff``, forever, for any
-    Exception (never cancellation or exit), logging each retry."""
+def retrying(
+    what: str,
+    *,
+    max_backoff: float = MAX_BACKOFF,
+    initial: float = 0.1,
+    retry_on: Optional[Callable[[BaseException], bool]] = None,
+    on_retry: Optional[Callable[[RetryCallState], None]] = None,
+) -> AsyncRetrying:
+    """The one retry policy: exponential backoff up to ``max_backoff``, forever, logging and
+    counting each retry under ``what``. It retries any Exception (never cancellation or exit), or
+    only those ``retry_on`` accepts (expected outages, logged without a traceback)."""
+
+    def before_sleep(state: RetryCallState) -> None:
+        _log_retry(what, retry_on is not None, state)
+        if on_retry is not None:
+            on_retry(state)
+
     return AsyncRetrying(
         wait=wait_exponential(multiplier=initial, max=max_backoff),
         stop=stop_never,
         reraise=True,
-        retry=retry_if_exception(lambda error: isinstance(error, Exception)),
-        before_sleep=lambda state: _log_retry(what, state),
+        retry=retry_if_exception(retry_on or (lambda error: isinstance(error, Exception))),
+        before_sleep=before_sleep,
     )
 
 

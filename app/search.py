@@ -34,7 +34,8 @@ from elastic_transport import ConnectionError as TransportConnectionError
 from elastic_transport import ConnectionTimeout, OrjsonSerializer
 from elasticsearch import ApiError, AsyncElasticsearch
 from elasticsearch.helpers import async_streaming_bulk, expand_action
-from tenacity import AsyncRetrying, retry_if_exception, stop_never, wait_exponential
+
+from app.runtime import retrying
 
 log = logging.getLogger(__name__)
 
@@ -164,14 +165,14 @@ class BulkWriter:
         """Write every action; returns the ones refused for good."""
         pending = list(actions)
         rejections: List[Rejection] = []
-        retrying = AsyncRetrying(
-            retry=retry_if_exception(is_transient_error),
-            wait=wait_exponential(multiplier=self.initial_backoff, max=self.max_backoff),
-            stop=stop_never,
-            before_sleep=self._log_retry,
-            reraise=True,
+        policy = retrying(
+            "Elasticsearch bulk write",
+            max_backoff=self.max_backoff,
+            initial=self.initial_backoff,
+            retry_on=is_transient_error,
+            on_retry=self._count_retry,
         )
-        async for attempt in retrying:
+        async for attempt in policy:
             with attempt:
                 pending, reason = await self._write_once(pending, rejections)
                 if pending:
@@ -218,15 +219,8 @@ class BulkWriter:
                 rejections.append(Rejection(action, status, failure_reason(info)))
         return retry, reason
 
-    def _log_retry(self, state: Any) -> None:
+    def _count_retry(self, state: Any) -> None:
         self.retries += 1
-        error = state.outcome.exception() if state.outcome else None
-        log.warning(
-            "Elasticsearch write failed (%s); retry %d in %.1fs",
-            error,
-            state.attempt_number,
-            state.next_action.sleep if state.next_action else 0.0,
-        )
 
     async def close(self) -> None:
         await self.client.close()
@@ -236,16 +230,7 @@ async def put_index_template(
     client: AsyncElasticsearch, name: str, patterns: List[str], mappings: Dict[str, Any], *, max_backoff: float = 30.0
 ) -> None:
     """Create or replace an index template, retrying until the cluster answers."""
-    retrying = AsyncRetrying(
-        retry=retry_if_exception(is_transient_error),
-        wait=wait_exponential(multiplier=0.1, max=max_backoff),
-        stop=stop_never,
-        reraise=True,
-        before_sleep=lambda state: log.warning(
-            "index template %s not stored yet: %s", name, state.outcome.exception() if state.outcome else None
-        ),
-    )
-    async for attempt in retrying:
+    async for attempt in retrying(f"storing index template {name}", max_backoff=max_backoff, retry_on=is_transient_error):
         with attempt:
             await client.indices.put_index_template(
                 name=name,
