@@ -37,6 +37,7 @@ from psycopg import sql
 from app import app, settings
 from app.aggregation import enter_partition
 from app.dead_letters import dead_letter
+from app.prometheus import gauge
 from app.runtime import decoded_batches, require_encodable, retrying, until_applied
 from app.settings import bootstrap_servers
 from models.cdc import (
@@ -1146,3 +1147,16 @@ async def cdc_row(view: web.View, request: web.Request, table: str, pk: str) -> 
     return view.json(
         {"table": table, "key": key, "lsn": int_to_lsn(state["lsn"]), "op": state["op"], "ts_ms": state["ts_ms"], "row": state["row"]}
     )
+
+
+# --- Prometheus ----------------------------------------------------------------------------------
+
+
+@gauge("streamspine_cdc_lag_seconds", "Source commit to applied, of the latest change applied per table.", ["table"])
+def cdc_lag_by_table() -> Dict[Tuple[str, ...], float]:
+    return {(table,): stats["lag_ms"] / 1000.0 for table, stats in merge_table_stats(local_stats()).items() if stats["lag_ms"] is not None}
+
+
+@gauge("streamspine_cdc_capturing", "1 on the worker that holds the capture slot, else 0.")
+def cdc_capturing() -> Dict[Tuple[str, ...], float]:
+    return {(): 1.0 if capture is not None and capture.capturing else 0.0}

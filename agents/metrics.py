@@ -28,6 +28,7 @@ from faust.types import EventT, StreamT
 from app import app, settings
 from app.aggregation import BATCH_MAX, BATCH_WITHIN, enter_partition, fold_deltas
 from app.dead_letters import dead_letter
+from app.prometheus import gauge
 from app.runtime import Decoded, decoded_batches, require_encodable, until_applied
 from app.settings import bootstrap_servers
 from app.web import require_admin_token, worker_is_ready
@@ -616,3 +617,17 @@ class Silences(web.View):
             raise self.ValidationError(str(error)) from None
         await silences_topic.send(key=silence.id, value=silence)
         return self.json(silence.asdict(), status=201)
+
+
+# --- Prometheus ----------------------------------------------------------------------------------
+
+
+@gauge(
+    "streamspine_alert",
+    "1 per pending or firing alert this worker holds (standby copies included: aggregate with max by fingerprint).",
+    ["fingerprint", "alertname", "service", "service_instance", "severity", "state"],
+)
+def alerts_held() -> Dict[Tuple[str, ...], float]:
+    return {
+        (alert.fingerprint, alert.rule, alert.service, alert.instance, alert.severity, alert.status): 1.0 for alert in alert_states.values()
+    }
