@@ -33,7 +33,7 @@ test: install system-tools
 test-unit: install
 	$(PY) -m pytest tests/unit
 
-## Throughput next to Quix Streams (bench/README.md): installs the bench extra, then one run.
+## Throughput next to Quix Streams and Bytewax (bench/README.md): installs the bench extra, then one run.
 ## Extra options: make bench BENCH_ARGS="--repeat 3 --records 200000"
 bench: install
 	$(PY) -m pip install --quiet -e '.[dev,bench]'
