@@ -12,6 +12,7 @@ it fails (the record goes to ``<topic>.dlq``), and the batch body runs under ``u
 acknowledgement, then write the tables in one step without awaiting, so a retry starts from the
 same state (sends may repeat: at-least-once, with the same event and command ids).
 """
+
 from __future__ import annotations
 
 import json
@@ -19,7 +20,7 @@ import logging
 import time
 import uuid
 from decimal import Decimal
-from typing import Any, Callable, Dict, Generic, Iterable, List, NamedTuple, Optional, Tuple, TypeVar, Union, cast
+from typing import Any, Dict, Iterable, List, NamedTuple, Optional, Tuple, TypeVar, Union, cast
 
 import orjson
 from faust import web
@@ -31,9 +32,22 @@ from app.dead_letters import RECORD_OVERHEAD
 from app.runtime import Decoded, decoded_batches, require_encodable, until_applied
 from app.web import require_admin_token
 from models.migration import (
-    CompareRules, InvalidRecord, OrderV2, PhaseMarker, RoutedCommand, answering_system, check_phase_change,
-    compare_fields, decode_json, message_bytes, normalized_result, parse_commands_record, parse_v2_order, phase_at,
-    translate, with_marker,
+    CompareRules,
+    InvalidRecord,
+    OrderV2,
+    PhaseMarker,
+    RoutedCommand,
+    answering_system,
+    check_phase_change,
+    compare_fields,
+    decode_json,
+    message_bytes,
+    normalized_result,
+    parse_commands_record,
+    parse_v2_order,
+    phase_at,
+    translate,
+    with_marker,
 )
 from tables.migration import order_events, partition_state, pending_results
 
@@ -43,8 +57,15 @@ T = TypeVar("T")
 
 def raw_topic(*names: str) -> TopicT:
     """A topic of raw key and value bytes, created with TOPIC_PARTITIONS partitions."""
-    return app.topic(*names, key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw",
-                     partitions=settings.topic_partitions, internal=True)
+    return app.topic(
+        *names,
+        key_type=bytes,
+        value_type=bytes,
+        key_serializer="raw",
+        value_serializer="raw",
+        partitions=settings.topic_partitions,
+        internal=True,
+    )
 
 
 V1_RESULTS, V2_RESULTS = "migration.v1.results", "migration.v2.results"
@@ -74,27 +95,6 @@ CountedEvent = Tuple[EventT, List[Tuple[bytes, Counts]]]
 
 
 # --- shared by the agents -------------------------------------------------------------------------
-
-
-class RefusedRecords(Generic[T]):
-    """A topic's decode function that also remembers the records it refused: app/runtime.py
-    dead-letters them, the batch counts them for /migration/status/."""
-
-    def __init__(self, decode: Callable[[EventT], T]) -> None:
-        self.decode = decode
-        self.events: List[EventT] = []
-
-    def __call__(self, event: EventT) -> T:
-        try:
-            return self.decode(event)
-        except Exception:
-            self.events.append(event)
-            raise
-
-    def take(self) -> List[EventT]:
-        """The records refused since the last call (the batch just decoded)."""
-        events, self.events = self.events, []
-        return events
 
 
 def require_fits(size: int) -> None:
@@ -148,8 +148,9 @@ def add_counters(total: Counts, counts: Counts) -> None:
 
 def summed(total: Counts, counts: Counts) -> Counts:
     """``total`` plus ``counts``, as a new value (a table's stored value is never changed in place)."""
-    result = {name: dict(value) if isinstance(value, dict) else list(value) if isinstance(value, list) else value
-              for name, value in total.items()}
+    result = {
+        name: dict(value) if isinstance(value, dict) else list(value) if isinstance(value, list) else value for name, value in total.items()
+    }
     add_counters(result, counts)
     return result
 
@@ -161,7 +162,7 @@ def stats_after(stats: Counts, counts: Counts) -> Counts:
         if latest in counts:
             result[latest] = counts[latest]
     if "samples" in result:
-        result["samples"] = result["samples"][-settings.migration_samples:]
+        result["samples"] = result["samples"][-settings.migration_samples :]
     return result
 
 
@@ -249,9 +250,8 @@ async def bridge_batch(stream: StreamT, batch: List[Decoded[BridgedOrder]], refu
 @app.agent(orders_v1)
 async def translate_v1_orders(stream: StreamT) -> None:
     """Translate each V1 event to V2 once (by event id); invalid events go to orders.v1.dlq."""
-    decode = RefusedRecords(decode_v1_order)
-    async for batch in decoded_batches(stream, decode, max_=BATCH_MAX, within=BATCH_WITHIN):
-        await until_applied(bridge_batch, stream, batch, decode.take(), what="migration bridge")
+    async for batch in decoded_batches(stream, decode_v1_order, max_=BATCH_MAX, within=BATCH_WITHIN):
+        await until_applied(bridge_batch, stream, batch, batch.refused, what="migration bridge")
 
 
 def decode_v2_order(event: EventT) -> str:
@@ -293,9 +293,14 @@ def decode_command(event: EventT) -> Union[PhaseMarker, Command]:
 def routed_messages(command: Command, phase: str, percent: int, answering: str) -> List[Tuple[TopicT, bytes, bytes]]:
     """A command's copy for each system, flagged with whether that system answers it."""
     key = command["order_id"].encode()
-    return [(topic, key, message_bytes(RoutedCommand(system=system, answers=system == answering, phase=phase,
-                                                     canary_percent=percent, **command)))
-            for system, topic in system_inputs.items()]
+    return [
+        (
+            topic,
+            key,
+            message_bytes(RoutedCommand(system=system, answers=system == answering, phase=phase, canary_percent=percent, **command)),
+        )
+        for system, topic in system_inputs.items()
+    ]
 
 
 class PartitionPhases:
@@ -323,7 +328,10 @@ class PartitionPhases:
         for partition, (event, marker) in self.markers.items():
             enter_partition(self.stream, event)
             partition_state[stats_key("phase", partition)] = {
-                "history": self.histories[partition], "change_id": marker.change_id, "changed_at": marker.changed_at}
+                "history": self.histories[partition],
+                "change_id": marker.change_id,
+                "changed_at": marker.changed_at,
+            }
 
 
 async def route_batch(stream: StreamT, batch: List[Decoded[Union[PhaseMarker, Command]]], refused: List[EventT]) -> None:
@@ -348,9 +356,8 @@ async def route_batch(stream: StreamT, batch: List[Decoded[Union[PhaseMarker, Co
 @app.agent(commands)
 async def route_commands(stream: StreamT) -> None:
     """Send every command to both systems, flagged with the one whose answer counts."""
-    decode = RefusedRecords(decode_command)
-    async for batch in decoded_batches(stream, decode, max_=BATCH_MAX, within=BATCH_WITHIN):
-        await until_applied(route_batch, stream, batch, decode.take(), what="migration router")
+    async for batch in decoded_batches(stream, decode_command, max_=BATCH_MAX, within=BATCH_WITHIN):
+        await until_applied(route_batch, stream, batch, batch.refused, what="migration router")
 
 
 # --- comparison -----------------------------------------------------------------------------------
@@ -388,9 +395,11 @@ def comparison_counters(key: bytes, diffs: Dict[str, Tuple[Any, Any]], now: floa
     """What one comparison adds to the counters: matched, or mismatched with fields and a sample."""
     if not diffs:
         return {"compared": 1, "matched": 1}
-    sample = {"key": key.decode(errors="replace")[:SAMPLE_VALUE_CHARS], "at": now,
-              "diff": {field[:SAMPLE_VALUE_CHARS]: {"v1": sample_value(v1), "v2": sample_value(v2)}
-                       for field, (v1, v2) in diffs.items()}}
+    sample = {
+        "key": key.decode(errors="replace")[:SAMPLE_VALUE_CHARS],
+        "at": now,
+        "diff": {field[:SAMPLE_VALUE_CHARS]: {"v1": sample_value(v1), "v2": sample_value(v2)} for field, (v1, v2) in diffs.items()},
+    }
     return {"compared": 1, "mismatched": 1, "field_mismatches": {field: 1 for field in diffs}, "samples": [sample]}
 
 
@@ -426,9 +435,8 @@ async def compare_batch(stream: StreamT, batch: List[Decoded[Result]], refused: 
 @app.agent(results)
 async def compare_results_of_both_systems(stream: StreamT) -> None:
     """Pair each request's V1 and V2 results by key and compare them after normalisation."""
-    decode = RefusedRecords(decode_result)
-    async for batch in decoded_batches(stream, decode, max_=BATCH_MAX, within=BATCH_WITHIN):
-        await until_applied(compare_batch, stream, batch, decode.take(), what="migration comparison")
+    async for batch in decoded_batches(stream, decode_result, max_=BATCH_MAX, within=BATCH_WITHIN):
+        await until_applied(compare_batch, stream, batch, batch.refused, what="migration comparison")
 
 
 def is_overdue(pending: Dict[str, Any], now: float) -> bool:
@@ -525,8 +533,12 @@ def local_status(now: float) -> Dict[str, Any]:
             history = stats.get("history", [])
             if history:
                 last = history[-1]
-                phases[partition] = {"phase": last[1], "canary_percent": last[2], "changed_at": stats.get("changed_at"),
-                                     "change_id": stats.get("change_id")}
+                phases[partition] = {
+                    "phase": last[1],
+                    "canary_percent": last[2],
+                    "changed_at": stats.get("changed_at"),
+                    "change_id": stats.get("change_id"),
+                }
                 changes[partition] = [row[3] for row in history[-CHANGE_IDS_SHOWN:] if len(row) > 3]
             continue
         add_counters(totals.setdefault(kind, {}), stats)
@@ -537,14 +549,21 @@ def local_status(now: float) -> Dict[str, Any]:
         reconciled += state.get("reconciled", 0)
         for side in ("v1", "v2"):
             unreconciled[side].extend(event_id for event_id, seen in state.get(side, {}).items() if now - seen > grace)
-    return {"totals": totals, "phases": phases, "changes": changes, "pending_change": phase_change.change_id,
-            "unreconciled": unreconciled, "reconciled": reconciled}
+    return {
+        "totals": totals,
+        "phases": phases,
+        "changes": changes,
+        "pending_change": phase_change.change_id,
+        "unreconciled": unreconciled,
+        "reconciled": reconciled,
+    }
 
 
 def unread_changes(pending: Iterable[str], changes: Dict[str, List[str]]) -> List[str]:
     """The pending phase changes whose marker some commands partition has not read yet."""
-    return sorted({change for change in pending
-                   if len(changes) < settings.topic_partitions or any(change not in ids for ids in changes.values())})
+    return sorted(
+        {change for change in pending if len(changes) < settings.topic_partitions or any(change not in ids for ids in changes.values())}
+    )
 
 
 def merge_status(parts: List[Dict[str, Any]]) -> Dict[str, Any]:
@@ -567,7 +586,7 @@ def merge_status(parts: List[Dict[str, Any]]) -> Dict[str, Any]:
         reconciled += part["reconciled"]
     phase, percent = cluster_phase(phases)
     compared = compare.get("compared", 0)
-    samples = sorted(compare["samples"], key=lambda sample: sample["at"])[-settings.migration_samples:]
+    samples = sorted(compare["samples"], key=lambda sample: sample["at"])[-settings.migration_samples :]
     return {
         "phase": phase,
         "canary_percent": percent,
@@ -580,12 +599,20 @@ def merge_status(parts: List[Dict[str, Any]]) -> Dict[str, Any]:
         "parity": compare.get("matched", 0) / compared if compared else None,
         "field_mismatches": compare["field_mismatches"],
         "samples": samples,
-        "bridge": {"translated": bridge.get("translated", 0), "dead_lettered": bridge.get("dead_lettered", 0),
-                   "duplicates": bridge.get("duplicates", 0), "lag": bridge.get("lag_ms", 0.0)},
+        "bridge": {
+            "translated": bridge.get("translated", 0),
+            "dead_lettered": bridge.get("dead_lettered", 0),
+            "duplicates": bridge.get("duplicates", 0),
+            "lag": bridge.get("lag_ms", 0.0),
+        },
         "router": {name: router.get(name, 0) for name in ("routed", "answered_by_v1", "answered_by_v2", "dead_lettered")},
-        "completeness": {"reconciled": reconciled, "missing_in_v2": len(missing_v2),
-                         "missing_ids": sorted(missing_v2)[: settings.migration_samples],
-                         "unknown_in_v1": len(extra_v2), "unknown_ids": sorted(extra_v2)[: settings.migration_samples]},
+        "completeness": {
+            "reconciled": reconciled,
+            "missing_in_v2": len(missing_v2),
+            "missing_ids": sorted(missing_v2)[: settings.migration_samples],
+            "unknown_in_v1": len(extra_v2),
+            "unknown_ids": sorted(extra_v2)[: settings.migration_samples],
+        },
         "partitions": phases,
     }
 
@@ -692,9 +719,9 @@ class MigrationPhase(web.View):
         finally:
             if not written:
                 phase_change.release(change_id)
-        return self.json({"phase": marker.phase, "canary_percent": percent, "change_id": change_id,
-                          "previous": status["phase"]}, status=202)
+        return self.json(
+            {"phase": marker.phase, "canary_percent": percent, "change_id": change_id, "previous": status["phase"]}, status=202
+        )
 
     def in_flight(self, changes: List[Optional[str]]) -> web.Response:
-        return self.json({"error": "a phase change is still reaching every partition; try again",
-                          "pending_changes": changes}, status=409)
+        return self.json({"error": "a phase change is still reaching every partition; try again", "pending_changes": changes}, status=409)

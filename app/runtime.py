@@ -53,6 +53,15 @@ class Decoded(NamedTuple, Generic[T]):
     value: T
 
 
+class DecodedBatch(List[Decoded[T]]):
+    """The records of a batch that passed decoding, in read order; ``refused`` holds the events
+    that were dead-lettered instead (for the jobs that count them)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.refused: List[EventT] = []
+
+
 def reason_of(error: BaseException) -> str:
     """A dead letter's reason: the exception's type and message (messages of some are empty)."""
     try:
@@ -80,7 +89,7 @@ async def decoded_batches(
     *,
     max_: int,
     within: float,
-) -> AsyncIterator[List[Decoded[T]]]:
+) -> AsyncIterator[DecodedBatch[T]]:
     """Batches of up to ``max_`` records (or what arrived ``within`` seconds), decoded.
 
     ``decode`` returns the record's value, or None to skip it (a tombstone); any exception makes
@@ -88,12 +97,13 @@ async def decoded_batches(
     so the caller sees the stream advance.
     """
     async for events in stream.take_events(max_, within=within):
-        batch: List[Decoded[T]] = []
+        batch: DecodedBatch[T] = DecodedBatch()
         for event in events:
             try:
                 value = decode(event)
             except Exception as error:  # noqa: BLE001 - any failure a record causes is its own
                 await dead_letter(reason_of(error), event)
+                batch.refused.append(event)
                 continue
             if value is not None:
                 batch.append(Decoded(event, value))
@@ -142,10 +152,10 @@ def retrying(
     )
 
 
-async def until_applied(apply: Callable[..., Awaitable[T]], *args: Any, what: str, max_backoff: float = MAX_BACKOFF) -> T:
+async def until_applied(apply: Callable[..., Awaitable[T]], *args: Any, what: str, max_backoff: Optional[float] = None) -> T:
     """``await apply(*args)`` until it returns, under the one retry policy."""
     started = time.perf_counter()
-    async for attempt in retrying(what, max_backoff=max_backoff):
+    async for attempt in retrying(what, max_backoff=max_backoff or MAX_BACKOFF):
         with attempt:
             result = await apply(*args)
     stats = apply_stats[what]

@@ -3,6 +3,7 @@ mapping with its upcasters, the parallel-run comparison and the routing rule of 
 
 Everything here is pure and unit-tested without Kafka; agents/migration.py wires it to topics.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -67,8 +68,14 @@ def message_bytes(record: faust.Record) -> bytes:
 # --- the V1 -> V2 mapping ----------------------------------------------------------------------------
 
 CURRENT_V1_SCHEMA = 2
-STATE_OF_V1_STATUS = {"NEW": "created", "PAID": "paid", "SHIPPED": "shipped", "DELIVERED": "delivered",
-                      "CANCELLED": "cancelled", "REFUNDED": "refunded"}
+STATE_OF_V1_STATUS = {
+    "NEW": "created",
+    "PAID": "paid",
+    "SHIPPED": "shipped",
+    "DELIVERED": "delivered",
+    "CANCELLED": "cancelled",
+    "REFUNDED": "refunded",
+}
 # V1 (latest schema) field -> V2 field: used by the bridge and by the comparison of results.
 KEY_RENAMES = {"id": "order_id", "customer": "customer_id", "status": "state", "created_at": "created_at"}
 
@@ -125,8 +132,12 @@ def upcast_1_to_2(event: Dict[str, Any]) -> Dict[str, Any]:
     if isinstance(cents, bool) or not isinstance(cents, int) or cents < 0:
         raise InvalidRecord(f"field 'total_cents' must be a non-negative integer, got {_shown(cents)}")
     upcast = {key: value for key, value in event.items() if key not in ("total_cents", "created")}
-    upcast.update(total=_cents_amount(Decimal(cents).scaleb(-2), "total_cents"), currency=event.get("currency", "USD"),
-                  created_at=_utc_iso(event.get("created"), "created"), schema_version=2)
+    upcast.update(
+        total=_cents_amount(Decimal(cents).scaleb(-2), "total_cents"),
+        currency=event.get("currency", "USD"),
+        created_at=_utc_iso(event.get("created"), "created"),
+        schema_version=2,
+    )
     return upcast
 
 
@@ -337,7 +348,7 @@ NEXT_PHASES = {
 }
 
 
-def check_phase_change(current: str, phase: str, canary_percent: Any) -> int:
+def check_phase_change(current: str, phase: Any, canary_percent: Any) -> int:
     """Validate a requested change; returns the canary percentage to use (0 unless canary)."""
     if phase not in PHASES:
         raise ValueError(f"phase must be one of {', '.join(PHASES)}")
@@ -396,8 +407,12 @@ def parse_marker(data: Any) -> PhaseMarker:
         raise InvalidRecord(f"unknown phase {_shown(phase)} (known: {', '.join(PHASES)})")
     if isinstance(percent, bool) or not isinstance(percent, int) or not (1 <= percent <= 99 if phase == "canary" else percent == 0):
         raise InvalidRecord(f"canary_percent {_shown(percent)} does not fit phase {phase!r}")
-    return PhaseMarker(phase=phase, canary_percent=percent, change_id=_text(data, "change_id", MAX_ID_CHARS),
-                       changed_at=_finite_number(data.get("changed_at"), "changed_at"))
+    return PhaseMarker(
+        phase=phase,
+        canary_percent=percent,
+        change_id=_text(data, "change_id", MAX_ID_CHARS),
+        changed_at=_finite_number(data.get("changed_at"), "changed_at"),
+    )
 
 
 def _finite_number(value: Any, name: str) -> float:
@@ -420,8 +435,12 @@ def parse_command(data: Any) -> Dict[str, Any]:
     payload = data.get("payload", {})
     if not isinstance(payload, dict):
         raise InvalidRecord("field 'payload' must be an object")
-    return {"command_id": _text(data, "command_id"), "order_id": _text(data, "order_id"),
-            "action": _text(data, "action"), "payload": payload}
+    return {
+        "command_id": _text(data, "command_id"),
+        "order_id": _text(data, "order_id"),
+        "action": _text(data, "action"),
+        "payload": payload,
+    }
 
 
 def parse_commands_record(data: Any) -> Any:

@@ -5,6 +5,7 @@ written under an event of partition n, so it lives in that partition's store.
 
 Three tables, not one per concern: every table partition is a RocksDB database that a worker
 opens on each rebalance (about 30 ms each here), so tables are kept few."""
+
 from __future__ import annotations
 
 from app import app, settings
