@@ -29,6 +29,7 @@ from faust.types import EventT, StreamT, TopicT
 from app import app, settings
 from app.aggregation import BATCH_MAX, BATCH_WITHIN, enter_partition, fold_deltas, write_deltas
 from app.dead_letters import RECORD_OVERHEAD
+from app.prometheus import gauge
 from app.runtime import Decoded, decoded_batches, require_encodable, until_applied
 from app.web import require_admin_token
 from models.migration import (
@@ -725,3 +726,23 @@ class MigrationPhase(web.View):
 
     def in_flight(self, changes: List[Optional[str]]) -> web.Response:
         return self.json({"error": "a phase change is still reaching every partition; try again", "pending_changes": changes}, status=409)
+
+
+# --- Prometheus ----------------------------------------------------------------------------------
+
+
+@gauge(
+    "streamspine_migration_count",
+    "Bridge, comparison and router counts per source partition (standby copies included: aggregate with max by partition).",
+    ["kind", "partition", "count"],
+)
+def migration_counts() -> Dict[Tuple[str, ...], float]:
+    samples: Dict[Tuple[str, ...], float] = {}
+    for key, stats in partition_state.items():
+        kind, partition = (key.decode() if isinstance(key, bytes) else key).split(":", 1)
+        if kind == "phase":
+            continue
+        for name, value in stats.items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and name not in ("lag_ms", "at"):
+                samples[(kind, partition, name)] = float(value)
+    return samples

@@ -46,5 +46,8 @@ def test_metrics_page_is_valid_exposition_with_consumed_dead_lettered_and_lag(is
     values = samples(text)
     assert values[("streamspine_records_consumed_total", (("topic", "metrics"),))] >= 6
     assert values[("streamspine_records_dead_lettered_total", (("topic", "metrics"),))] == 1
+    assert values[("streamspine_cdc_capturing", ())] == 0  # no CDC_SOURCE_DSN on this worker
+    for job_family in ("streamspine_alert", "streamspine_cdc_lag_seconds", "streamspine_migration_count"):
+        assert f"# TYPE {job_family} gauge" in text
     lags = {labels: value for (name, labels), value in values.items() if name == "streamspine_consumer_lag"}
     assert any(dict(labels)["topic"] == "metrics" for labels in lags) and all(value >= 0 for value in lags.values())
