@@ -40,6 +40,7 @@ from app.dead_letters import dead_letter
 from app.prometheus import gauge
 from app.runtime import decoded_batches, require_encodable, retrying, until_applied
 from app.settings import bootstrap_servers
+from app.topics import raw_topic
 from models.cdc import (
     UNAVAILABLE,
     Begin,
@@ -80,18 +81,6 @@ PARTITIONER = DefaultPartitioner()  # Kafka's murmur2 of the key, as every clien
 def cdc_topic_name(table_name: str) -> str:
     """``public.items`` -> ``cdc.public.items`` (Debezium's ``<topic.prefix>.<schema>.<table>``)."""
     return f"{settings.cdc_topic_prefix}.{table_name}"
-
-
-def raw_topic(*names: str, partitions: int):
-    return app.topic(
-        *names,
-        key_type=bytes,
-        value_type=bytes,
-        key_serializer="raw",
-        value_serializer="raw",
-        partitions=partitions,
-        internal=True,  # created with TOPIC_PARTITIONS when absent
-    )
 
 
 CDC_TOPICS = [cdc_topic_name(name) for name in settings.cdc_table_names]

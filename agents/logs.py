@@ -21,12 +21,12 @@ import orjson
 from faust import web
 from faust.types import EventT
 
-from agents.metrics import metrics_topic
 from app import app, settings
 from app.aggregation import hold, release
 from app.dead_letters import dead_letter
 from app.runtime import reason_of, require_encodable
 from app.search import BulkPair, BulkWriter, Rejection, optional_writer, put_index_template
+from app.topics import key_text, metrics_topic
 from models.logs import (
     LEVELS,
     InvalidRecord,
@@ -47,7 +47,6 @@ from models.logs import (
     window_summary,
     windows_to_close,
 )
-from models.metrics import key_text
 from tables.logs import log_stats, recent_lines
 
 log = logging.getLogger(__name__)

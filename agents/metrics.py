@@ -31,6 +31,7 @@ from app.dead_letters import dead_letter
 from app.prometheus import gauge
 from app.runtime import Decoded, decoded_batches, require_encodable, until_applied
 from app.settings import bootstrap_servers
+from app.topics import key_text, metrics_topic
 from app.web import require_admin_token, worker_is_ready
 from app.webhooks import webhook_sender
 from models.alerts import (
@@ -64,7 +65,6 @@ from models.metrics import (
     OffsetSample,
     after,
     decode_json,
-    key_text,
     offset_samples_by_pane,
     offset_samples_by_series,
     pane_key,
@@ -76,16 +76,6 @@ from models.metrics import (
 )
 from tables.metrics import alert_states, latest_samples, metric_panes, metric_series
 
-metrics_topic = app.topic(
-    # Keys arrive as bytes and are decoded in the agent, so a key that is not UTF-8 is dead-lettered.
-    "metrics",
-    key_type=bytes,
-    value_type=bytes,
-    key_serializer="raw",
-    value_serializer="raw",
-    partitions=settings.topic_partitions,
-    internal=True,  # the worker creates it with TOPIC_PARTITIONS when it does not exist yet
-)
 alerts_topic = app.topic("alerts", key_type=str, value_type=Alert, partitions=settings.topic_partitions, internal=True)
 silences_topic = app.topic("alert-silences", key_type=str, value_type=Silence, partitions=1, internal=True)
 

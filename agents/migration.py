@@ -31,6 +31,7 @@ from app.aggregation import BATCH_MAX, BATCH_WITHIN, enter_partition, fold_delta
 from app.dead_letters import RECORD_OVERHEAD
 from app.prometheus import gauge
 from app.runtime import Decoded, decoded_batches, require_encodable, until_applied
+from app.topics import raw_topic
 from app.web import require_admin_token
 from models.migration import (
     CompareRules,
@@ -54,19 +55,6 @@ from tables.migration import order_events, partition_state, pending_results
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-
-
-def raw_topic(*names: str) -> TopicT:
-    """A topic of raw key and value bytes, created with TOPIC_PARTITIONS partitions."""
-    return app.topic(
-        *names,
-        key_type=bytes,
-        value_type=bytes,
-        key_serializer="raw",
-        value_serializer="raw",
-        partitions=settings.topic_partitions,
-        internal=True,
-    )
 
 
 V1_RESULTS, V2_RESULTS = "migration.v1.results", "migration.v2.results"

@@ -31,7 +31,7 @@ from app import app, settings
 from app.aggregation import BATCH_MAX, enter_partition
 from app.runtime import Decoded, decoded_batches, require_encodable, until_applied
 from app.settings import bootstrap_servers
-from models.metrics import key_text
+from app.topics import key_text, raw_topic
 from models.recommendations import (
     Catalogue,
     InvalidModel,
@@ -55,19 +55,6 @@ from models.recommendations import (
 from tables.recommendations import recs_item_meta, recs_item_stats, recs_purchased, recs_sessions
 
 log = logging.getLogger(__name__)
-
-
-def raw_topic(name: str, partitions: int = settings.topic_partitions):
-    """A topic of raw bytes (decoded in the agent, so bad records can be dead-lettered as they came)."""
-    return app.topic(
-        name,
-        key_type=bytes,
-        value_type=bytes,
-        key_serializer="raw",
-        value_serializer="raw",
-        partitions=partitions,
-        internal=True,  # the worker creates it when it does not exist yet
-    )
 
 
 user_events_topic = raw_topic("user-events")

@@ -14,16 +14,6 @@ class InvalidRecord(ValueError):
     """A record that cannot be decoded or validated; the message is the dead-letter reason."""
 
 
-def key_text(key: Optional[bytes]) -> Optional[str]:
-    """A record key as text (None for a keyless record); a key that is not UTF-8 is invalid."""
-    if key is None:
-        return None
-    try:
-        return key.decode("utf-8")
-    except UnicodeDecodeError:
-        raise InvalidRecord(f"record key is not UTF-8: {key!r}") from None
-
-
 class MetricSample(faust.Record, serializer="json"):
     """One measurement: ``{"service", "instance", "metric", "value", "ts"}`` (ts in epoch seconds)."""
 

@@ -1,4 +1,5 @@
 """Decoding and validating metric samples, without Kafka."""
+
 from __future__ import annotations
 
 import json
@@ -8,7 +9,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from agents.metrics import merge_latest
-from models.metrics import EARLIEST_TS, InvalidRecord, MetricSample, key_text, parse_record, parse_samples
+from app.topics import InvalidKey, key_text
+from models.metrics import EARLIEST_TS, InvalidRecord, MetricSample, parse_record, parse_samples
 
 NOW = 1732412400.0
 
@@ -72,7 +74,7 @@ def test_an_older_sample_never_overwrites_a_newer_one():
 
 def test_a_record_key_that_is_not_utf8_is_refused():
     assert key_text(b"cart") == "cart" and key_text(None) is None
-    with pytest.raises(InvalidRecord, match="not UTF-8"):
+    with pytest.raises(InvalidKey, match="not UTF-8"):
         key_text(b"\xff\xfe")
 
 
@@ -118,14 +120,35 @@ good_sample = st.builds(
     st.floats(min_value=0, max_value=86400),
 )
 hostile_element = st.one_of(
-    st.none(), st.booleans(), st.text(max_size=5), st.lists(st.integers(), max_size=2),
-    st.fixed_dictionaries({"metric": st.just("cpu"), "value": st.one_of(
-        st.text(max_size=3), st.booleans(), st.none(), st.just(float("nan")), st.just(float("inf")),
-        st.integers(min_value=10**151, max_value=10**4000), st.floats(min_value=1.1e150, max_value=1e308),
-    )}),
-    st.fixed_dictionaries({"metric": st.just("cpu"), "value": st.just(1), "ts": st.one_of(
-        st.integers(min_value=10**151, max_value=10**4000), st.floats(max_value=EARLIEST_TS - 1), st.floats(min_value=NOW + 4000),
-    )}),
+    st.none(),
+    st.booleans(),
+    st.text(max_size=5),
+    st.lists(st.integers(), max_size=2),
+    st.fixed_dictionaries(
+        {
+            "metric": st.just("cpu"),
+            "value": st.one_of(
+                st.text(max_size=3),
+                st.booleans(),
+                st.none(),
+                st.just(float("nan")),
+                st.just(float("inf")),
+                st.integers(min_value=10**151, max_value=10**4000),
+                st.floats(min_value=1.1e150, max_value=1e308),
+            ),
+        }
+    ),
+    st.fixed_dictionaries(
+        {
+            "metric": st.just("cpu"),
+            "value": st.just(1),
+            "ts": st.one_of(
+                st.integers(min_value=10**151, max_value=10**4000),
+                st.floats(max_value=EARLIEST_TS - 1),
+                st.floats(min_value=NOW + 4000),
+            ),
+        }
+    ),
     st.fixed_dictionaries({"metric": st.text(alphabet="\x1f\ud800 ", max_size=4), "value": st.just(1)}),
 )
 
@@ -154,10 +177,17 @@ def test_any_array_applies_exactly_its_valid_elements_and_refuses_exactly_the_ot
 
 
 @settings(max_examples=300, deadline=None)
-@given(st.one_of(st.binary(max_size=64), st.text(max_size=64).map(str.encode),
-                 st.recursive(st.none() | st.booleans() | st.floats() | st.integers() | st.text(max_size=8),
-                              lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=6), inner, max_size=4),
-                              max_leaves=20).map(lambda value: json.dumps(value).encode())))
+@given(
+    st.one_of(
+        st.binary(max_size=64),
+        st.text(max_size=64).map(str.encode),
+        st.recursive(
+            st.none() | st.booleans() | st.floats() | st.integers() | st.text(max_size=8),
+            lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=6), inner, max_size=4),
+            max_leaves=20,
+        ).map(lambda value: json.dumps(value).encode()),
+    )
+)
 def test_any_bytes_give_samples_or_an_invalid_record_never_another_error(raw):
     try:
         record = parse_record(raw, "cart", now=NOW)
