@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, Awaitable, Callable, Coroutine, Deque, Dict, Iterable, Iterator, List, Optional, Set, Tuple
 
+import faust
 import orjson
 from faust import web
 from faust.types import EventT
@@ -26,6 +27,7 @@ from app.aggregation import hold, release
 from app.dead_letters import dead_letter
 from app.runtime import reason_of, require_encodable
 from app.search import BulkPair, BulkWriter, Rejection, optional_writer, put_index_template
+from app.settings import Settings
 from app.topics import key_text, metrics_topic
 from models.logs import (
     LEVELS,
@@ -100,7 +102,13 @@ INDEX_MAPPINGS: Dict[str, Any] = {
     },
 }
 
-writer: Optional[BulkWriter] = optional_writer(settings.elasticsearch_url, settings.elasticsearch_max_backoff)
+writer: Optional[BulkWriter] = None  # the Elasticsearch writer, built by register() when ELASTICSEARCH_URL is set
+
+
+def register(app: faust.App, settings: Settings) -> None:
+    """Build the Elasticsearch writer of ELASTICSEARCH_URL (none: lines are counted, not indexed)."""
+    global writer
+    writer = optional_writer(settings.elasticsearch_url, settings.elasticsearch_max_backoff)
 
 
 @dataclass

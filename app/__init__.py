@@ -26,6 +26,9 @@ def create_data_dir(sender: faust.App, /, *args: object, **kwargs: object) -> No
 from agents import cdc, dead_letters, logs, metrics, migration, recommendations  # noqa: E402,F401
 from app import cli, dashboard, prometheus, web  # noqa: E402,F401
 
+# Each job builds its clients and loads its files here or at the worker's start, not at import.
+logs.register(app, settings)
+
 
 def tune_garbage_collector(settings: Settings) -> None:
     """Apply GC_THRESHOLDS and GC_FREEZE (see app/settings.py): fewer, cheaper cyclic collections."""
