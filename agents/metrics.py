@@ -21,6 +21,7 @@ import uuid
 from functools import reduce
 from typing import Any, AsyncIterator, Dict, Iterable, List, Mapping, NamedTuple, Optional, Tuple, Union, cast
 
+import faust
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from faust import web
 from faust.types import EventT, StreamT
@@ -30,10 +31,10 @@ from app.aggregation import BATCH_MAX, BATCH_WITHIN, enter_partition, fold_delta
 from app.dead_letters import dead_letter
 from app.prometheus import gauge
 from app.runtime import Decoded, decoded_batches, require_encodable, until_applied
-from app.settings import bootstrap_servers
+from app.settings import Settings, bootstrap_servers
 from app.topics import key_text, metrics_topic
 from app.web import require_admin_token, worker_is_ready
-from app.webhooks import webhook_sender
+from app.webhooks import WebhookSender, webhook_sender
 from models.alerts import (
     ALERT_CHECK_HEADER,
     MAX_CHECKED_ALERTS,
@@ -80,19 +81,19 @@ alerts_topic = app.topic("alerts", key_type=str, value_type=Alert, partitions=se
 silences_topic = app.topic("alert-silences", key_type=str, value_type=Silence, partitions=1, internal=True)
 
 
-def load_alert_rules() -> List[Rule]:
+def load_alert_rules(settings: Settings) -> List[Rule]:
     """The rules of ALERT_RULES; an invalid file stops the worker with the line and the reason."""
     try:
         rules = load_rules(settings.alert_rules)
         for rule in rules:
-            check_rule_window(rule)
+            check_rule_window(rule, settings)
         return rules
     except RuleFileError as error:
         print(f"invalid configuration: ALERT_RULES: {error}", file=sys.stderr)
         raise SystemExit(2) from None
 
 
-def check_rule_window(rule: Rule) -> None:
+def check_rule_window(rule: Rule, settings: Settings) -> None:
     """A threshold rule's window must be whole panes of METRIC_WINDOW_STEP, kept for METRIC_WINDOW_EXPIRES."""
     if not isinstance(rule, ThresholdRule):
         return
@@ -160,9 +161,10 @@ class SilenceCache:
 
 
 log = logging.getLogger(__name__)
-RULES = load_alert_rules()
-RULES_BY_NAME = {rule.name: rule for rule in RULES}
-webhook = webhook_sender(settings.alert_webhook_url)
+# Set by register() and at worker start (use_alert_rules): importing this module reads no file.
+RULES: List[Rule] = []
+RULES_BY_NAME: Dict[str, Rule] = {}
+webhook: Optional[WebhookSender] = None
 silences = SilenceCache()
 APPLIED = "applied_offset"  # in each table value: the highest source offset it holds (replay guard)
 FORWARDED_SAMPLES = 1000  # samples per re-keyed record (~100 kB), whatever the batch holds
@@ -474,13 +476,30 @@ async def follow_silences() -> None:
     await silences.follow()
 
 
-if webhook is not None:
+async def deliver_webhooks() -> None:
+    """Send queued Alertmanager payloads to ALERT_WEBHOOK_URL (a task only with a webhook)."""
+    assert webhook is not None  # register() starts this task only with a webhook
+    await webhook.run()
 
-    @app.task
-    async def deliver_webhooks() -> None:
-        """Send queued Alertmanager payloads to ALERT_WEBHOOK_URL."""
-        assert webhook is not None  # this task exists only with a webhook
-        await webhook.run()
+
+def use_alert_rules(rules: List[Rule]) -> None:
+    """The rules the agents evaluate from now on."""
+    global RULES, RULES_BY_NAME
+    RULES = list(rules)
+    RULES_BY_NAME = {rule.name: rule for rule in RULES}
+
+
+def register(app: faust.App, settings: Settings) -> None:
+    """Build the webhook sender (and its task) and load ALERT_RULES when the worker starts: an
+    invalid rules file stops the worker with one line, importing this module reads nothing."""
+    global webhook
+    webhook = webhook_sender(settings.alert_webhook_url)
+    if webhook is not None:
+        app.task(deliver_webhooks)
+
+    @app.on_worker_init.connect
+    def load_rules_at_start(sender: faust.App, /, *args: object, **kwargs: object) -> None:
+        use_alert_rules(load_alert_rules(settings))
 
 
 # --- pages ---------------------------------------------------------------------------------------

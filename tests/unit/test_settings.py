@@ -10,7 +10,8 @@ import pytest
 from app.redaction import RedactingLogRecord, remember_secrets
 from app.settings import Settings, describe_error
 from pydantic import ValidationError
-from tests.support.workers import REPO_ROOT, environment_with
+from tests.support.ports import free_port
+from tests.support.workers import FAUST, REPO_ROOT, environment_with
 
 
 def settings_from(monkeypatch, **variables: str) -> Settings:
@@ -74,6 +75,15 @@ def import_app_with(**variables: str) -> subprocess.CompletedProcess:
     )
 
 
+def start_worker_with(tmp_path, **variables: str) -> subprocess.CompletedProcess:
+    """Start ``faust -A app worker`` in a fresh process (it stops at once when its start fails)."""
+    defaults = {"STORE": "memory://", "DATA_DIR": str(tmp_path / "data"), "WEB_PORT": str(free_port())}
+    return subprocess.run(
+        [str(FAUST), "-A", "app", "worker", "-l", "info"], cwd=REPO_ROOT, env=environment_with(**{**defaults, **variables}),
+        capture_output=True, text=True, timeout=60,
+    )
+
+
 GC_STATE = "import app, gc; print(*gc.get_threshold(), gc.get_freeze_count() > 0)"
 
 
@@ -107,7 +117,7 @@ def test_a_worker_with_an_invalid_rules_file_stops_with_the_line_and_reason(tmp_
     rules = tmp_path / "rules.yaml"
     rules.write_text("rules:\n  - name: HighCPU\n    metric: cpu\n    aggregate: mean\n    window: 60s\n    op: '=>'\n    threshold: 0.9\n")
 
-    result = import_app_with(ALERT_RULES=str(rules))
+    result = start_worker_with(tmp_path, ALERT_RULES=str(rules))
 
     assert result.returncode == 2
     (line,) = result.stderr.strip().splitlines()
@@ -119,7 +129,7 @@ def test_a_rule_window_that_is_not_whole_panes_stops_the_worker(tmp_path):
     rules = tmp_path / "rules.yaml"
     rules.write_text("rules:\n  - {name: Fast, metric: cpu, aggregate: mean, window: 5s, op: '>', threshold: 0.9}\n")
 
-    result = import_app_with(ALERT_RULES=str(rules))
+    result = start_worker_with(tmp_path, ALERT_RULES=str(rules))
 
     assert result.returncode == 2
     assert "rule 'Fast': window 5s must be a whole number of METRIC_WINDOW_STEP (10s)" in result.stderr
