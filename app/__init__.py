@@ -29,6 +29,7 @@ from app import cli, dashboard, prometheus, web  # noqa: E402,F401
 # Each job builds its clients and loads its files here or at the worker's start, not at import.
 logs.register(app, settings)
 metrics.register(app, settings)
+cdc.register(app, settings)
 
 
 

@@ -6,8 +6,11 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import os
 import random
 import signal
+import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -22,8 +25,9 @@ import redis
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from psycopg.types.json import Json, Jsonb
 
+from app.local_broker import worker_env_defaults
 from models.cdc import UNAVAILABLE, python_value
-from tests.support.workers import WorkerProcess, wait_for, wait_until_ready
+from tests.support.workers import REPO_ROOT, WorkerProcess, wait_for, wait_until_ready
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "cdc"
 
@@ -623,3 +627,47 @@ def notes_in_every_sink(scenario: Scenario, table: str) -> Dict[str, Dict[int, T
     found["redis"] = {int(row_id): (row["body"], row["n"]) for row_id, row in redis_rows(scenario.redis_url, table, types).items()}
     found["index"] = {int(row_id): (row["body"], row["n"]) for row_id, row in index_rows(scenario.es_server, table, types).items()}
     return found
+
+
+# --- the capture service -----------------------------------------------------------------------------
+
+
+def start_capture_service(kafka_broker, scenario: Scenario, app_id: str, work_dir: Path) -> subprocess.Popen:
+    """``python -m agents.cdc.capture`` as the Procfile's ``capture:`` line runs it, logging to work_dir."""
+    env = {
+        **os.environ, **worker_env_defaults(os.environ), "KAFKA_BROKER": kafka_broker.url, "APP_ID": app_id,
+        "DATA_DIR": str(work_dir / "data"), **scenario.env(),
+    }
+    with open(work_dir / "capture.log", "wb") as log:  # the process keeps its own handle
+        return subprocess.Popen([sys.executable, "-m", "agents.cdc.capture"], cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+
+
+def change_keys(bootstrap: str, topic: str, op: str, at_least: int) -> Optional[List[int]]:
+    """The row ids of the topic's ``op`` events once there are ``at_least`` of them, else None."""
+    records = asyncio.run(read_topic(bootstrap, topic))
+    keys = sorted(json.loads(r.key)["id"] for r in records if r.value and json.loads(r.value)["op"] == op)
+    return keys if len(keys) >= at_least else None
+
+
+def test_the_capture_service_alone_publishes_the_snapshot_then_the_changes(kafka_broker, scenario, app_id, tmp_path):
+    """No worker runs: the capture service's own process snapshots the source, then streams."""
+    seed_items(scenario, 20, seed=21)
+    topic = f"{scenario.prefix}.{scenario.schema}.items"
+    service = start_capture_service(kafka_broker, scenario, app_id, tmp_path)
+    try:
+        snapshot = wait_for(lambda: change_keys(kafka_broker.bootstrap, topic, "r", at_least=20), timeout=60, message="the snapshot published")
+        with psycopg.connect(scenario.source_dsn) as conn:
+            insert_item(conn, scenario.schema, random_item(random.Random(22), 1000))
+        created = wait_for(lambda: change_keys(kafka_broker.bootstrap, topic, "c", at_least=1), timeout=60, message="the insert published")
+        assert service.poll() is None, (tmp_path / "capture.log").read_text()[-2000:]
+    finally:
+        service.terminate()
+        service.wait(timeout=30)
+    assert snapshot == list(range(20)) and created == [1000]
+
+
+def test_the_capture_service_explains_itself():
+    result = subprocess.run([sys.executable, "-m", "agents.cdc.capture", "--help"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
+
+    assert result.returncode == 0 and "CDC_CAPTURE=off" in result.stdout, result.stderr
+    assert "RuntimeWarning" not in result.stderr, result.stderr

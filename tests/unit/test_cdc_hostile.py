@@ -17,8 +17,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from agents import cdc
 from agents.cdc import ElasticsearchSink, RedisSink, ReplicaSink, apply_change_stream, change_of_record, redis_write
+from agents.cdc import apply as cdc  # the module whose SINKS and dead_letter the agent uses
 from app import app, runtime
 from models.cdc import Change, ColumnDef, InvalidChange, change_envelope, key_json, latest_per_row
 from tables.cdc import cdc_rows
