@@ -15,14 +15,84 @@ session timeout, so the group expelled the worker, which rejoined, rebalanced ag
 actually released a database, and the whole worker at most once per rebalance generation. A
 released database has no other reference, so reference counting frees it (and its lock) at once;
 the one collection per generation keeps Faust's safety net for a database caught in a cycle.
+
+Memory (docs/memory.md): Faust opens every table partition's database with its own 2 GiB block
+cache and memtables of 64 MiB (up to 3). A memtable takes every write, an overwrite of the same key
+too, until it is full, so with 16 tables x 8 partitions the worker's RSS grew with the bytes
+written, by tens of MiB a minute, towards 128 x 64 MiB (bench/RESULTS.md, "Memory"). Here all
+databases of the worker share ONE block cache of ``ROCKSDB_CACHE_MB``, which also holds the index
+and filter blocks (otherwise kept per open file) and is charged with the memtables, whose sum a
+write buffer manager keeps under ``ROCKSDB_WRITE_BUFFERS_MB`` by flushing the memtable of the
+database being written. A database's own memtable flushes at ``WRITE_BUFFER_BYTES``, and grows in
+arena blocks of ``ARENA_BLOCK_BYTES`` (RocksDB's default is 1 MiB: one per written database).
 """
+
 from __future__ import annotations
 
 import gc
-from typing import Optional, Set
+import weakref
+from functools import lru_cache
+from typing import Any, Iterator, NamedTuple, Optional, Set
 
 from faust.stores import rocksdb
 from faust.types import TP, CollectionT
+
+from app import memory
+
+MIB = 1024 * 1024
+WRITE_BUFFER_BYTES = 8 * MIB  # one database's memtable flushes at this size (Faust: 64 MiB)
+MAX_WRITE_BUFFERS = 2  # the memtable being written and one being flushed (Faust: 3)
+ARENA_BLOCK_BYTES = 256 * 1024  # memtable allocation unit (RocksDB: 1 MiB per written database)
+
+
+class SharedMemory(NamedTuple):
+    """The block cache and write buffer manager every database of this process uses."""
+
+    cache: Any
+    write_buffers: Any
+
+
+@lru_cache(maxsize=1)
+def shared_memory(cache_bytes: int, write_buffer_bytes: int) -> SharedMemory:
+    """Created once per process: the cache must outlive every database that uses it."""
+    cache = rocksdb.rocksdict.Cache(cache_bytes)
+    manager = rocksdb.rocksdict.WriteBufferManager.new_write_buffer_manager_with_cache(write_buffer_bytes, False, cache)
+    return SharedMemory(cache, manager)
+
+
+def worker_shared_memory() -> SharedMemory:
+    settings = memory.memory_settings
+    return shared_memory(settings.rocksdb_cache_mb * MIB, settings.rocksdb_write_buffers_mb * MIB)
+
+
+class BoundedRocksDBOptions(rocksdb.RocksDBOptions):
+    """Faust's RocksDB options, with the worker-wide memory bounds of the module docstring."""
+
+    write_buffer_size = WRITE_BUFFER_BYTES
+    max_write_buffer_number = MAX_WRITE_BUFFERS
+
+    def as_options(self) -> Any:
+        if not self.use_rocksdict:  # python-rocksdb (not installed here): Faust's options
+            return super().as_options()
+        rocksdict = rocksdb.rocksdict
+        shared = worker_shared_memory()
+        options = rocksdict.Options(raw_mode=True)
+        options.create_if_missing(True)
+        options.set_max_open_files(self.max_open_files)
+        options.set_write_buffer_size(self.write_buffer_size)
+        options.set_max_write_buffer_number(self.max_write_buffer_number)
+        options.set_arena_block_size(ARENA_BLOCK_BYTES)
+        options.set_target_file_size_base(self.target_file_size_base)
+        options.set_write_buffer_manager(shared.write_buffers)
+        table = rocksdict.BlockBasedOptions()
+        table.set_bloom_filter(self.bloom_filter_size, True)
+        table.set_block_cache(shared.cache)
+        table.set_cache_index_and_filter_blocks(True)
+        table.set_pin_l0_filter_and_index_blocks_in_cache(True)
+        table.set_index_type(rocksdict.BlockBasedIndexType.binary_search())
+        options.set_block_based_table_factory(table)
+        return options
+
 
 _collected_in_generation: Optional[int] = None
 
@@ -37,11 +107,41 @@ def collect_once_per_generation(generation_id: int) -> bool:
     return True
 
 
+_stores: "weakref.WeakSet[Store]" = weakref.WeakSet()
+
+
+def open_databases() -> Iterator[object]:
+    """Every RocksDB database the worker's tables have open."""
+    for store in list(_stores):
+        yield from list(store._dbs.values())
+
+
+def rocksdb_property_total(name: str) -> int:
+    """The sum of an integer RocksDB property over every open database."""
+    return sum(db.property_int_value(name) or 0 for db in open_databases())
+
+
+memory.register_gauge("rocksdb.databases", lambda: sum(1 for _ in open_databases()))
+memory.register_gauge("rocksdb.memtables_bytes", lambda: rocksdb_property_total("rocksdb.size-all-mem-tables"))
+memory.register_gauge("rocksdb.table_readers_bytes", lambda: rocksdb_property_total("rocksdb.estimate-table-readers-mem"))
+memory.register_gauge("rocksdb.block_cache_bytes", lambda: worker_shared_memory().cache.get_usage())
+memory.register_gauge("rocksdb.write_buffer_manager_bytes", lambda: worker_shared_memory().write_buffers.get_usage())
+
+
 class Store(rocksdb.Store):
     """RocksDB store: see the module docstring."""
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.rocksdb_options = BoundedRocksDBOptions(**self.options, use_rocksdict=self.use_rocksdict)
+        _stores.add(self)
+
     async def on_rebalance(
-        self, assigned: Set[TP], revoked: Set[TP], newly_assigned: Set[TP], generation_id: int = 0,
+        self,
+        assigned: Set[TP],
+        revoked: Set[TP],
+        newly_assigned: Set[TP],
+        generation_id: int = 0,
     ) -> None:
         self.rebalance_ack = False
         async with self.db_lock:

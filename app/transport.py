@@ -62,9 +62,11 @@ held only while ``_update_indices`` rebuilds the map, so while it is free the ma
 and Faust's locked lookup is used otherwise. The per-partition delivery itself stays Faust's
 (its compiled ``ConductorHandler``).
 """
+
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 from typing import Any, AsyncIterator, Callable, ClassVar, Dict, FrozenSet, Iterable, List, Mapping, Optional, Set, Tuple, Type, cast
 
 import faust
@@ -78,6 +80,9 @@ from faust.types import TP, AppT, ConsumerT, ProducerT
 from faust.types.transports import ConductorT, ConsumerCallback
 from faust.types.tuples import Message
 from faust.utils import json as faust_json
+from mode import Service
+
+from app import memory
 
 GETMANY_TIMEOUT = 0.05
 SEEK_PARK_TIMEOUT = 10.0  # seconds perform_seek waits for the drain loop to stop delivering
@@ -197,6 +202,12 @@ class Consumer(aiokafka.Consumer):
         self._drain_task: Any = None
         super().__init__(*args, **kwargs)
 
+    @Service.task
+    async def _profile_memory(self) -> None:
+        """The opt-in heap profiler (app/memory.py, MEMORY_PROFILE); returns at once when it is off."""
+        register_buffer_gauges(self)
+        await memory.profile_memory(Path(self.app.conf.datadir))
+
     async def perform_seek(self) -> None:
         """Faust's seek of every partition to its committed offset, fenced off from the drain loop.
 
@@ -287,8 +298,7 @@ class Consumer(aiokafka.Consumer):
             if not self.flow_active:
                 break
             if app.consumer_generation_id != generation_id:
-                self.log.dev("Generation id changed from %r to %r. Cancelling getmany.",
-                             generation_id, app.consumer_generation_id)
+                self.log.dev("Generation id changed from %r to %r. Cancelling getmany.", generation_id, app.consumer_generation_id)
                 break
             if active_partitions is None or tp in active_partitions or tp in buffered:
                 if tp not in tracked:
@@ -367,6 +377,15 @@ class Consumer(aiokafka.Consumer):
         finally:
             self._drain_parked.set()  # a seek never waits for a loop that has ended
             unset_flag(CONSUMER_FETCHING)
+
+
+def register_buffer_gauges(consumer: "Consumer") -> None:
+    """The sizes of the worker's record buffers, for app/memory.py's heap reports."""
+    app = consumer.app
+    memory.register_gauge("consumer.unacked_messages", lambda: len(consumer._unacked_messages))
+    memory.register_gauge("consumer.acked_offsets", lambda: sum(len(offsets) for offsets in consumer._acked.values()))
+    memory.register_gauge("streams.buffered_events", lambda: sum(queue.qsize() for queue in list(app.flow_control._queues)))
+    memory.register_gauge("producer_buffer.records", lambda: app.producer.buffer.size)
 
 
 class ProducerBuffer(FaustProducerBuffer):
@@ -470,4 +489,3 @@ class Transport(aiokafka.Transport):
     Consumer: ClassVar[Type[ConsumerT]] = Consumer
     Producer: ClassVar[Type[ProducerT]] = Producer
     Conductor: ClassVar[Type[ConductorT]] = Conductor
-
