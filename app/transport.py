@@ -48,6 +48,8 @@ app/aggregation.py writes hundreds of keys at once, and with 100 the conductor s
 for every 100 changelog sends (50-76 stalls, 2.2-4.0 s of a 9-11 s run; bench/README.md). The
 conductor asks that buffer's size once per record; Faust's ``size`` reads a setting through the
 settings registry each time (4.6 % of a bare agent's main thread), this one reads the queue.
+The buffer is also bounded in bytes (``PRODUCER_BUFFER_MB``, docs/memory.md): 20,000 changelog
+records of a table whose values are a few kB held over 100 MiB while the producer lagged.
 
 ``FastSchema`` (the app's ``Schema`` setting, so every topic and channel uses it) decodes raw
 ``bytes`` keys/values and schemaless JSON values without Faust's serializer registry, whose
@@ -66,6 +68,7 @@ and Faust's locked lookup is used otherwise. The per-partition delivery itself s
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from pathlib import Path
 from typing import Any, AsyncIterator, Callable, ClassVar, Dict, FrozenSet, Iterable, List, Mapping, Optional, Set, Tuple, Type, cast
 
@@ -386,13 +389,20 @@ def register_buffer_gauges(consumer: "Consumer") -> None:
     memory.register_gauge("consumer.acked_offsets", lambda: sum(len(offsets) for offsets in consumer._acked.values()))
     memory.register_gauge("streams.buffered_events", lambda: sum(queue.qsize() for queue in list(app.flow_control._queues)))
     memory.register_gauge("producer_buffer.records", lambda: app.producer.buffer.size)
+    memory.register_gauge("producer_buffer.bytes", lambda: getattr(app.producer.buffer, "bytes", -1))
 
 
 class ProducerBuffer(FaustProducerBuffer):
-    """Faust's buffer of records waiting to be sent, with a size that costs no settings lookup."""
+    """Faust's buffer of records waiting to be sent, with a size that costs no settings lookup and
+    a bound in bytes as well as in records: the stream waits while the buffer holds more than
+    ``max_messages`` records or ``max_bytes`` of keys and values (PRODUCER_BUFFER_MB), until it is
+    back under both. Faust's own wait gives up after 0.1 s without a send (a broker that takes
+    nothing let the buffer grow by a record per 0.1 s); this one waits for the sends."""
 
     max_messages = PRODUCER_BUFFER_MAX
+    max_bytes = 32 * 1024 * 1024  # set from PRODUCER_BUFFER_MB by the Producer
     threaded = False  # the producer_threaded setting, read once
+    bytes = 0  # keys and values of the records in ``pending``
 
     @property
     def size(self) -> int:
@@ -400,15 +410,57 @@ class ProducerBuffer(FaustProducerBuffer):
             return super().size
         return self.pending.qsize()
 
+    def over_bounds(self) -> bool:
+        return self.size > self.max_messages or self.bytes > self.max_bytes
+
+    def put(self, fut: Any) -> None:
+        if not self.threaded:
+            fut.message = trimmed(fut.message)
+            self.bytes += record_bytes(fut.message)
+        super().put(fut)
+
+    async def _send_pending(self, fut: Any) -> None:
+        try:
+            await super()._send_pending(fut)
+        finally:
+            if not self.threaded:
+                self.bytes -= record_bytes(fut.message)
+
+    async def wait_until_ebb(self) -> None:
+        """Wait while the buffer is over a bound (the conductor calls this before each record)."""
+        if self.threaded:
+            return await super().wait_until_ebb()
+        while self.over_bounds() and not self.should_stop:
+            self.message_sent.clear()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self.message_sent.wait(), timeout=1.0)
+
+
+def trimmed(message: Any) -> Any:
+    """The pending record with a value that holds only its own bytes. orjson (3.12 on; Faust's
+    JSON codec) returns ``bytes`` with at least 4 KiB allocated however short the JSON: a
+    100-byte changelog value held 4 KiB while it waited here (tracemalloc: 283 MiB for 71,000
+    records). The copy costs about 1 us for a few hundred bytes."""
+    value = message.value
+    if type(value) is bytes and value:
+        return message._replace(value=bytes(memoryview(value)))
+    return message
+
+
+def record_bytes(message: Any) -> int:
+    """Bytes of a pending record's key and value (serialized by then; anything else counts 0)."""
+    return sum(len(part) for part in (message.key, message.value) if isinstance(part, (bytes, bytearray, str)))
+
 
 class Producer(aiokafka.Producer):
     """Faust's aiokafka producer with the buffer above (the conductor waits only beyond
-    PRODUCER_BUFFER_MAX unsent records)."""
+    PRODUCER_BUFFER_MAX unsent records or PRODUCER_BUFFER_MB of them)."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         buffer = ProducerBuffer(loop=self.loop, beacon=self.beacon)  # replaces Faust's before it starts
         buffer.app, buffer.threaded = self.app, bool(self.app.conf.producer_threaded)
+        buffer.max_bytes = memory.memory_settings.producer_buffer_mb * 1024 * 1024
         if buffer.threaded:
             buffer.threaded_producer = self.threaded_producer
         self.buffer = buffer

@@ -7,15 +7,18 @@ import json
 import os
 import signal
 import tracemalloc
-from typing import List
+from types import SimpleNamespace
+from typing import List, NamedTuple, Optional
 
 import faust
+import orjson
 import pytest
 from pydantic import ValidationError
 
-from app import memory, stores
+from app import app, memory, stores
 from app.memory import MemoryProfiler, MemorySettings, gauge_values, profile_memory, register_gauge
 from app.stores import ARENA_BLOCK_BYTES, MIB, Store
+from app.transport import ProducerBuffer, record_bytes
 
 # --- settings ----------------------------------------------------------------------------------------
 
@@ -84,6 +87,97 @@ async def test_memtables_stay_within_the_budget_however_much_is_written(tmp_path
     await flushes_done(dbs)
     assert memtable_bytes(dbs) <= 8 * MIB + len(dbs) * ARENA_BLOCK_BYTES
     assert all(db.get(b"key-999") == value for db in dbs)
+
+
+# --- the producer buffer: bounded in bytes as well as records ---------------------------------------
+
+
+class Channel:
+    """Stands in for a topic: publishing only counts the record (the sending is not under test)."""
+
+    def __init__(self) -> None:
+        self.published = 0
+
+    async def publish_message(self, fut, wait: bool = False) -> None:
+        self.published += 1
+
+
+class Pending(NamedTuple):
+    """The fields of Faust's PendingMessage the buffer reads."""
+
+    channel: Channel
+    key: Optional[bytes]
+    value: Optional[bytes]
+
+
+def pending(channel: Channel, size: int) -> SimpleNamespace:
+    return SimpleNamespace(message=Pending(channel, b"k", b"v" * (size - 1)))
+
+
+async def buffer_with_bounds(max_messages: int, max_bytes: int) -> ProducerBuffer:
+    buffer = ProducerBuffer(loop=asyncio.get_running_loop())
+    buffer.app, buffer.max_messages, buffer.max_bytes = app, max_messages, max_bytes
+    return buffer
+
+
+async def test_the_stream_waits_while_the_unsent_records_exceed_the_byte_bound():
+    buffer, channel = await buffer_with_bounds(max_messages=20_000, max_bytes=1000), Channel()
+    records = [pending(channel, 400) for _ in range(4)]  # 1,600 bytes in 4 records
+    for record in records:
+        buffer.put(record)
+    assert buffer.bytes == 1600
+    waiting = asyncio.ensure_future(buffer.wait_until_ebb())
+    for _ in range(5):
+        await asyncio.sleep(0)
+    assert not waiting.done()  # Faust's wait only looks at the count: 4 of 20,000
+    for _ in range(2):  # the producer sends two: 800 bytes left
+        await buffer._send_pending(await buffer.pending.get())
+        buffer.message_sent.set()
+        await asyncio.sleep(0)
+    await waiting
+    assert buffer.bytes == 800 and channel.published == 2
+
+
+async def test_a_record_that_fails_to_send_leaves_the_byte_count():
+    class Refusing(Channel):
+        async def publish_message(self, fut, wait: bool = False) -> None:
+            raise RuntimeError("broker refused")
+
+    buffer = await buffer_with_bounds(max_messages=10, max_bytes=1000)
+    buffer.put(pending(Refusing(), 300))
+    with pytest.raises(RuntimeError):
+        await buffer._send_pending(await buffer.pending.get())
+    assert buffer.bytes == 0
+
+
+async def test_the_stream_goes_on_at_once_under_both_bounds():
+    buffer, channel = await buffer_with_bounds(max_messages=3, max_bytes=1000), Channel()
+    for _ in range(3):
+        buffer.put(pending(channel, 100))
+    await buffer.wait_until_ebb()  # returns without any send
+    assert buffer.size == 3
+
+
+async def test_a_buffered_record_holds_its_own_bytes_not_the_4_kib_orjson_allocated():
+    buffer, channel = await buffer_with_bounds(max_messages=20_000, max_bytes=32 * MIB), Channel()
+    was_tracing = tracemalloc.is_tracing()
+    if not was_tracing:
+        tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for i in range(1000):
+            buffer.put(SimpleNamespace(message=Pending(channel, b"k", orjson.dumps({"count": i, "service": "cart"}))))
+        held = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        if not was_tracing:
+            tracemalloc.stop()
+    assert held < 1000 * 1024  # orjson's own bytes: over 4 MiB
+    assert orjson.loads((await buffer.pending.get()).message.value) == {"count": 0, "service": "cart"}
+
+
+def test_record_bytes_counts_key_and_value_only_when_serialized():
+    assert record_bytes(SimpleNamespace(key=b"abc", value=b"12345")) == 8
+    assert record_bytes(SimpleNamespace(key=None, value=None)) == 0
 
 
 # --- the profiler ------------------------------------------------------------------------------------
