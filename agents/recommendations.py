@@ -22,6 +22,7 @@ import contextlib
 import logging
 from typing import Any, Callable, Dict, List, Optional, Set, Tuple
 
+import faust
 import orjson
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from faust import web
@@ -30,7 +31,7 @@ from faust.types import EventT, StreamT, TableT
 from app import app, settings
 from app.aggregation import BATCH_MAX, enter_partition
 from app.runtime import Decoded, decoded_batches, require_encodable, until_applied
-from app.settings import bootstrap_servers
+from app.settings import Settings, bootstrap_servers
 from app.topics import key_text, raw_topic
 from models.recommendations import (
     Catalogue,
@@ -147,9 +148,14 @@ class ModelHolder:
     """The latest item model: loaded from DATA_DIR at start, replaced by newer versions from recs-models."""
 
     def __init__(self) -> None:
-        self.current: Optional[ItemEmbeddings] = load_latest_model(MODEL_DIR)
-        if self.current is not None:
-            log.info("serving item model version %s from %s", self.current.version, MODEL_DIR)
+        self.current: Optional[ItemEmbeddings] = None
+
+    def load_saved(self) -> None:
+        """Serve the newest valid model saved under MODEL_DIR, if any (at worker start)."""
+        saved = load_latest_model(MODEL_DIR)
+        if saved is not None and (self.current is None or saved.version > self.current.version):
+            self.current = saved
+            log.info("serving item model version %s from %s", saved.version, MODEL_DIR)
 
     def receive(self, key: Optional[bytes], value: Optional[bytes]) -> None:
         """A record of recs-models: a newer valid model replaces the current one; anything else is
@@ -360,6 +366,14 @@ async def follow_models() -> None:
     """Keep this worker's item model the latest one the leader published."""
     await models_topic.maybe_declare()
     await model_follower.follow()
+
+
+def register(app: faust.App, settings: Settings) -> None:
+    """Serve the model saved under DATA_DIR from the worker's start (importing this module reads nothing)."""
+
+    @app.on_worker_init.connect
+    def load_saved_model(sender: faust.App, /, *args: object, **kwargs: object) -> None:
+        model_holder.load_saved()
 
 
 _published_fingerprint: Optional[str] = None

@@ -197,3 +197,16 @@ def test_a_refused_file_on_disk_is_skipped_for_the_previous_version(tmp_path, ca
     with caplog.at_level(logging.WARNING, logger="models.recommendations"):
         assert load_latest_model(tmp_path).version == 2
     assert "model-00000003.npz" in caplog.text and not (tmp_path / "pwned").exists()
+
+
+def test_the_model_saved_under_data_dir_serves_from_the_worker_start_not_from_the_import(tmp_path, monkeypatch):
+    import agents.recommendations as recs
+
+    monkeypatch.setattr(recs, "MODEL_DIR", tmp_path)
+    save_model(small_model(version=7), tmp_path)
+    holder = recs.ModelHolder()
+    assert holder.current is None  # built at import: reads nothing
+
+    holder.load_saved()  # the on_worker_init hook of register()
+
+    assert holder.current is not None and holder.current.version == 7
