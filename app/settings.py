@@ -125,6 +125,11 @@ class Settings(BaseSettings):
     cdc_source_dsn: Optional[str] = Field(
         None, description="`postgresql://` URL of the source (wal_level=logical, a REPLICATION role); enables capture."
     )
+    cdc_capture: Literal["worker", "off"] = Field(
+        "worker",
+        description="Where CDC capture runs: `worker` (every worker competes for the capture lock; the holder captures) "
+        "or `off` (workers only apply; run `python -m agents.cdc.capture`, the Procfile's `capture:` process).",
+    )
     cdc_tables: str = Field("", description="Comma-separated `schema.table` to capture and apply; each needs a primary key.")
     cdc_slot: str = Field("streamspine_cdc", pattern=r"^[a-z0-9_]{1,63}$", description="Replication slot name.")
     cdc_publication: str = Field("streamspine_cdc", pattern=r"^[a-z_][a-z0-9_]{0,62}$", description="Publication name.")

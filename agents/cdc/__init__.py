@@ -31,7 +31,7 @@ def register(app: faust.App, settings: Settings) -> None:
     change_topics = capture.change_topics_of(settings)
     if change_topics is not None:
         apply.declare_apply_agent(app, change_topics)
-    if capture.capture_mode(settings) == "worker":
+    if settings.cdc_capture == "worker":
         views.capture = capture.capture_of(settings, change_topics)
         if views.capture is not None:
             capture.capture_in_worker(app, views.capture)

@@ -52,7 +52,6 @@ SNAPSHOT_CHUNK = 1000
 LOCK_RETRY = 1.0  # seconds between attempts to become the capturing worker
 BACKOFF_MAX = 5.0
 PARTITIONER = DefaultPartitioner()  # Kafka's murmur2 of the key, as every client and Debezium use
-CAPTURE_MODES = ("worker", "off")  # CDC_CAPTURE: capture in the workers, or only in the capture service
 
 
 def cdc_topic_name(table_name: str) -> str:
@@ -410,14 +409,6 @@ def change_topics_of(settings: Settings) -> Optional[TopicT]:
     """The change topics of CDC_TABLES (None without tables): declared, nothing is created yet."""
     names = [cdc_topic_name(name) for name in settings.cdc_table_names]
     return raw_topic(*names, partitions=settings.topic_partitions) if names else None
-
-
-def capture_mode(settings: Settings) -> str:
-    """CDC_CAPTURE: ``worker`` (default, the workers capture) or ``off`` (only the capture service)."""
-    mode = str(getattr(settings, "cdc_capture", "worker"))  # TODO: read the field once app/settings.py has it
-    if mode not in CAPTURE_MODES:
-        raise ValueError(f"CDC_CAPTURE must be one of {', '.join(CAPTURE_MODES)}, not {mode!r}")
-    return mode
 
 
 def capture_of(settings: Settings, change_topics: Optional[TopicT]) -> Optional[Capture]:

@@ -1,5 +1,6 @@
 """The pure parts of agents/cdc.py and the CDC settings: row paths, status merging, replica
 parameters, CDC_TABLES validation, the sinks' retry."""
+
 from __future__ import annotations
 
 from decimal import Decimal
@@ -106,7 +107,9 @@ def test_the_replica_refuses_a_change_for_its_data_and_retries_the_rest(error, r
 
 
 def row_change(row_id: int, **after) -> Change:
-    return Change(schema="s", table="items", op="c", key={"id": row_id}, before=None, after={"id": row_id, **after}, lsn=10 + row_id, ts_ms=0)
+    return Change(
+        schema="s", table="items", op="c", key={"id": row_id}, before=None, after={"id": row_id, **after}, lsn=10 + row_id, ts_ms=0
+    )
 
 
 async def test_a_bulk_request_elasticsearch_refuses_whole_is_split_until_the_refused_change_stands_alone():
@@ -134,3 +137,23 @@ async def test_a_change_the_elasticsearch_client_cannot_encode_is_refused_alone(
             await sink.close()
         assert [change.key["id"] for change, _ in rejected] == [2]
         assert sorted(server.docs("s.items")) == ["1", "3"]
+
+
+@pytest.mark.parametrize("mode, captures", [("worker", "True"), ("off", "False")])
+def test_workers_capture_only_when_cdc_capture_is_worker(mode, captures):
+    import subprocess
+    import sys
+
+    from tests.support.workers import REPO_ROOT, environment_with
+
+    env = environment_with(CDC_SOURCE_DSN="postgresql://127.0.0.1:9/source", CDC_TABLES="public.items", CDC_CAPTURE=mode)
+    result = subprocess.run(
+        [sys.executable, "-c", "import app; from agents.cdc import views; print(views.capture is not None)"],
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip().splitlines()[-1] == captures
