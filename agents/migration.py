@@ -22,6 +22,7 @@ import uuid
 from decimal import Decimal
 from typing import Any, Dict, Iterable, List, NamedTuple, Optional, Tuple, TypeVar, Union, cast
 
+import faust
 import orjson
 from faust import web
 from faust.types import EventT, StreamT, TopicT
@@ -31,6 +32,7 @@ from app.aggregation import BATCH_MAX, BATCH_WITHIN, enter_partition, fold_delta
 from app.dead_letters import RECORD_OVERHEAD
 from app.prometheus import gauge
 from app.runtime import Decoded, decoded_batches, require_encodable, until_applied
+from app.settings import Settings
 from app.topics import raw_topic
 from app.web import require_admin_token
 from models.migration import (
@@ -67,10 +69,23 @@ results = raw_topic(V1_RESULTS, V2_RESULTS)
 # event of that partition (Faust writes a table only in an event's context).
 result_expiry = raw_topic("migration.result-expiry")
 
-RULES = CompareRules(
-    ignore=frozenset(name.strip() for name in settings.migration_ignore_fields.split(",") if name.strip()),
-    tolerance=Decimal(str(settings.migration_tolerance)),
-)
+RULES = CompareRules()  # the comparison of MIGRATION_IGNORE_FIELDS and MIGRATION_TOLERANCE, set by register()
+
+
+def compare_rules(settings: Settings) -> CompareRules:
+    """The fields left out of the comparison and the tolerance of amounts, from the settings."""
+    return CompareRules(
+        ignore=frozenset(name.strip() for name in settings.migration_ignore_fields.split(",") if name.strip()),
+        tolerance=Decimal(str(settings.migration_tolerance)),
+    )
+
+
+def register(app: faust.App, settings: Settings) -> None:
+    """Compare V1 and V2 results with the rules of the settings."""
+    global RULES
+    RULES = compare_rules(settings)
+
+
 BRIDGE_IDS_PER_ORDER = 200  # V1 event ids remembered per order for idempotency
 PHASE_HISTORY = 100  # phase markers remembered per commands partition
 CHANGE_IDS_SHOWN = 20  # latest change ids per partition in /migration/local/, to tell a change read

@@ -30,6 +30,7 @@ from app import cli, dashboard, prometheus, web  # noqa: E402,F401
 logs.register(app, settings)
 metrics.register(app, settings)
 cdc.register(app, settings)
+migration.register(app, settings)
 recommendations.register(app, settings)
 
 

@@ -222,3 +222,17 @@ def test_v2_orders_routed_commands_and_markers_serialize_without_faust_metadata(
     assert json.loads(message_bytes(routed)) == routed.asdict()
     marker = PhaseMarker(phase="shadow", canary_percent=0, change_id="c", changed_at=1.0)
     assert message_bytes_keys(marker) == {"phase", "canary_percent", "change_id", "changed_at"}
+
+
+def test_the_comparison_rules_come_from_the_settings_given_to_register(monkeypatch):
+    import agents.migration
+    from app.settings import Settings
+
+    monkeypatch.setenv("MIGRATION_IGNORE_FIELDS", " processed_at, ,note ")
+    monkeypatch.setenv("MIGRATION_TOLERANCE", "0.25")
+    monkeypatch.setattr(agents.migration, "RULES", agents.migration.RULES)  # restored after the test
+
+    agents.migration.register(agents.migration.app, Settings())
+
+    assert agents.migration.RULES.ignore == frozenset({"processed_at", "note"})
+    assert agents.migration.RULES.tolerance == Decimal("0.25")
