@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import faust
 from faust import web
 from faust.types import StreamT
 
 from app import app
 from app.dead_letters import dead_letter_notices
+from app.settings import Settings
 from models.dead_letters import DeadLetter, DeadLetterStats
 from tables.dead_letters import dead_letter_counts
 
@@ -32,3 +34,7 @@ async def dead_letters_of_topic(view: web.View, request: web.Request, topic: str
     if topic not in dead_letter_counts:
         raise view.NotFound("no dead letters for this topic", topic=topic)
     return view.json({"topic": topic, "dlq_topic": topic + ".dlq", **dead_letter_counts[topic].asdict()})
+
+
+def register(app: faust.App, settings: Settings) -> None:
+    """Nothing to set up: counting dead letters needs no file, client or setting."""

@@ -27,12 +27,12 @@ from agents import cdc, dead_letters, logs, metrics, migration, recommendations 
 from app import cli, dashboard, prometheus, web  # noqa: E402,F401
 
 # Each job builds its clients and loads its files here or at the worker's start, not at import.
+dead_letters.register(app, settings)
 logs.register(app, settings)
 metrics.register(app, settings)
 cdc.register(app, settings)
 migration.register(app, settings)
 recommendations.register(app, settings)
-
 
 
 def tune_garbage_collector(settings: Settings) -> None:
