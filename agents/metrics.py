@@ -10,7 +10,6 @@ Pages: /metrics/{service}/, /metrics/services/{service}/, /alerts/, /alerts/sile
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import math
@@ -22,18 +21,18 @@ from functools import reduce
 from typing import Any, AsyncIterator, Dict, Iterable, List, Mapping, NamedTuple, Optional, Tuple, Union, cast
 
 import faust
-from aiokafka import AIOKafkaConsumer, TopicPartition
 from faust import web
 from faust.types import EventT, StreamT
 
 from app import app, settings
 from app.aggregation import BATCH_MAX, BATCH_WITHIN, enter_partition, fold_deltas
 from app.dead_letters import dead_letter
+from app.follower import TopicFollower
 from app.prometheus import gauge
 from app.runtime import Decoded, decoded_batches, require_encodable, until_applied
-from app.settings import Settings, bootstrap_servers
+from app.settings import Settings
 from app.topics import key_text, metrics_topic
-from app.web import require_admin_token, worker_is_ready
+from app.web import from_other_workers, require_admin_token, worker_is_ready
 from app.webhooks import WebhookSender, webhook_sender
 from models.alerts import (
     ALERT_CHECK_HEADER,
@@ -106,58 +105,32 @@ def check_rule_window(rule: Rule, settings: Settings) -> None:
 
 
 class SilenceCache:
-    """Every silence, on every worker: each one reads all of ``alert-silences`` outside the
+    """Every silence, on every worker: each one follows all of ``alert-silences`` outside the
     consumer group (Faust's GlobalTable did not show one worker's writes to the other here)."""
 
     def __init__(self) -> None:
         self.silences: Dict[str, Silence] = {}
-        self.caught_up = asyncio.Event()
+        self.follower = TopicFollower({silences_topic.get_topic_name: (1, self.receive)})
+        self.caught_up = self.follower.caught_up
+
+    def receive(self, key: bytes, value: Optional[bytes]) -> None:
+        """One record of ``alert-silences``; a malformed one raises (the follower logs and skips it)."""
+        if value is None:
+            raise ValueError("a silence record without a value")
+        silence = check_silence(Silence.loads(value))
+        self.silences[silence.id] = silence
 
     def active(self) -> List[Silence]:
         return list(self.silences.values())
 
     async def wait_caught_up(self, timeout: float = 5.0) -> None:
         """Wait (a bounded time) until the silences that existed at start have been read."""
-        with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(self.caught_up.wait(), timeout)
+        await self.follower.wait_caught_up(timeout)
 
     async def follow(self) -> None:
-        """Read ``alert-silences`` from the beginning, then keep reading; reconnect on errors."""
+        """Read ``alert-silences`` from the beginning, then keep reading."""
         await silences_topic.maybe_declare()
-        while True:
-            try:
-                await self._read()
-            except asyncio.CancelledError:
-                raise
-            except Exception:  # noqa: BLE001 - the broker may be away; try again
-                log.exception("reading %s failed; retrying", silences_topic.get_topic_name())
-                await asyncio.sleep(1.0)
-
-    async def _read(self) -> None:
-        partition = TopicPartition(silences_topic.get_topic_name(), 0)
-        consumer = AIOKafkaConsumer(
-            bootstrap_servers=bootstrap_servers(settings.kafka_broker),
-            group_id=None,
-            auto_offset_reset="earliest",
-            fetch_max_wait_ms=settings.consumer_fetch_wait_ms,
-        )
-        await consumer.start()
-        try:
-            consumer.assign([partition])
-            await consumer.seek_to_beginning(partition)
-            end = (await consumer.end_offsets([partition]))[partition]
-            if end == 0:
-                self.caught_up.set()
-            async for record in consumer:
-                try:
-                    silence = check_silence(Silence.loads(record.value))
-                    self.silences[silence.id] = silence
-                except Exception as error:  # noqa: BLE001 - one bad record must not stop the others
-                    log.warning("ignoring a malformed silence at offset %s: %r", record.offset, error)
-                if record.offset + 1 >= end:
-                    self.caught_up.set()
-        finally:
-            await consumer.stop()
+        await self.follower.follow()
 
 
 log = logging.getLogger(__name__)
@@ -556,15 +529,9 @@ async def all_alerts(view: web.View, request: web.Request) -> web.Response:
     """Every pending or firing alert, gathered from every worker that owns table partitions."""
     filters = alert_filters(request)
     alerts = {alert["fingerprint"]: alert for alert in local_alerts(filters)}
-    me = str(app.conf.canonical_url).rstrip("/")
-    for worker in app.router.tables_metadata():
-        if str(worker).rstrip("/") == me:
-            continue
-        async with app.http_client.get(f"{str(worker).rstrip('/')}/alerts/local/", params=filters) as response:
-            if response.status != 200:
-                raise view.ServerError(f"worker {worker} answered {response.status}")
-            for alert in (await response.json())["alerts"]:
-                alerts[alert["fingerprint"]] = alert
+    for part in (await from_other_workers("/alerts/local/", filters)).values():
+        for alert in part["alerts"]:
+            alerts[alert["fingerprint"]] = alert
     ordered = sorted(alerts.values(), key=lambda alert: (alert["status"] != "firing", alert["active_since"]))
     return view.json({"alerts": ordered})
 

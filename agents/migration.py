@@ -34,7 +34,7 @@ from app.prometheus import gauge
 from app.runtime import Decoded, decoded_batches, require_encodable, until_applied
 from app.settings import Settings
 from app.topics import raw_topic
-from app.web import require_admin_token
+from app.web import from_other_workers, require_admin_token
 from models.migration import (
     CompareRules,
     InvalidRecord,
@@ -642,15 +642,7 @@ async def migration_local(view: web.View, request: web.Request) -> web.Response:
 
 async def gather_status() -> Dict[str, Any]:
     """Ask every worker that owns table partitions for its share, and merge."""
-    parts = [local_status(time.time())]
-    me = str(app.conf.canonical_url).rstrip("/")
-    for worker in app.router.tables_metadata():
-        if str(worker).rstrip("/") == me:
-            continue
-        async with app.http_client.get(f"{str(worker).rstrip('/')}/migration/local/") as response:
-            if response.status != 200:
-                raise RuntimeError(f"worker {worker} answered {response.status}")
-            parts.append(await response.json())
+    parts = [local_status(time.time()), *(await from_other_workers("/migration/local/")).values()]
     status = merge_status(parts)
     phase_change.forget_if_read(status["pending_changes"])
     return status

@@ -18,20 +18,19 @@ user's owner, which scores the session from its local user tables, its replica a
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-from typing import Any, Callable, Dict, List, Optional, Set, Tuple
+from typing import Any, Dict, List, Optional, Set, Tuple
 
 import faust
 import orjson
-from aiokafka import AIOKafkaConsumer, TopicPartition
 from faust import web
 from faust.types import EventT, StreamT, TableT
 
 from app import app, settings
 from app.aggregation import BATCH_MAX, enter_partition
+from app.follower import TopicFollower
 from app.runtime import Decoded, decoded_batches, require_encodable, until_applied
-from app.settings import Settings, bootstrap_servers
+from app.settings import Settings
 from app.topics import key_text, raw_topic
 from models.recommendations import (
     Catalogue,
@@ -70,78 +69,6 @@ RECS_BATCH_WITHIN = 0.02  # seconds a lone event waits for company: the next req
 
 
 # --- read replicas -------------------------------------------------------------------------------
-
-
-Apply = Callable[[bytes, Optional[bytes]], None]
-
-
-class TopicFollower:
-    """Reads topics from the beginning (or only their last record), outside the consumer group, in
-    one consumer, and hands each record to its topic's ``apply``; reconnects on errors.
-    ``positions`` are the next offsets read per (topic, partition)."""
-
-    def __init__(
-        self, topics: Dict[Callable[[], str], Tuple[int, Apply]], latest_only: bool = False, fetch_wait_ms: Optional[int] = None
-    ) -> None:
-        self.topics = topics  # topic name (resolved at start) -> (partitions, apply)
-        self.latest_only = latest_only
-        self.fetch_wait_ms = fetch_wait_ms or settings.consumer_fetch_wait_ms
-        self.positions: Dict[Tuple[str, int], int] = {}
-        self.caught_up = asyncio.Event()
-
-    async def wait_caught_up(self, timeout: float = 10.0) -> None:
-        """Wait (a bounded time) until what existed at start has been read."""
-        with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(self.caught_up.wait(), timeout)
-
-    async def follow(self) -> None:
-        while True:
-            try:
-                await self._read()
-            except asyncio.CancelledError:
-                raise
-            except Exception:  # noqa: BLE001 - the broker may be away; try again
-                log.exception("following %s failed; retrying", [name() for name in self.topics])
-                await asyncio.sleep(1.0)
-
-    async def _read(self) -> None:
-        applies = {name(): apply for name, (_partitions, apply) in self.topics.items()}
-        partitions = [TopicPartition(name(), number) for name, (count, _apply) in self.topics.items() for number in range(count)]
-        consumer = AIOKafkaConsumer(
-            bootstrap_servers=bootstrap_servers(settings.kafka_broker),
-            group_id=None,
-            enable_auto_commit=False,
-            auto_offset_reset="earliest",
-            fetch_max_wait_ms=self.fetch_wait_ms,
-            max_partition_fetch_bytes=4 * 1024 * 1024,
-        )
-        await consumer.start()
-        try:
-            consumer.assign(partitions)
-            ends = await consumer.end_offsets(partitions)
-            for partition in partitions:
-                consumer.seek(partition, max(ends[partition] - 1, 0) if self.latest_only else 0)
-            self._check_caught_up(ends)
-            while True:
-                batch = await consumer.getmany(timeout_ms=1000)
-                for partition, records in batch.items():
-                    for record in records:
-                        self._apply(applies[partition.topic], record)
-                        self.positions[(partition.topic, partition.partition)] = record.offset + 1
-                self._check_caught_up(ends)
-        finally:
-            await consumer.stop()
-
-    @staticmethod
-    def _apply(apply: Apply, record: Any) -> None:
-        try:
-            apply(record.key, record.value)
-        except Exception as error:  # noqa: BLE001 - one bad record must not stop the replica
-            log.warning("ignoring a malformed record of %s at offset %s: %r", record.topic, record.offset, error)
-
-    def _check_caught_up(self, ends: Dict[TopicPartition, int]) -> None:
-        if not self.caught_up.is_set() and all(self.positions.get((tp.topic, tp.partition), 0) >= end for tp, end in ends.items()):
-            self.caught_up.set()
 
 
 class ModelHolder:

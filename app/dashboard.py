@@ -12,16 +12,15 @@ puts it there.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Mapping
 
-import aiohttp
 import faust
 from faust import web
 
 from app import app
+from app.web import WorkerUnavailable, ask_worker, other_workers
 from tables.dead_letters import dead_letter_counts
 from tables.logs import log_stats, recent_lines
 from tables.metrics import latest_samples
@@ -34,7 +33,6 @@ CONTENT_SECURITY_POLICY = (
     "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
     "connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
 )
-WORKER_TIMEOUT = aiohttp.ClientTimeout(total=3.0)
 
 
 def key_name(key: Any) -> str:
@@ -66,17 +64,14 @@ def merge_overviews(parts: Iterable[Mapping[str, List[str]]], unreachable: List[
     return {"services": services, "dead_letter_topics": sorted(topics), "unreachable": sorted(unreachable)}
 
 
-async def other_workers_overview(me: str) -> tuple[List[Dict[str, List[str]]], List[str]]:
+async def other_workers_overview() -> tuple[List[Dict[str, List[str]]], List[str]]:
     """Every other worker's ``/ui/api/local/``; a worker that does not answer is listed, not fatal."""
     parts, unreachable = [], []
-    for worker in sorted({str(worker).rstrip("/") for worker in app.router.tables_metadata()} - {me}):
+    for worker in other_workers():
         try:
-            async with app.http_client.get(f"{worker}/ui/api/local/", timeout=WORKER_TIMEOUT) as response:
-                if response.status != 200:
-                    raise aiohttp.ClientError(f"answered {response.status}")
-                parts.append(await response.json())
-        except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as error:
-            log.warning("dashboard overview: worker %s: %r", worker, error)
+            parts.append(await ask_worker(worker, "/ui/api/local/"))
+        except WorkerUnavailable as error:
+            log.warning("dashboard overview: %s", error)
             unreachable.append(worker)
     return parts, unreachable
 
@@ -90,8 +85,7 @@ async def overview_of_this_worker(view: web.View, request: web.Request) -> web.R
 @app.page("/ui/api/overview")
 async def overview(view: web.View, request: web.Request) -> web.Response:
     """``{"services": [{"name", "metrics", "logs"}], "dead_letter_topics", "unreachable"}`` of the cluster."""
-    me = str(app.conf.canonical_url).rstrip("/")
-    parts, unreachable = await other_workers_overview(me)
+    parts, unreachable = await other_workers_overview()
     return view.json(merge_overviews([local_overview(), *parts], unreachable))
 
 

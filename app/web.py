@@ -3,13 +3,15 @@ JSON answers for every error the web server gives."""
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 import logging
 import re
 import time
-from typing import Awaitable, Callable
+from typing import Any, Awaitable, Callable, Dict, List, Mapping, Optional
 
+import aiohttp
 import faust
 from aiohttp import web as aiohttp_web
 from faust import web
@@ -41,6 +43,42 @@ async def learn_table_partitions(sender: object = None, /, *args: object, **kwar
         await producer.client.add_topic(topic)
         await producer.partitions_for(topic)
     _routing_tables_known = True
+
+
+class WorkerUnavailable(Exception):
+    """Another worker did not answer its share of a cluster-wide page."""
+
+
+WORKER_TIMEOUT = 10.0  # seconds another worker has to answer its share
+
+
+def this_worker() -> str:
+    return str(app.conf.canonical_url).rstrip("/")
+
+
+def other_workers() -> List[str]:
+    """Every other worker that owns table partitions, by canonical URL."""
+    return sorted({str(worker).rstrip("/") for worker in app.router.tables_metadata()} - {this_worker()})
+
+
+async def ask_worker(worker: str, path: str, params: Optional[Mapping[str, str]] = None) -> Any:
+    """GET ``path`` from ``worker``; raises WorkerUnavailable unless it answers 200 with JSON."""
+    try:
+        timeout = aiohttp.ClientTimeout(total=WORKER_TIMEOUT)
+        async with app.http_client.get(f"{worker}{path}", params=params, timeout=timeout) as response:
+            if response.status != 200:
+                raise WorkerUnavailable(f"worker {worker} answered {response.status} for {path}")
+            return await response.json()
+    except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as error:
+        raise WorkerUnavailable(f"worker {worker} did not answer {path}: {error!r}") from error
+
+
+async def from_other_workers(path: str, params: Optional[Mapping[str, str]] = None) -> Dict[str, Any]:
+    """The one cluster fan-out: every other worker's answer to ``path`` (its share of a page),
+    asked at once, by worker URL; raises WorkerUnavailable when one does not answer."""
+    workers = other_workers()
+    answers = await asyncio.gather(*(ask_worker(worker, path, params) for worker in workers))
+    return dict(zip(workers, answers, strict=True))
 
 
 def worker_is_ready() -> bool:
@@ -119,6 +157,9 @@ async def json_errors(request: aiohttp_web.Request, handler: Handler) -> aiohttp
         return json_error(400, f"request body is not JSON: {error}")
     except RecursionError:
         return json_error(400, "request body is nested too deeply")
+    except WorkerUnavailable as error:
+        log.warning("%s", error)
+        return json_error(503, str(error))
     except Exception:  # noqa: BLE001 - answered as JSON, logged with the traceback
         log.exception("%s %s failed", request.method, request.path)
         return json_error(500, "internal error")

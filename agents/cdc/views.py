@@ -14,6 +14,7 @@ from faust.exceptions import SameNode
 from agents.cdc.capture import Capture
 from app import app, settings
 from app.prometheus import gauge
+from app.web import from_other_workers, this_worker
 from models.cdc import int_to_lsn, key_json
 from tables.cdc import cdc_rows, cdc_table_stats
 
@@ -86,17 +87,9 @@ async def cdc_status(view: web.View, request: web.Request) -> web.Response:
     """Slot, confirmed LSN, last applied LSN per sink and table, lag and counts, from every worker."""
     entries: Dict[Tuple[str, int], Dict[str, Any]] = {}
     capturing: Optional[str] = None
-    me = str(app.conf.canonical_url).rstrip("/")
-    workers = {str(worker).rstrip("/") for worker in app.router.tables_metadata()} | {me}
-    for worker in sorted(workers):
-        part: Dict[str, Any]
-        if worker == me:
-            part = {"stats": local_stats(), "capturing": bool(capture is not None and capture.capturing)}
-        else:
-            async with app.http_client.get(f"{worker}/cdc/status/local/") as response:
-                if response.status != 200:
-                    raise view.ServerError(f"worker {worker} answered {response.status}")
-                part = await response.json()
+    parts = await from_other_workers("/cdc/status/local/")
+    parts[this_worker()] = {"stats": local_stats(), "capturing": bool(capture is not None and capture.capturing)}
+    for worker, part in sorted(parts.items()):
         if part["capturing"]:
             capturing = worker
         for entry in part["stats"]:
