@@ -25,9 +25,15 @@ system-tools:
 run: install
 	$(PY) -m app.dev
 
-## The whole suite: unit tests and real workers against real services.
-test: install system-tools
+## The whole suite: lint and types, unit tests and real workers against real services.
+test: install system-tools lint
 	$(PY) -m pytest
+
+## ruff (lint and format) and mypy on the application code.
+lint: install
+	$(PY) -m ruff check app agents models tables
+	$(PY) -m ruff format --check app agents models tables
+	$(PY) -m mypy
 
 ## The fast tests only (tests/unit: pure functions, agents under Faust's test_context, a few against the local broker).
 test-unit: install

@@ -18,6 +18,7 @@ the table: a crash replays at most the uncommitted records (at-least-once), it n
 Tables written this way must be co-partitioned with the source topic (same key bytes, same
 partition count), as every Faust table must.
 """
+
 from __future__ import annotations
 
 from typing import Any, Callable, Dict, Hashable, Iterable, NamedTuple, Tuple
@@ -46,7 +47,9 @@ def fold_deltas(
 
 
 def fold_into(
-    by_partition: Dict[int, PartitionDeltas], keyed_events: KeyedEvents, combine: Callable[[Any, Any], Any],
+    by_partition: Dict[int, PartitionDeltas],
+    keyed_events: KeyedEvents,
+    combine: Callable[[Any, Any], Any],
 ) -> Dict[int, PartitionDeltas]:
     """``fold_deltas`` onto deltas folded before (``by_partition`` is updated and returned)."""
     for event, key_deltas in keyed_events:

@@ -7,6 +7,7 @@ fit in a produce request (a value near Kafka's 1 MB limit plus the headers) goes
 marked ``dlq.value-dropped``: its origin headers say where to read it while retention keeps it. A ``DeadLetter`` notice keyed by the source topic goes to the
 ``dead-letters`` topic, where one agent counts it (``agents/dead_letters.py``).
 """
+
 from __future__ import annotations
 
 import logging

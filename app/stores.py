@@ -32,7 +32,7 @@ from __future__ import annotations
 import gc
 import weakref
 from functools import lru_cache
-from typing import Any, Iterator, NamedTuple, Optional, Set
+from typing import Any, Iterator, NamedTuple, Optional, Set, cast
 
 from faust.stores import rocksdb
 from faust.types import TP, CollectionT
@@ -78,7 +78,7 @@ class BoundedRocksDBOptions(rocksdb.RocksDBOptions):
         shared = worker_shared_memory()
         options = rocksdict.Options(raw_mode=True)
         options.create_if_missing(True)
-        options.set_max_open_files(self.max_open_files)
+        options.set_max_open_files(cast(int, self.max_open_files))  # Faust's default is a number
         options.set_write_buffer_size(self.write_buffer_size)
         options.set_max_write_buffer_number(self.max_write_buffer_number)
         options.set_arena_block_size(ARENA_BLOCK_BYTES)
@@ -110,7 +110,7 @@ def collect_once_per_generation(generation_id: int) -> bool:
 _stores: "weakref.WeakSet[Store]" = weakref.WeakSet()
 
 
-def open_databases() -> Iterator[object]:
+def open_databases() -> Iterator[Any]:
     """Every RocksDB database the worker's tables have open."""
     for store in list(_stores):
         yield from list(store._dbs.values())
@@ -133,7 +133,7 @@ class Store(rocksdb.Store):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.rocksdb_options = BoundedRocksDBOptions(**self.options, use_rocksdict=self.use_rocksdict)
+        self.rocksdb_options = BoundedRocksDBOptions(**(self.options or {}), use_rocksdict=self.use_rocksdict)
         _stores.add(self)
 
     async def on_rebalance(

@@ -158,7 +158,7 @@ class ConsumerThread(aiokafka.AIOKafkaConsumerThread):
         ends = dict(await super()._highwaters(partitions))
         if self.consumer.in_transaction or not any(ends.values()):
             return ends  # last stable offsets come from fetch responses; empty partitions need no check
-        return await fetched_end_offsets(self._create_client_consumer(self.transport), ends)
+        return await fetched_end_offsets(self._create_client_consumer(cast(Any, self.transport)), ends)
 
 
 async def fetched_end_offsets(consumer: Any, ends: Dict[TP, int]) -> Dict[TP, int]:
@@ -270,12 +270,12 @@ class Consumer(aiokafka.Consumer):
         also paused in aiokafka, so a recovered table's changelog is not fetched every round."""
         tpset = ensure_TPset(tps)
         super().pause_partitions(tpset)
-        self._thread.set_fetching({tp for tp in tpset if self._is_changelog_tp(tp)}, fetch=False)
+        cast(ConsumerThread, self._thread).set_fetching({tp for tp in tpset if self._is_changelog_tp(tp)}, fetch=False)
 
     def resume_partitions(self, tps: Iterable[TP]) -> None:
         tpset = ensure_TPset(tps)
         super().resume_partitions(tpset)
-        self._thread.set_fetching({tp for tp in tpset if self._is_changelog_tp(tp)}, fetch=True)
+        cast(ConsumerThread, self._thread).set_fetching({tp for tp in tpset if self._is_changelog_tp(tp)}, fetch=True)
 
     def _new_consumer_thread(self) -> ConsumerThread:
         return ConsumerThread(self, loop=self.loop, beacon=self.beacon)
@@ -479,8 +479,8 @@ class FastSchema(faust.Schema):
         default_propagate = kwargs.get("default_propagate", False)
         registry_loads = app.serializers.loads_value
         value_type, value_serializer = self.value_type, self.value_serializer
-        Event = conf.Event
-        loads = faust_json.loads
+        Event: Any = conf.Event  # the app's event class (typed as a type alias in Faust)
+        loads: Callable[[Any], Any] = faust_json.loads
         blessed_key = faust.Record._blessed_key
 
         async def decode(message: Message, *, propagate: bool = default_propagate) -> Any:
