@@ -195,7 +195,6 @@ class Consumer(aiokafka.Consumer):
     getmany_timeout: ClassVar[float] = GETMANY_TIMEOUT
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
-        self._before_commit: List[Callable[[], None]] = []
         # Seek fence (see perform_seek): bumped when a seek starts and when it ends.
         self._seek_epoch = 0
         self._seeking = 0
@@ -247,23 +246,6 @@ class Consumer(aiokafka.Consumer):
             self._seek_epoch += 1
             if not self._seeking:
                 self._seek_done.set()
-
-    def add_before_commit(self, callback: Callable[[], None]) -> None:
-        """Call ``callback()`` before every offset commit (app/aggregation.py's ``DeltaBuffer``
-        writes the deltas of the records acknowledged so far)."""
-        self._before_commit.append(callback)
-
-    def remove_before_commit(self, callback: Callable[[], None]) -> None:
-        self._before_commit.remove(callback)
-
-    def _filter_committable_offsets(self, tps: Iterable[TP]) -> Dict[TP, int]:
-        # Faust calls this without awaiting anything since the commit began, and computes the
-        # offsets from the acknowledged records right here: nothing is acknowledged in between.
-        # The producer is flushed after this, before the offsets are committed, so what the
-        # callbacks write to tables (changelog records) is in Kafka before the offsets are.
-        for callback in list(self._before_commit):
-            callback()
-        return super()._filter_committable_offsets(tps)
 
     def pause_partitions(self, tps: Iterable[TP]) -> None:
         """Faust's pause, which only drops what is fetched from ``tps``; changelog partitions are

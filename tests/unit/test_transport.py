@@ -185,24 +185,6 @@ async def test_the_producer_buffer_size_is_its_queue_length():
 # --- before-commit callbacks ----------------------------------------------------------------------
 
 
-async def test_before_commit_callbacks_run_before_the_offsets_to_commit_are_taken():
-    consumer = new_consumer()
-    tp = TP("metrics", 0)
-    acked = consumer._acked[tp]
-    consumer._acked_index[tp].update([0])
-    acked.append(0)
-
-    def acknowledge_more() -> None:  # what a DeltaBuffer flush stands for: state written up to offset 1
-        consumer._acked_index[tp].add(1)
-        acked.append(1)
-
-    consumer.add_before_commit(acknowledge_more)
-    offsets = consumer._filter_committable_offsets([tp])
-    consumer.remove_before_commit(acknowledge_more)
-
-    assert offsets == {tp: 2}  # offsets are computed after the callback ran
-
-
 # --- decoding without the serializer registry -----------------------------------------------------
 
 
