@@ -189,8 +189,7 @@ async def fetched_end_offsets(consumer: Any, ends: Dict[TP, int]) -> Dict[TP, in
 
 
 class Consumer(aiokafka.Consumer):
-    """aiokafka consumer whose drain loop awaits each record inline and polls in short waits, and
-    that runs its before-commit callbacks right before it decides which offsets to commit."""
+    """aiokafka consumer whose drain loop awaits each record inline and polls in short waits."""
 
     getmany_timeout: ClassVar[float] = GETMANY_TIMEOUT
 
