@@ -43,18 +43,30 @@ class MemorySettings(BaseSettings):
 
     model_config = SettingsConfigDict(extra="ignore", frozen=True, env_ignore_empty=True)
 
-    # Seconds between two heap reports; 0: no profiler (the default: tracing costs CPU and memory).
-    memory_profile: float = Field(0.0, ge=0, le=86400)
-    memory_profile_top: int = Field(20, ge=1, le=500)  # growth sites per report
-    memory_profile_frames: int = Field(1, ge=1, le=100)  # frames kept per allocation (1: the line)
-    memory_profile_trace: bool = True  # false: RSS and gauges only, no tracemalloc
-    # RocksDB (app/stores.py): one block cache for every table database of the worker, charged
-    # with the memtables too, whose sum the second bound keeps (it must leave room for blocks).
-    rocksdb_cache_mb: int = Field(128, ge=8, le=1024 * 1024)
-    rocksdb_write_buffers_mb: int = Field(64, ge=4, le=1024 * 1024)
-    # Bytes of unsent records (mostly changelog writes) before the stream waits for the producer
-    # (app/transport.py ProducerBuffer), besides its count bound PRODUCER_BUFFER_MAX.
-    producer_buffer_mb: int = Field(32, ge=1, le=64 * 1024)
+    memory_profile: float = Field(
+        0.0,
+        ge=0,
+        le=86400,
+        description="Seconds between two heap reports to DATA_DIR/memory-profile.jsonl; 0: no profiler (tracing costs CPU and memory).",
+    )
+    memory_profile_top: int = Field(20, ge=1, le=500, description="Growth sites per heap report.")
+    memory_profile_frames: int = Field(1, ge=1, le=100, description="Frames kept per traced allocation (1: the line).")
+    memory_profile_trace: bool = Field(True, description="`false`: heap reports carry RSS and gauges only, no tracemalloc.")
+    rocksdb_cache_mb: int = Field(
+        128,
+        ge=8,
+        le=1024 * 1024,
+        description="MiB of the one RocksDB block cache every table database of the worker shares (memtables are charged to it).",
+    )
+    rocksdb_write_buffers_mb: int = Field(
+        64, ge=4, le=1024 * 1024, description="MiB all RocksDB memtables of the worker may hold together (less than ROCKSDB_CACHE_MB)."
+    )
+    producer_buffer_mb: int = Field(
+        32,
+        ge=1,
+        le=64 * 1024,
+        description="MiB of unsent records (mostly changelog writes) before the stream waits for the producer.",
+    )
 
     @model_validator(mode="after")
     def _write_buffers_fit_in_cache(self) -> "MemorySettings":

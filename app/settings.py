@@ -347,7 +347,9 @@ def configuration_markdown() -> str:
         "| variable | default | meaning |",
         "|---|---|---|",
     ]
-    for name, field in Settings.model_fields.items():
+    from app.memory import MemorySettings  # the memory bounds (docs/memory.md), read by the store and transport
+
+    for name, field in [*Settings.model_fields.items(), *MemorySettings.model_fields.items()]:
         default = field.default
         if isinstance(default, Path) and default.is_absolute():
             default = default.relative_to(Path(__file__).resolve().parents[1])

@@ -179,4 +179,6 @@ def test_docs_configuration_lists_every_variable_as_the_settings_class_defines_i
 
     documented = (REPO_ROOT / "docs" / "configuration.md").read_text()
     assert documented == configuration_markdown(), "docs/configuration.md is stale: run `make docs`"
-    assert all(f"`{name.upper()}`" in documented for name in Settings.model_fields)
+    from app.memory import MemorySettings
+
+    assert all(f"`{name.upper()}`" in documented for name in [*Settings.model_fields, *MemorySettings.model_fields])
