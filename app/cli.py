@@ -146,10 +146,9 @@ async def read_dead_letters(dlq_topic: str, accept: ReplayFilter) -> List[Consum
     )
     await consumer.start()
     try:
-        partitions = [TopicPartition(dlq_topic, p) for p in sorted(consumer.partitions_for_topic(dlq_topic) or ())]
-        if not partitions:
+        if not consumer.partitions_for_topic(dlq_topic):  # not in the first metadata: ask once more
             await consumer.client.force_metadata_update()
-            partitions = [TopicPartition(dlq_topic, p) for p in sorted(consumer.partitions_for_topic(dlq_topic) or ())]
+        partitions = [TopicPartition(dlq_topic, p) for p in sorted(consumer.partitions_for_topic(dlq_topic) or ())]
         if not partitions:
             raise SystemExit(f"no topic {dlq_topic!r}: nothing was dead-lettered from it yet")
         consumer.assign(partitions)
