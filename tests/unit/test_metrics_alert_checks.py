@@ -72,8 +72,14 @@ async def fire_high_cpu(agent, service: str, seconds: int = 45) -> str:
     for i in range(seconds):
         await agent.put(encoded(sample(value=0.99, ts=T0 + i)), key=service.encode())
     fingerprint = alert_fingerprint("HighCPU", service, "i-1")
-    await until(lambda: counted(service) == seconds and alert_states.get(fingerprint) is not None)
+    await until(lambda: counted(service) == seconds and firing(fingerprint))
     return fingerprint
+
+
+def firing(fingerprint: str) -> bool:
+    """True once the alert is stored as firing (after its notification went out)."""
+    state = alert_states.get(fingerprint)
+    return state is not None and state.status == "firing"
 
 
 async def check(agent, service: str, *fingerprints: str) -> None:
