@@ -28,7 +28,7 @@ from app import app, settings
 from app.aggregation import BATCH_MAX, BATCH_WITHIN, enter_partition, fold_deltas
 from app.dead_letters import dead_letter
 from app.follower import TopicFollower
-from app.prometheus import gauge
+from app.gauges import gauge
 from app.runtime import Decoded, decoded_batches, require_encodable, until_applied
 from app.settings import Settings
 from app.topics import key_text, metrics_topic

@@ -30,7 +30,7 @@ from faust.types import EventT, StreamT, TopicT
 from app import app, settings
 from app.aggregation import BATCH_MAX, BATCH_WITHIN, enter_partition, fold_deltas, write_deltas
 from app.dead_letters import RECORD_OVERHEAD
-from app.prometheus import gauge
+from app.gauges import gauge
 from app.runtime import Decoded, decoded_batches, require_encodable, until_applied
 from app.settings import Settings
 from app.topics import raw_topic

@@ -11,7 +11,7 @@ The profiler is off unless ``MEMORY_PROFILE`` is a number of seconds: then the c
 the worker is up, and every ``MEMORY_PROFILE`` seconds (and on SIGUSR2, which then no longer
 starts mode's debugger) appends one JSON line to ``DATA_DIR/memory-profile.jsonl``: RSS, traced
 bytes, the sites whose allocations grew most since the baseline, and every registered gauge (the
-size of each bounded structure: ``register_gauge``). Tracing costs CPU, and each snapshot
+gauge of app/gauges.py, the size of each bounded structure among them). Tracing costs CPU, and each snapshot
 allocates a copy of every trace (RSS grows by it): ``MEMORY_PROFILE_TRACE=false`` reports RSS and
 the gauges only. bench/memory.py reads that file.
 """
@@ -27,10 +27,12 @@ import signal
 import time
 import tracemalloc
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Dict, List, Optional
 
 from pydantic import Field, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from app.gauges import flat_values
 
 log = logging.getLogger(__name__)
 
@@ -83,28 +85,6 @@ def load_memory_settings() -> MemorySettings:
         from app.settings import describe_error
 
         raise SystemExit(describe_error(error)) from None
-
-
-# --- gauges: the current size of each bounded structure -------------------------------------------
-
-Gauge = Callable[[], float]
-_gauges: Dict[str, Gauge] = {}
-
-
-def register_gauge(name: str, read: Gauge) -> None:
-    """Report ``read()`` under ``name`` in every heap report (the size of a bounded structure)."""
-    _gauges[name] = read
-
-
-def gauge_values() -> Dict[str, float]:
-    """Every gauge's current value; a gauge that fails is reported as -1, not raised."""
-    values = {}
-    for name, read in sorted(_gauges.items()):
-        try:
-            values[name] = float(read())
-        except Exception:  # noqa: BLE001 - a report must not stop the worker
-            values[name] = -1.0
-    return values
 
 
 # --- the profiler ----------------------------------------------------------------------------------
@@ -188,7 +168,7 @@ class MemoryProfiler:
             "rss": rss_bytes(),
             "traced": 0,
             "traced_peak": 0,
-            "gauges": gauge_values(),
+            "gauges": flat_values(),
             "sites": [],
         }
         if tracemalloc.is_tracing():

@@ -1,17 +1,13 @@
 """``GET /metrics``: the worker in Prometheus' text exposition format.
 
 Everything is read when Prometheus scrapes, from what Faust's monitor and the runtime already
-count, so exposing metrics adds no work per record. Jobs add their own gauges with ``gauge``:
-
-    @gauge("streamspine_alerts", "Pending and firing alerts of this worker's partitions", ["state"])
-    def alerts_by_state() -> Dict[Tuple[str, ...], float]:
-        return {("firing",): 2.0, ("pending",): 1.0}
+count, so exposing metrics adds no work per record; plus every gauge of app/gauges.py (the jobs'
+own, and the sizes of the worker's bounded buffers and stores).
 """
 
 from __future__ import annotations
 
-import logging
-from typing import Callable, Dict, Iterator, List, Mapping, NamedTuple, Sequence, Tuple
+from typing import Iterator, Mapping
 
 from faust import web
 from prometheus_client import CollectorRegistry, generate_latest
@@ -20,31 +16,8 @@ from prometheus_client.registry import Collector
 
 from app import app
 from app.dead_letters import DLQ_SUFFIX
+from app.gauges import Gauge, read_samples, registered
 from app.runtime import apply_stats
-
-log = logging.getLogger(__name__)
-
-Samples = Dict[Tuple[str, ...], float]
-
-
-class JobGauge(NamedTuple):
-    name: str
-    documentation: str
-    labels: Sequence[str]
-    read: Callable[[], Samples]
-
-
-_job_gauges: List[JobGauge] = []
-
-
-def gauge(name: str, documentation: str, labels: Sequence[str] = ()) -> Callable[[Callable[[], Samples]], Callable[[], Samples]]:
-    """Register a function that returns ``{label values: value}``, read at every scrape."""
-
-    def register(read: Callable[[], Samples]) -> Callable[[], Samples]:
-        _job_gauges.append(JobGauge(name, documentation, tuple(labels), read))
-        return read
-
-    return register
 
 
 def counter_family(name: str, documentation: str, label: str, counts: Mapping[str, float]) -> CounterMetricFamily:
@@ -72,8 +45,8 @@ class WorkerCollector(Collector):
         yield from self.consumer_offsets(monitor)
         yield from self.batches()
         yield CounterMetricFamily("streamspine_rebalances", "Rebalances this worker took part in.", value=monitor.rebalances)
-        for job_gauge in _job_gauges:
-            yield self.job_family(job_gauge)
+        for registered_gauge in registered():
+            yield self.gauge_family(registered_gauge)
 
     def consumer_offsets(self, monitor) -> Iterator:
         committed, end = monitor.tp_committed_offsets, monitor.tp_end_offsets
@@ -104,14 +77,9 @@ class WorkerCollector(Collector):
         yield applied
         yield retries
 
-    def job_family(self, job_gauge: JobGauge) -> GaugeMetricFamily:
-        family = GaugeMetricFamily(job_gauge.name, job_gauge.documentation, labels=list(job_gauge.labels))
-        try:
-            samples = job_gauge.read()
-        except Exception:  # noqa: BLE001 - one job's gauge must not take the page down
-            log.exception("metric %s could not be read", job_gauge.name)
-            return family
-        for labels, value in sorted(samples.items()):
+    def gauge_family(self, registered_gauge: Gauge) -> GaugeMetricFamily:
+        family = GaugeMetricFamily(registered_gauge.name, registered_gauge.documentation, labels=list(registered_gauge.labels))
+        for labels, value in sorted(read_samples(registered_gauge).items()):
             family.add_metric(list(labels), value)
         return family
 

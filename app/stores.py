@@ -38,6 +38,7 @@ from faust.stores import rocksdb
 from faust.types import TP, CollectionT
 
 from app import memory
+from app.gauges import register_value
 
 MIB = 1024 * 1024
 WRITE_BUFFER_BYTES = 8 * MIB  # one database's memtable flushes at this size (Faust: 64 MiB)
@@ -121,11 +122,25 @@ def rocksdb_property_total(name: str) -> int:
     return sum(db.property_int_value(name) or 0 for db in open_databases())
 
 
-memory.register_gauge("rocksdb.databases", lambda: sum(1 for _ in open_databases()))
-memory.register_gauge("rocksdb.memtables_bytes", lambda: rocksdb_property_total("rocksdb.size-all-mem-tables"))
-memory.register_gauge("rocksdb.table_readers_bytes", lambda: rocksdb_property_total("rocksdb.estimate-table-readers-mem"))
-memory.register_gauge("rocksdb.block_cache_bytes", lambda: worker_shared_memory().cache.get_usage())
-memory.register_gauge("rocksdb.write_buffer_manager_bytes", lambda: worker_shared_memory().write_buffers.get_usage())
+register_value("streamspine_rocksdb_databases", "Open RocksDB databases.", lambda: sum(1 for _ in open_databases()))
+register_value(
+    "streamspine_rocksdb_memtables_bytes",
+    "Bytes in the memtables of every open database.",
+    lambda: rocksdb_property_total("rocksdb.size-all-mem-tables"),
+)
+register_value(
+    "streamspine_rocksdb_table_readers_bytes",
+    "Bytes of table readers (indexes, filters) of every open database.",
+    lambda: rocksdb_property_total("rocksdb.estimate-table-readers-mem"),
+)
+register_value(
+    "streamspine_rocksdb_block_cache_bytes", "Bytes used of the shared block cache.", lambda: worker_shared_memory().cache.get_usage()
+)
+register_value(
+    "streamspine_rocksdb_write_buffers_bytes",
+    "Bytes counted by the shared write-buffer manager.",
+    lambda: worker_shared_memory().write_buffers.get_usage(),
+)
 
 
 class Store(rocksdb.Store):

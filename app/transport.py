@@ -86,6 +86,7 @@ from faust.utils import json as faust_json
 from mode import Service
 
 from app import memory
+from app.gauges import register_value
 
 GETMANY_TIMEOUT = 0.05
 SEEK_PARK_TIMEOUT = 10.0  # seconds perform_seek waits for the drain loop to stop delivering
@@ -364,13 +365,25 @@ class Consumer(aiokafka.Consumer):
 
 
 def register_buffer_gauges(consumer: "Consumer") -> None:
-    """The sizes of the worker's record buffers, for app/memory.py's heap reports."""
+    """The sizes of the worker's record buffers (on /metrics and in the heap reports)."""
     app = consumer.app
-    memory.register_gauge("consumer.unacked_messages", lambda: len(consumer._unacked_messages))
-    memory.register_gauge("consumer.acked_offsets", lambda: sum(len(offsets) for offsets in consumer._acked.values()))
-    memory.register_gauge("streams.buffered_events", lambda: sum(queue.qsize() for queue in list(app.flow_control._queues)))
-    memory.register_gauge("producer_buffer.records", lambda: app.producer.buffer.size)
-    memory.register_gauge("producer_buffer.bytes", lambda: getattr(app.producer.buffer, "bytes", -1))
+    register_value(
+        "streamspine_consumer_unacked_messages", "Records read and not yet acknowledged.", lambda: len(consumer._unacked_messages)
+    )
+    register_value(
+        "streamspine_consumer_acked_offsets",
+        "Acknowledged offsets waiting for the ones before them.",
+        lambda: sum(len(offsets) for offsets in consumer._acked.values()),
+    )
+    register_value(
+        "streamspine_stream_buffered_events",
+        "Events buffered for the agents' streams.",
+        lambda: sum(queue.qsize() for queue in list(app.flow_control._queues)),
+    )
+    register_value("streamspine_producer_buffer_records", "Records waiting in the producer buffer.", lambda: app.producer.buffer.size)
+    register_value(
+        "streamspine_producer_buffer_bytes", "Bytes waiting in the producer buffer.", lambda: getattr(app.producer.buffer, "bytes", -1)
+    )
 
 
 class ProducerBuffer(FaustProducerBuffer):

@@ -13,7 +13,7 @@ from faust.exceptions import SameNode
 
 from agents.cdc.capture import Capture
 from app import app, settings
-from app.prometheus import gauge
+from app.gauges import gauge
 from app.web import from_other_workers, this_worker
 from models.cdc import int_to_lsn, key_json
 from tables.cdc import cdc_rows, cdc_table_stats

@@ -49,5 +49,9 @@ def test_metrics_page_is_valid_exposition_with_consumed_dead_lettered_and_lag(is
     assert values[("streamspine_cdc_capturing", ())] == 0  # no CDC_SOURCE_DSN on this worker
     for job_family in ("streamspine_alert", "streamspine_cdc_lag_seconds", "streamspine_migration_count"):
         assert f"# TYPE {job_family} gauge" in text
+    # the memory bounds of docs/memory.md, from the same registry as the jobs' gauges
+    assert values[("streamspine_rocksdb_databases", ())] >= 1
+    assert 0 < values[("streamspine_rocksdb_block_cache_bytes", ())] <= 128 * 1024 * 1024
+    assert values[("streamspine_producer_buffer_records", ())] >= 0
     lags = {labels: value for (name, labels), value in values.items() if name == "streamspine_consumer_lag"}
     assert any(dict(labels)["topic"] == "metrics" for labels in lags) and all(value >= 0 for value in lags.values())

@@ -16,7 +16,8 @@ import pytest
 from pydantic import ValidationError
 
 from app import app, memory, stores
-from app.memory import MemoryProfiler, MemorySettings, gauge_values, profile_memory, register_gauge
+from app.gauges import flat_values, gauge, register_value
+from app.memory import MemoryProfiler, MemorySettings, profile_memory
 from app.stores import ARENA_BLOCK_BYTES, MIB, Store
 from app.transport import ProducerBuffer, record_bytes
 
@@ -191,10 +192,12 @@ async def test_the_profiler_is_off_by_default(tmp_path):
 
 
 def test_a_failing_gauge_reads_minus_one_instead_of_stopping_the_report():
-    register_gauge("test.broken", lambda: 1 / 0)
-    register_gauge("test.records", lambda: 42)
-    values = gauge_values()
-    assert values["test.broken"] == -1.0 and values["test.records"] == 42.0
+    register_value("test_broken", "fails", lambda: 1 / 0)
+    register_value("test_records", "a size", lambda: 42)
+    gauge("test_by_state", "labelled", ["state"])(lambda: {("firing",): 2.0})
+    values = flat_values()
+    assert values["test_broken"] == -1.0 and values["test_records"] == 42.0
+    assert values['test_by_state{state="firing"}'] == 2.0
 
 
 grown: List[bytes] = []
@@ -222,7 +225,7 @@ async def test_the_profiler_reports_the_line_that_grew_since_its_baseline(tmp_pa
     top = report["sites"][0]
     assert top["site"].endswith(f"{__file__}:{grow_here.__code__.co_firstlineno + 1}")
     assert top["size_diff"] > 3 * 1024 * 1024 and top["count_diff"] >= 3000
-    assert report["rss"] > 0 and "rocksdb.memtables_bytes" in report["gauges"]
+    assert report["rss"] > 0 and "streamspine_rocksdb_memtables_bytes" in report["gauges"]
 
 
 async def test_without_tracing_a_report_holds_rss_and_the_gauges(tmp_path):
@@ -231,7 +234,7 @@ async def test_without_tracing_a_report_holds_rss_and_the_gauges(tmp_path):
     profiler.start_tracing()
     assert tracemalloc.is_tracing() == was_tracing  # MEMORY_PROFILE_TRACE=false starts no tracing
     report = await profiler.report()
-    assert report["rss"] > 0 and report["sites"] == [] and "rocksdb.databases" in report["gauges"]
+    assert report["rss"] > 0 and report["sites"] == [] and "streamspine_rocksdb_databases" in report["gauges"]
 
 
 async def test_sigusr2_asks_the_running_profiler_for_a_report(tmp_path):
