@@ -23,6 +23,7 @@ import faust
 import orjson
 from dateutil import parser as dateparser
 
+from models import windows
 from models.metrics import InvalidRecord
 
 ECS_VERSION = "8.11.0"
@@ -711,7 +712,7 @@ def index_template_patterns(pattern: str) -> List[str]:
 def window_start(timestamp: str, window: float) -> float:
     """The start (epoch seconds) of the tumbling window holding an ISO timestamp."""
     moment = datetime.fromisoformat(timestamp.replace("Z", "+00:00")).timestamp()
-    return math.floor(moment / window) * window
+    return windows.pane_start(moment, window)
 
 
 # --- statistics: pure folds over a service's state -------------------------------------------------
@@ -764,7 +765,7 @@ def fold_counts(state: Mapping[str, Any], counts: LogCounts, *, window: float, k
     """Add a LogCounts to a service's statistics; lines of records at or below the last counted
     offset of their source partition were counted before (redelivery) and are skipped. Keeps
     ``keep`` windows."""
-    windows: Dict[str, Dict[str, int]] = {start: dict(levels) for start, levels in state.get("windows", {}).items()}
+    kept: Dict[str, Dict[str, int]] = {start: dict(levels) for start, levels in state.get("windows", {}).items()}
     offsets: Dict[str, int] = dict(state.get("offsets", {}))
     partition = str(counts.source_partition)
     counted = offsets.get(partition, -1)
@@ -774,19 +775,19 @@ def fold_counts(state: Mapping[str, Any], counts: LogCounts, *, window: float, k
         top = max(top, last_offset)
         if not lines:
             continue
-        levels = windows.setdefault(window_key(start), {})
+        levels = kept.setdefault(window_key(start), {})
         levels[level] = levels.get(level, 0) + lines
         newest = start if newest is None else max(newest, start)
     if counts.source_partition >= 0 and top > counted:
         offsets[partition] = top
     if newest is not None:
-        horizon = newest - keep * window
-        windows = {start: levels for start, levels in windows.items() if float(start) > horizon}
-    return {**state, "windows": windows, "offsets": offsets, "newest_window": newest}
+        kept = {start: levels for start, levels in kept.items() if windows.retained(windows.key_start(start), newest, keep * window)}
+    return {**state, "windows": kept, "offsets": offsets, "newest_window": newest}
 
 
 def window_key(start: float) -> str:
-    return f"{start:.3f}"
+    """The key of a window in a service's statistics (``"600.000"``)."""
+    return windows.pane_key(start)
 
 
 def windows_to_close(state: Mapping[str, Any], *, now: float, window: float, grace: float) -> List[float]:
@@ -795,14 +796,14 @@ def windows_to_close(state: Mapping[str, Any], *, now: float, window: float, gra
     A window ends when the wall clock is ``grace`` seconds past its end, or, for replayed or
     delayed data, when lines two windows later have arrived (event time). Lines of a window that
     arrive after it ended are still counted in its statistics, not in its sample."""
-    closed_through = state.get("closed_through", float("-inf"))
-    newest = state.get("newest_window")
-    starts = sorted(float(start) for start in state.get("windows", {}))
-    return [
-        start
-        for start in starts
-        if start > closed_through and ((newest is not None and start + window < newest) or start + window + grace <= now)
-    ]
+    return windows.panes_to_close(
+        (windows.key_start(start) for start in state.get("windows", {})),
+        now=now,
+        step=window,
+        grace=grace,
+        newest=state.get("newest_window"),
+        closed_through=state.get("closed_through", float("-inf")),
+    )
 
 
 def window_summary(start: float, window: float, levels: Mapping[str, int]) -> Dict[str, Any]:

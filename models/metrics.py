@@ -9,6 +9,8 @@ from typing import Any, Dict, List, Mapping, NamedTuple, Optional, Tuple
 
 import faust
 
+from models import windows
+
 
 class InvalidRecord(ValueError):
     """A record that cannot be decoded or validated; the message is the dead-letter reason."""
@@ -173,8 +175,8 @@ def refused_reason(refused: List[Tuple[int, str]], total: int) -> str:
 
 
 # --- window panes ---------------------------------------------------------------------------------
-# A hopping window of W seconds every S seconds is the merge of W/S tumbling panes of S seconds:
-# each sample updates one pane, not W/S overlapping windows.
+# A hopping window of W seconds every S seconds is the merge of W/S tumbling panes of S seconds
+# (models/windows.py): each sample updates one pane, not W/S overlapping windows.
 
 
 def series_key(service: str, instance: str, metric: str) -> str:
@@ -182,20 +184,13 @@ def series_key(service: str, instance: str, metric: str) -> str:
     return SERIES_SEPARATOR.join((service, instance, metric))
 
 
-def pane_start(ts: float, step: float) -> float:
-    """Start of the pane that holds event time ``ts``."""
-    return math.floor(ts / step) * step
+pane_start = windows.pane_start  # start of the pane that holds event time ``ts``
+window_pane_starts = windows.pane_starts  # the panes of the window ending at event time ``now``, newest first
 
 
 def pane_key(series: str, start: float) -> str:
     """Table key of one pane of a series."""
-    return f"{series}{SERIES_SEPARATOR}{start:.3f}"
-
-
-def window_pane_starts(now: float, window: float, step: float) -> List[float]:
-    """Starts of the panes that make up the window ending at event time ``now``, newest first."""
-    newest = pane_start(now, step)
-    return [newest - index * step for index in range(round(window / step))]
+    return f"{series}{SERIES_SEPARATOR}{windows.pane_key(start)}"
 
 
 def samples_by_pane(samples: List[MetricSample], step: float) -> List[Tuple[float, List[MetricSample]]]:

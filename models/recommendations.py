@@ -35,6 +35,7 @@ import orjson
 from scipy import sparse
 from sklearn.decomposition import TruncatedSVD
 
+from models import windows
 from models.metrics import InvalidRecord
 
 log = logging.getLogger(__name__)
@@ -353,16 +354,21 @@ def apply_item_update(
         neighbours = prune_neighbours(neighbours, max(ts, total[1]), max_neighbours, half_life)
     panes = dict(stats.get("panes", {}))
     if update["weight"]:
-        pane = str(int(math.floor(ts / trend_step) * trend_step))
+        pane = trend_pane_key(windows.pane_start(ts, trend_step))
         panes[pane] = panes.get(pane, 0.0) + float(update["weight"])
-        newest = max(int(start) for start in panes)
-        panes = {start: weight for start, weight in panes.items() if int(start) > newest - trend_window}
+        newest = max(windows.key_start(start) for start in panes)
+        panes = {start: weight for start, weight in panes.items() if windows.retained(windows.key_start(start), newest, trend_window)}
     return {"total": total, "neighbours": neighbours, "panes": panes, "applied": applied}
+
+
+def trend_pane_key(start: float) -> str:
+    """The key of a trending pane in an item's stats: whole seconds (``"1700000000"``), as stored."""
+    return windows.pane_key(start, decimals=0)
 
 
 def windowed_popularity(panes: Mapping[str, float], now: float, window: float = TREND_WINDOW) -> float:
     """Sum of the panes of the hopping window ending at ``now``."""
-    return sum(weight for start, weight in panes.items() if now - window < int(start) <= now)
+    return sum(weight for start, weight in panes.items() if windows.in_window(windows.key_start(start), now, window))
 
 
 # --- the in-memory view every worker serves from -----------------------------------------------------
