@@ -15,8 +15,8 @@ from typing import Any, Callable, Dict, Optional, Tuple
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
-from app import settings
-from app.runtime import retrying
+from app import app, settings  # noqa: F401 - the App first, so mypy reads `settings` as its value
+from app.retry import retrying
 from app.settings import bootstrap_servers
 
 log = logging.getLogger(__name__)

@@ -42,11 +42,14 @@ from typing import Any, Deque, Dict, Iterable, List, Optional, Tuple
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError, KafkaTimeoutError
 
+from app.retry import retrying
+
 # Attributes every LogRecord has; anything else came in through ``extra=`` and is shipped.
 STANDARD_ATTRIBUTES = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime", "taskName"}
 # The loggers of the Kafka client the handler sends with: at DEBUG it logs every request, so
 # shipping its lines would log more lines, without end.
 KAFKA_CLIENT_LOGGERS = ("aiokafka",)
+RETRY_MAX_BACKOFF = 1.0  # seconds: a service's lines wait at most this long after Kafka is back
 
 
 class KafkaLogHandler(logging.Handler):
@@ -162,15 +165,14 @@ class KafkaLogHandler(logging.Handler):
 
     async def _ship(self) -> None:
         producer = AIOKafkaProducer(bootstrap_servers=self.bootstrap_servers, linger_ms=20)
-        while True:
-            try:
-                await producer.start()
-                break
-            except Exception as error:  # noqa: BLE001 - Kafka not reachable yet: keep queueing, try again
-                if self._closing.is_set():
-                    self._lost(self._queue.qsize() + (self._carried is not None), error)
-                    return
-                await asyncio.sleep(1.0)
+        try:  # Kafka not reachable yet: keep queueing, try again until closed
+            async for attempt in retrying("log shipping: connecting", max_backoff=RETRY_MAX_BACKOFF, retry_on=self._until_closing):
+                with attempt:
+                    await producer.start()
+        except Exception as error:  # noqa: BLE001 - closed before Kafka was reachable
+            self._lost(self._queue.qsize() + (self._carried is not None), error)
+            await producer.stop()
+            return
         try:
             key = self.service.encode()
             while True:
@@ -189,17 +191,20 @@ class KafkaLogHandler(logging.Handler):
 
     async def _send(self, producer: AIOKafkaProducer, key: bytes, value: bytes, lines: int) -> None:
         """Hand one record to the producer, retrying while Kafka cannot take it for now."""
-        while True:
-            try:
-                delivery = await producer.send(self.topic, value, key=key)
-            except Exception as error:  # noqa: BLE001 - the shipping thread must outlive any record
-                if is_retriable(error) and not self._closing.is_set():
-                    await asyncio.sleep(1.0)
-                    continue
-                self._lost(lines, error)
-                return
-            delivery.add_done_callback(partial(self._delivered, value, lines))
+        try:
+            async for attempt in retrying("log shipping: sending", max_backoff=RETRY_MAX_BACKOFF, retry_on=self._retriable_until_closing):
+                with attempt:
+                    delivery = await producer.send(self.topic, value, key=key)
+        except Exception as error:  # noqa: BLE001 - the shipping thread must outlive any record
+            self._lost(lines, error)
             return
+        delivery.add_done_callback(partial(self._delivered, value, lines))
+
+    def _until_closing(self, error: BaseException) -> bool:
+        return isinstance(error, Exception) and not self._closing.is_set()
+
+    def _retriable_until_closing(self, error: BaseException) -> bool:
+        return is_retriable(error) and not self._closing.is_set()
 
     def _delivered(self, value: bytes, lines: int, delivery: "asyncio.Future[Any]") -> None:
         """Count an acknowledged record; send one that failed for now again (after the others)."""

@@ -17,7 +17,7 @@ from prometheus_client.registry import Collector
 from app import app
 from app.dead_letters import DLQ_SUFFIX
 from app.gauges import Gauge, read_samples, registered
-from app.runtime import apply_stats
+from app.retry import apply_stats
 
 
 def counter_family(name: str, documentation: str, label: str, counts: Mapping[str, float]) -> CounterMetricFamily:

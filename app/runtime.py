@@ -6,8 +6,8 @@
 - ``decode`` runs on each record; ANY exception it raises (a RecursionError from deep nesting, a
   ValueError from a 5,000-digit integer, an OverflowError from a date) is the record's fault: the
   record goes to ``<topic>.dlq`` with the reason and the rest of the batch goes on.
-- The batch body runs under ``until_applied``: the one retry policy (exponential backoff, for as
-  long as it takes, never on cancellation). A body that raised would otherwise be acknowledged by
+- The batch body runs under ``until_applied``: the one retry policy of app/retry.py (exponential
+  backoff, for as long as it takes, never on cancellation). A body that raised would otherwise be acknowledged by
   ``take_events`` and lost; here the batch is applied or the worker stops trying, never skipped.
   Bodies must be idempotent (offset/LSN/version guards), since a retry runs them again.
 - ``take_events`` acknowledges the events when the loop body returns, in read order, so offsets are
@@ -16,34 +16,18 @@
 
 from __future__ import annotations
 
-import logging
 import time
-from collections import defaultdict
-from dataclasses import dataclass
-from typing import Any, AsyncIterator, Awaitable, Callable, DefaultDict, Generic, List, NamedTuple, Optional, TypeVar
+from typing import Any, AsyncIterator, Awaitable, Callable, Generic, List, NamedTuple, Optional, TypeVar
 
 import orjson
 from faust.types import EventT, StreamT
-from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, stop_never, wait_exponential
 
 from app.dead_letters import dead_letter
+from app.retry import MAX_BACKOFF, apply_stats, retrying
 
-log = logging.getLogger(__name__)
+__all__ = ["Decoded", "DecodedBatch", "apply_stats", "decoded_batches", "reason_of", "require_encodable", "retrying", "until_applied"]
 
 T = TypeVar("T")
-MAX_BACKOFF = 30.0  # seconds between two attempts at the most
-
-
-@dataclass
-class ApplyStats:
-    """What ``until_applied`` and ``retrying`` did for one step (exposed on /metrics)."""
-
-    batches: int = 0
-    seconds: float = 0.0
-    retries: int = 0
-
-
-apply_stats: DefaultDict[str, ApplyStats] = defaultdict(ApplyStats)
 
 
 class Decoded(NamedTuple, Generic[T]):
@@ -108,48 +92,6 @@ async def decoded_batches(
             if value is not None:
                 batch.append(Decoded(event, value))
         yield batch
-
-
-def _log_retry(what: str, expected: bool, state: RetryCallState) -> None:
-    error = state.outcome.exception() if state.outcome else None
-    attempt = state.attempt_number
-    apply_stats[what].retries += 1
-    if expected:  # an outage the caller waits out: one line per retry
-        log.warning("%s failed (%s); retry %d", what, error, attempt)
-        return
-    log.error(
-        "%s failed (%r); retry %d",
-        what,
-        error,
-        attempt,
-        exc_info=error if attempt % 100 == 1 else None,  # the traceback on the 1st and every 100th
-    )
-
-
-def retrying(
-    what: str,
-    *,
-    max_backoff: float = MAX_BACKOFF,
-    initial: float = 0.1,
-    retry_on: Optional[Callable[[BaseException], bool]] = None,
-    on_retry: Optional[Callable[[RetryCallState], None]] = None,
-) -> AsyncRetrying:
-    """The one retry policy: exponential backoff up to ``max_backoff``, forever, logging and
-    counting each retry under ``what``. It retries any Exception (never cancellation or exit), or
-    only those ``retry_on`` accepts (expected outages, logged without a traceback)."""
-
-    def before_sleep(state: RetryCallState) -> None:
-        _log_retry(what, retry_on is not None, state)
-        if on_retry is not None:
-            on_retry(state)
-
-    return AsyncRetrying(
-        wait=wait_exponential(multiplier=initial, max=max_backoff),
-        stop=stop_never,
-        reraise=True,
-        retry=retry_if_exception(retry_on or (lambda error: isinstance(error, Exception))),
-        before_sleep=before_sleep,
-    )
 
 
 async def until_applied(apply: Callable[..., Awaitable[T]], *args: Any, what: str, max_backoff: Optional[float] = None) -> T:

@@ -19,7 +19,7 @@ from typing import Any, Dict, Optional
 
 import aiohttp
 
-from app.runtime import retrying
+from app.retry import retrying
 
 log = logging.getLogger(__name__)
 

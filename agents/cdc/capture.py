@@ -25,7 +25,7 @@ from faust.types import TopicT
 from psycopg import sql
 
 from app import app, settings
-from app.runtime import retrying
+from app.retry import retrying
 from app.settings import Settings, bootstrap_servers
 from app.topics import raw_topic
 from models.cdc import (

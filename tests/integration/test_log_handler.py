@@ -4,6 +4,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import socket
 import time
 from datetime import datetime, timezone
 
@@ -101,3 +102,30 @@ def test_with_the_root_logger_at_debug_only_the_applications_lines_are_shipped(i
     assert [line["message"] for line in lines] == [f"invoice {i} issued" for i in range(50)]
     assert {line["log.logger"] for line in lines} == {"billing.invoices.test"}
     assert handler.sent == 50 and handler.dropped == 0
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def test_while_kafka_is_unreachable_lines_wait_and_are_counted_as_dropped_only_at_close(capfd):
+    handler = KafkaLogHandler(f"127.0.0.1:{free_port()}", service="cart")  # nothing listens there
+    logger = logging.getLogger("cart.unreachable.test")
+    logger.setLevel(logging.INFO)
+    logger.addHandler(handler)
+    try:
+        for i in range(3):
+            logger.info("line %d", i)
+        time.sleep(2.5)  # several connection attempts under the retry policy
+        waiting = handler.dropped
+        alive = handler._thread.is_alive()
+    finally:
+        logger.removeHandler(handler)
+        handler.close(timeout=10)
+
+    assert waiting == 0 and alive  # nothing given up while the service runs
+    assert handler.dropped == 3 and handler.sent == 0
+    assert not handler._thread.is_alive()
+    assert "3 log lines of cart not shipped" in capfd.readouterr().err
