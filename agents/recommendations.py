@@ -24,10 +24,10 @@ from typing import Any, Dict, List, Optional, Set, Tuple
 import faust
 import orjson
 from faust import web
-from faust.types import EventT, StreamT, TableT
+from faust.types import EventT, StreamT
 
 from app import app, settings
-from app.aggregation import BATCH_MAX, enter_partition
+from app.aggregation import BATCH_MAX, by_partition, enter_partition, fold_deltas, latest, write_values
 from app.follower import TopicFollower
 from app.runtime import Decoded, decoded_batches, require_encodable, until_applied
 from app.settings import Settings
@@ -191,13 +191,6 @@ def observe_user_event(event: EventT, parsed: UserEvent, batch: UserBatch) -> No
         batch.purchases[user] = (event, add_purchase(batch.purchased(user), parsed.item_id))
 
 
-def write_per_key(stream: StreamT, table: TableT, pending: Dict[str, Tuple[EventT, Any]]) -> None:
-    """``table[key] = value`` once per key, inside the key's latest event (its partition)."""
-    for key, (event, value) in pending.items():
-        enter_partition(stream, event)
-        table[key] = value
-
-
 async def forward_keyless_events(batch: List[Decoded[UserEvent]], forwarded: Set[int]) -> None:
     """Re-key events that came without a key by their user id, so a user's state lives in one
     partition. ``forwarded`` holds the batch positions sent already: a retry does not send them twice."""
@@ -221,8 +214,8 @@ async def apply_user_events(stream: StreamT, batch: List[Decoded[UserEvent]]) ->
             observe_user_event(entry.event, entry.value, changes)
     for item, updates in changes.item_updates.items():
         await item_updates_topic.send(key=item.encode(), value=orjson.dumps({"item": item, "updates": updates}))
-    write_per_key(stream, recs_sessions, changes.sessions)
-    write_per_key(stream, recs_purchased, changes.purchases)
+    write_values(stream, recs_sessions, by_partition(changes.sessions))
+    write_values(stream, recs_purchased, by_partition(changes.purchases))
 
 
 @app.agent(user_events_topic)
@@ -253,7 +246,7 @@ async def apply_item_updates(stream: StreamT, batch: List[Decoded[Tuple[str, Lis
                 stats, changed = applied, True
         if changed and stats is not None:
             pending[item] = (entry.event, stats)
-    write_per_key(stream, recs_item_stats, pending)
+    write_values(stream, recs_item_stats, by_partition(pending))
 
 
 @app.agent(item_updates_topic)
@@ -265,14 +258,17 @@ async def record_item_updates(stream: StreamT) -> None:
 
 async def apply_items(stream: StreamT, batch: List[Decoded[Item]]) -> None:
     """Each item's latest metadata of the batch, one write per item."""
-    pending = {
-        entry.value.item_id: (
-            entry.event,
-            {"category": entry.value.category, "price": entry.value.price, "available": entry.value.available},
-        )
-        for entry in batch
-    }
-    write_per_key(stream, recs_item_meta, pending)
+    pending = fold_deltas(
+        (
+            (
+                entry.event,
+                [(entry.value.item_id, {"category": entry.value.category, "price": entry.value.price, "available": entry.value.available})],
+            )
+            for entry in batch
+        ),
+        combine=latest,
+    )
+    write_values(stream, recs_item_meta, pending)
 
 
 @app.agent(items_topic)

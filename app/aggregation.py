@@ -15,13 +15,16 @@ refuses a table write outside an event's context). ``take_events`` acknowledges 
 after the loop body has returned, so offsets are committed only past records whose deltas are in
 the table: a crash replays at most the uncommitted records (at-least-once), it never loses one.
 
+A table that holds values rather than sums folds with ``combine=latest`` and is written by
+``write_values``, which sets each key's last value without reading the table first.
+
 Tables written this way must be co-partitioned with the source topic (same key bytes, same
 partition count), as every Faust table must.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, Hashable, Iterable, NamedTuple, Tuple
+from typing import Any, Callable, Dict, Hashable, Iterable, Mapping, NamedTuple, Tuple
 
 from faust.types import EventT, StreamT, TableT
 
@@ -90,6 +93,28 @@ def write_deltas(
         enter_partition(stream, entry.last_event)
         for key, delta in entry.deltas.items():
             table[key] = apply(table[key], delta)
+            writes += 1
+    return writes
+
+
+def latest(_previous: Any, value: Any) -> Any:
+    """The ``combine`` of tables that hold values, not sums: a key's last value in the batch wins."""
+    return value
+
+
+def by_partition(latest_values: Mapping[Any, Tuple[EventT, Any]]) -> Dict[int, PartitionDeltas]:
+    """``{key: (its latest event, value)}`` folded as ``fold_deltas(..., combine=latest)`` folds it."""
+    return fold_deltas(((event, ((key, value),)) for key, (event, value) in latest_values.items()), combine=latest)
+
+
+def write_values(stream: StreamT, table: TableT, pending: Dict[int, PartitionDeltas]) -> int:
+    """Write ``table[key] = value`` once per key, without reading the table (see ``write_deltas``);
+    returns the number of writes."""
+    writes = 0
+    for entry in pending.values():
+        enter_partition(stream, entry.last_event)
+        for key, value in entry.deltas.items():
+            table[key] = value
             writes += 1
     return writes
 

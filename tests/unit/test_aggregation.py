@@ -1,4 +1,5 @@
 """Folding a batch of events into one delta per key per partition."""
+
 from __future__ import annotations
 
 import operator
@@ -59,3 +60,36 @@ async def test_entering_a_partition_leaves_the_streams_current_event_alone():
 
     assert current_event() is other  # table writes of this task go to partition 1
     assert stream.current_event is received  # the buffer task still sees the event it received
+
+
+# --- writing latest values ----------------------------------------------------------------------
+
+from app.aggregation import by_partition, write_values  # noqa: E402
+
+
+class WriteOnlyTable(dict):
+    """A table that records the partition each write goes to and refuses reads."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.partitions: dict = {}
+
+    def __getitem__(self, key):
+        raise AssertionError(f"write_values read {key!r}")
+
+    def __setitem__(self, key, value) -> None:
+        self.partitions[key] = current_event().message.partition
+        super().__setitem__(key, value)
+
+
+def test_the_latest_value_of_each_key_is_written_once_in_its_partition():
+    stream = app.stream(app.channel())
+    table = WriteOnlyTable()
+    first, second, third = real_event(0, 1), real_event(1, 7), real_event(0, 2)
+    latest_values = {"a": (third, "a2"), "b": (second, "b1"), "c": (first, "c1")}
+
+    writes = write_values(stream, table, by_partition(latest_values))
+
+    assert writes == 3
+    assert dict(table.items()) == {"a": "a2", "b": "b1", "c": "c1"}
+    assert table.partitions == {"a": 0, "b": 1, "c": 0}
