@@ -12,8 +12,13 @@ document and never give up while the cluster is away.
   itself (per-document 404 ``index_not_found_exception``, ``action.auto_create_index`` false), until
   an operator creates it;
 - per-document 429/5xx answers are retried the same way, only for those documents;
-- per-document refusals (400 mapping errors, 409 version conflicts the caller did not expect...)
-  are returned as ``Rejection``s for the caller to dead-letter.
+- a delete answered 404 (the document or its index is already gone) is done;
+- a whole request refused with 400/413 (an ``_id`` over 512 bytes fails the request, not the item;
+  a request too large), or a document the client cannot serialize, says nothing of the other
+  documents: the request is split in halves and written again until the documents refused stand
+  alone;
+- per-document refusals (400 mapping errors, 409 version conflicts the caller did not expect, a
+  document refused alone...) are returned as ``Rejection``s for the caller to dead-letter.
 
 An action is a dict as the client's helpers take it (``{"_op_type": ..., "_index": ..., "_id": ...,
 "_source": ...}``) or, cheaper on a hot path, the ``(header, body)`` pair the helpers expand such a
@@ -31,7 +36,7 @@ from typing import Any, Collection, Dict, List, Mapping, Optional, Sequence, Tup
 
 import orjson
 from elastic_transport import ConnectionError as TransportConnectionError
-from elastic_transport import ConnectionTimeout, OrjsonSerializer
+from elastic_transport import ConnectionTimeout, OrjsonSerializer, SerializationError
 from elasticsearch import ApiError, AsyncElasticsearch
 from elasticsearch.helpers import async_streaming_bulk, expand_action
 
@@ -42,6 +47,8 @@ log = logging.getLogger(__name__)
 RETRYABLE_STATUS = (408, 429, 500, 502, 503, 504)
 # A whole bulk request answered with one of these is retried too (see the module docstring).
 RETRYABLE_REQUEST_STATUS = (401, 403, 404)
+# A whole bulk request answered with one of these is split until the refused documents stand alone.
+REFUSED_REQUEST_STATUS = (400, 413)
 CHUNK_SIZE = 2000
 MAX_CHUNK_BYTES = 16 * 1024 * 1024
 # What the writer reads of a bulk answer: per item its index, id, status and error. Elasticsearch
@@ -174,16 +181,40 @@ class BulkWriter:
         )
         async for attempt in policy:
             with attempt:
-                pending, reason = await self._write_once(pending, rejections)
+                pending, reason = await self._write_split(pending, rejections)
                 if pending:
                     raise RetryLater(f"{len(pending)} documents to write again ({reason})")
         return rejections
 
-    async def _write_once(self, actions: List[Action], rejections: List[Rejection]) -> Tuple[List[Action], str]:
-        """One pass over ``actions``; returns those to retry (and why, for the log), appends
-        permanent refusals."""
+    async def _write_split(self, actions: List[Action], rejections: List[Rejection]) -> Tuple[List[Action], str]:
+        """One pass over ``actions``, the documents of a request refused whole written again in
+        halves until those refused stand alone (then each is a Rejection); returns those to retry
+        (and why, for the log)."""
+        try:
+            retry, reason, found, refused = await self._write_once(actions)
+        except SerializationError as error:  # raised before the request with the document: find it
+            if len(actions) == 1:
+                rejections.append(Rejection(actions[0], None, f"serialization_error: {error}"))
+                return [], ""
+            retry, reason, found, refused = [], "", [], [(action, None, "") for action in actions]
+        rejections.extend(found)
+        if len(refused) == 1:
+            rejections.append(Rejection(*refused[0]))
+        elif refused:
+            middle = len(refused) // 2
+            for half in (refused[:middle], refused[middle:]):
+                half_retry, half_reason = await self._write_split([action for action, _, _ in half], rejections)
+                retry.extend(half_retry)
+                reason = reason or half_reason
+        return retry, reason
+
+    async def _write_once(self, actions: List[Action]) -> Tuple[List[Action], str, List[Rejection], List[Tuple[Action, Any, str]]]:
+        """One pass over ``actions``: those to retry (and why, for the log), those refused for
+        good, and those of a request refused whole (with its status and reason)."""
         by_id: Optional[Dict[Tuple[Optional[str], Optional[str]], Action]] = None
         retry: List[Action] = []
+        rejections: List[Rejection] = []
+        refused: List[Tuple[Action, Any, str]] = []
         reason = ""
         # The helpers are typed for dict and str actions, but hand every action as it is to
         # expand_action_callback: that is how (header, body) pairs pass through.
@@ -205,6 +236,9 @@ class BulkWriter:
             status = info.get("status")
             if isinstance(status, int) and status in self.accept_status:
                 continue
+            whole_request = "exception" in info
+            if op_type == "delete" and status == 404 and not whole_request:
+                continue  # the document, or its index, is already gone
             if by_id is None:  # built on the first failure only
                 by_id = {action_target(action): action for action in actions}
             action = by_id.get((info.get("_index"), info.get("_id")))
@@ -212,12 +246,14 @@ class BulkWriter:
                 action = next((a for a in actions if action_target(a)[1] == info.get("_id")), None)
             if action is None:
                 continue
-            if is_retried(op_type, info):
+            if whole_request and status in REFUSED_REQUEST_STATUS:
+                refused.append((action, status, failure_reason(info)))
+            elif is_retried(op_type, info):
                 retry.append(action)
                 reason = reason or f"{status}: {failure_reason(info)}"
             else:
                 rejections.append(Rejection(action, status, failure_reason(info)))
-        return retry, reason
+        return retry, reason, rejections, refused
 
     def _count_retry(self, state: Any) -> None:
         self.retries += 1

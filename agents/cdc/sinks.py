@@ -15,13 +15,11 @@ import orjson
 import psycopg
 import redis.asyncio as aioredis
 import redis.exceptions
-from elastic_transport import SerializationError as EsSerializationError
-from elasticsearch import ApiError as EsApiError
-from elasticsearch import AsyncElasticsearch
 from psycopg import sql
 
 from agents.cdc.capture import BACKOFF_MAX, TABLE_INFO_SQL, quoted
 from app.runtime import until_applied
+from app.search import BulkPair, BulkWriter, search_client
 from app.settings import Settings
 from models.cdc import UNAVAILABLE, Change, InvalidChange, base_type, python_value
 
@@ -365,13 +363,15 @@ class RedisSink:
 class ElasticsearchSink:
     """An index per table (``<schema>.<table>``, lower case), ``_id`` the row id, the document the
     after-image; external versioning with the LSN (``external_gte``: the changes of one transaction
-    share its commit LSN), so Elasticsearch itself refuses an older change."""
+    share its commit LSN), so Elasticsearch itself refuses an older change (409: accepted, the index
+    holds newer). A thin adapter over app.search's BulkWriter, the one Elasticsearch writer: it
+    retries outages and overloads itself, counts a delete of what is gone as done, and splits a
+    request refused whole until the refused change stands alone."""
 
     name = "elasticsearch"
-    REFUSED_REQUEST = (400, 413)  # a bulk request refused whole (an _id over 512 bytes, too large): split it
 
     def __init__(self, url: str) -> None:
-        self.client = AsyncElasticsearch(url, request_timeout=30)
+        self.writer = BulkWriter(search_client(url), max_backoff=BACKOFF_MAX, accept_status=(409,))
 
     @staticmethod
     def refusal(change: Change) -> Optional[str]:
@@ -383,54 +383,25 @@ class ElasticsearchSink:
     def index_of(change: Change) -> str:
         return change.table_name.lower()
 
-    def operations(self, changes: List[Change]) -> List[Dict[str, Any]]:
-        operations: List[Dict[str, Any]] = []
+    def actions(self, changes: List[Change]) -> List[BulkPair]:
+        """The ``(header, body)`` bulk lines of each change, in order."""
+        actions: List[BulkPair] = []
         for change in changes:
             meta = {"_index": self.index_of(change), "_id": change.row_id, "version": change.lsn, "version_type": "external_gte"}
-            if change.is_delete:
-                operations.append({"delete": meta})
-            else:
-                operations.extend([{"index": meta}, change.after_image])
-        return operations
+            actions.append(({"delete": meta}, None) if change.is_delete else ({"index": meta}, change.after_image))
+        return actions
 
     async def apply(self, changes: List[Change]) -> Rejected:
-        if not changes:
-            return []
-        try:
-            response = await self.client.bulk(operations=self.operations(changes))
-        except (EsApiError, EsSerializationError) as error:
-            if isinstance(error, EsApiError) and error.meta.status not in self.REFUSED_REQUEST:
-                raise TransientSinkError(f"elasticsearch: {error}") from error
-            if len(changes) == 1:
-                return [(changes[0], f"elasticsearch refused it: {error}")]
-            return await self.apply_halves(changes)
-        except Exception as error:  # connection errors of the transport
-            raise TransientSinkError(f"elasticsearch: {error!r}") from error
-        return self.rejected(changes, response["items"])
-
-    async def apply_halves(self, changes: List[Change]) -> Rejected:
-        """A refused request, split until the changes Elasticsearch refuses stand alone."""
-        middle = len(changes) // 2
-        return await self.apply(changes[:middle]) + await self.apply(changes[middle:])
-
-    @staticmethod
-    def rejected(changes: List[Change], items: List[Dict[str, Any]]) -> Rejected:
-        rejected, retry = [], False
-        for change, item in zip(changes, items, strict=False):
-            result = next(iter(item.values()))
-            status = result.get("status", 500)
-            if status < 300 or status == 409 or (change.is_delete and status == 404):
-                continue  # applied, older than what the index has, or already gone
-            if status == 429 or status >= 500:
-                retry = True
-            else:
-                rejected.append((change, f"elasticsearch refused it: {result.get('error')}"))
-        if retry:
-            raise TransientSinkError("elasticsearch: some documents were rejected for now (429/5xx)")
-        return rejected
+        actions = self.actions(changes)
+        change_of = {id(action): change for action, change in zip(actions, changes, strict=True)}
+        rejections = await self.writer.write(actions) if actions else []
+        return [
+            (change_of[id(rejection.action)], f"elasticsearch refused it ({rejection.status}): {rejection.reason}")
+            for rejection in rejections
+        ]
 
     async def close(self) -> None:
-        await self.client.close()
+        await self.writer.close()
 
 
 def configured_sinks(settings: Settings) -> List[Any]:

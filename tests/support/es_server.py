@@ -19,6 +19,7 @@ next documents inside ``_bulk`` requests), :meth:`set_unavailable` (503 for ever
 request), and any document with a top-level (or ``labels.``) ``"__reject__": "<reason>"``
 field is rejected per item with 400 ``mapper_parsing_exception``. With ``auto_create_index``
 set to False, a write to a missing index is refused per item with 404 ``index_not_found_exception``.
+As Elasticsearch does, a ``_bulk`` request with an ``_id`` over 512 bytes is refused whole (400).
 
 Usage::
 
@@ -46,6 +47,8 @@ from aiohttp import web
 __all__ = ["ElasticsearchTestServer", "REJECT_FIELD"]
 
 REJECT_FIELD = "__reject__"
+MAX_ID_BYTES = 512
+BULK_ACTIONS = ("index", "create", "update", "delete")
 VERSION = "8.15.0"
 COMPAT_JSON = "application/vnd.elasticsearch+json;compatible-with=8"
 SHARDS = {"total": 1, "successful": 1, "failed": 0}
@@ -592,6 +595,7 @@ class ElasticsearchTestServer:
         default_index = request.match_info.get("index")
         lines = [ln for ln in (await request.read()).splitlines() if ln.strip()]
         values = self._bulk_values(lines)
+        self._validate_ids(values)
         items, pos = [], 0
         while pos < len(lines):
             try:
@@ -617,6 +621,18 @@ class ElasticsearchTestServer:
                                        "error": exc.cause()}})
         errors = any("error" in item[next(iter(item))] for item in items)
         return self._reply(request, 200, {"took": 1, "errors": errors, "items": items})
+
+    @staticmethod
+    def _validate_ids(values: list[Any]) -> None:
+        """As Elasticsearch does, an ``_id`` over 512 bytes refuses the whole request (400)."""
+        for value in values:
+            is_header = isinstance(value, dict) and len(value) == 1 and next(iter(value)) in BULK_ACTIONS
+            meta = next(iter(value.values())) if is_header else None
+            doc_id = meta.get("_id") if isinstance(meta, dict) else None
+            if isinstance(doc_id, str) and len(doc_id.encode()) > MAX_ID_BYTES:
+                raise EsError(400, "action_request_validation_exception",
+                              f"Validation Failed: 1: id [{doc_id[:20]}...] is too long, must be no longer "
+                              f"than {MAX_ID_BYTES} bytes but was: {len(doc_id.encode())};")
 
     @staticmethod
     def _bulk_values(lines: list[bytes]) -> list[Any]:

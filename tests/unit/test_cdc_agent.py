@@ -4,6 +4,7 @@ parameters, CDC_TABLES validation, the sinks' retry."""
 from __future__ import annotations
 
 from decimal import Decimal
+from typing import Any, Optional
 
 import psycopg
 import pytest
@@ -106,15 +107,37 @@ def test_the_replica_refuses_a_change_for_its_data_and_retries_the_rest(error, r
     assert replica_refuses(error) is refused
 
 
-def row_change(row_id: int, **after) -> Change:
+def row_change(row_id: Any, lsn: Optional[int] = None, op: str = "c", **after) -> Change:
     return Change(
-        schema="s", table="items", op="c", key={"id": row_id}, before=None, after={"id": row_id, **after}, lsn=10 + row_id, ts_ms=0
+        schema="s",
+        table="items",
+        op=op,
+        key={"id": row_id},
+        before={"id": row_id} if op == "d" else None,
+        after=None if op == "d" else {"id": row_id, **after},
+        lsn=lsn if lsn is not None else 10 + (row_id if isinstance(row_id, int) else 0),
+        ts_ms=0,
     )
 
 
-async def test_a_bulk_request_elasticsearch_refuses_whole_is_split_until_the_refused_change_stands_alone():
-    """A request refused whole (400: an _id over 512 bytes fails the request, not the item) dead-lettered
-    every change of the batch; split, only the one refused alone is, and the others are indexed."""
+async def test_a_bulk_request_elasticsearch_refuses_whole_dead_letters_only_the_refused_change():
+    """Elasticsearch refuses a whole request (400) for an _id over 512 bytes: the change with that
+    key is dead-lettered, the others of the batch are indexed."""
+    long_key = "k" * 600
+    changes = [row_change(0), row_change(1), row_change(long_key), row_change(3), row_change(4)]
+    async with ElasticsearchTestServer() as server:
+        sink = ElasticsearchSink(server.url)
+        try:
+            rejected = await apply_to_sink(sink, changes)
+        finally:
+            await sink.close()
+        ((change, reason),) = rejected
+        assert change is changes[2]
+        assert reason.startswith("elasticsearch refused it (400)") and "too long" in reason
+        assert sorted(server.docs("s.items")) == ["0", "1", "3", "4"]
+
+
+async def test_a_bulk_request_refused_whole_is_split_until_the_refused_change_stands_alone():
     changes = [row_change(row_id) for row_id in range(4)]
     async with ElasticsearchTestServer() as server:
         sink = ElasticsearchSink(server.url)
@@ -125,6 +148,44 @@ async def test_a_bulk_request_elasticsearch_refuses_whole_is_split_until_the_ref
             await sink.close()
         assert [(change.key["id"], reason.startswith("elasticsearch refused it")) for change, reason in rejected] == [(0, True)]
         assert sorted(server.docs("s.items")) == ["1", "2", "3"]
+
+
+async def test_a_delete_of_a_document_elasticsearch_does_not_hold_is_not_a_rejection():
+    async with ElasticsearchTestServer() as server:
+        sink = ElasticsearchSink(server.url)
+        try:
+            assert await sink.apply([row_change(1)]) == []
+            assert await sink.apply([row_change(7, op="d", lsn=20), row_change(1, op="d", lsn=20)]) == []  # 7: never indexed
+            elsewhere = Change(schema="s", table="gone", op="d", key={"id": 2}, before={"id": 2}, after=None, lsn=20, ts_ms=0)
+            assert await sink.apply([elsewhere]) == []  # in an index that is not there either
+        finally:
+            await sink.close()
+        assert server.docs("s.items") == {} and "s.gone" not in server.indices
+
+
+async def test_a_change_older_than_what_the_index_holds_is_not_a_rejection():
+    async with ElasticsearchTestServer() as server:
+        sink = ElasticsearchSink(server.url)
+        try:
+            assert await sink.apply([row_change(1, lsn=50, name="new")]) == []
+            assert await sink.apply([row_change(1, lsn=40, name="old"), row_change(2, lsn=40)]) == []  # 1: a 409
+            assert await sink.apply([row_change(1, op="d", lsn=45)]) == []  # an older delete: a 409 too
+        finally:
+            await sink.close()
+        assert server.docs("s.items") == {"1": {"id": 1, "name": "new"}, "2": {"id": 2}}
+
+
+async def test_elasticsearch_outages_are_waited_out_by_the_writer_not_raised():
+    async with ElasticsearchTestServer() as server:
+        sink = ElasticsearchSink(server.url)
+        sink.writer.initial_backoff = 0.01
+        try:
+            server.fail_next(2, status=503)
+            server.fail_next_documents(1, status=429)
+            assert await sink.apply([row_change(row_id) for row_id in range(3)]) == []
+        finally:
+            await sink.close()
+        assert sorted(server.docs("s.items")) == ["0", "1", "2"] and sink.writer.retries == 3
 
 
 async def test_a_change_the_elasticsearch_client_cannot_encode_is_refused_alone():

@@ -70,19 +70,62 @@ async def test_a_write_to_an_index_the_cluster_may_not_create_waits_for_an_opera
         finally:
             await writer.close()
         assert len(server.docs("logs-cart-2024.11.01")) == 4
-        assert [r.status for r in deleted] == [404]  # a delete in a missing index is not waited for
+        assert deleted == []  # a delete in a missing index is done: nothing to wait for
 
 
-async def test_a_whole_request_refused_as_malformed_comes_back_for_every_document():
+async def test_a_whole_request_refused_is_split_until_the_refused_document_stands_alone():
+    """An _id over 512 bytes makes Elasticsearch refuse the whole request (400): only that document
+    comes back, with the reason; the others are stored."""
     async with ElasticsearchTestServer() as server:
-        server.fail_next(1, status=400)
+        batch = actions(6)
+        batch[4]["_id"] = "x" * 600
+        writer = BulkWriter(search_client(server.url), initial_backoff=0.01)
+        try:
+            (rejection,) = await writer.write(batch)
+        finally:
+            await writer.close()
+        assert rejection.action is batch[4] and rejection.status == 400
+        assert "action_request_validation_exception" in rejection.reason and "too long" in rejection.reason
+        assert sorted(server.docs("logs-cart-2024.11.01")) == [f"doc-{i}" for i in (0, 1, 2, 3, 5)]
+        assert writer.retries == 0  # a refusal, not an outage
+
+
+async def test_documents_each_refused_alone_each_come_back():
+    async with ElasticsearchTestServer() as server:
+        server.fail_next(5, status=413)  # [0 1 2], [0], [1 2], [1], [2]
         writer = BulkWriter(search_client(server.url), initial_backoff=0.01)
         try:
             rejections = await writer.write(actions(3))
         finally:
             await writer.close()
-        assert [(r.action["_id"], r.status) for r in rejections] == [("doc-0", 400), ("doc-1", 400), ("doc-2", 400)]
+        assert [(r.action["_id"], r.status) for r in rejections] == [("doc-0", 413), ("doc-1", 413), ("doc-2", 413)]
         assert server.docs("logs-cart-2024.11.01") == {} and writer.retries == 0
+
+
+async def test_a_document_the_client_cannot_serialize_is_refused_alone():
+    async with ElasticsearchTestServer() as server:
+        batch = actions(5)
+        batch[2]["_source"]["tags"] = {"a set"}
+        writer = BulkWriter(search_client(server.url), initial_backoff=0.01)
+        try:
+            (rejection,) = await writer.write(batch)
+        finally:
+            await writer.close()
+        assert rejection.doc_id == "doc-2" and rejection.reason.startswith("serialization_error")
+        assert sorted(server.docs("logs-cart-2024.11.01")) == ["doc-0", "doc-1", "doc-3", "doc-4"]
+
+
+async def test_a_delete_of_what_is_already_gone_is_done():
+    async with ElasticsearchTestServer() as server:
+        writer = BulkWriter(search_client(server.url), initial_backoff=0.01)
+        try:
+            assert await writer.write(actions(1)) == []
+            gone = [{"_op_type": "delete", "_index": "logs-cart-2024.11.01", "_id": "never-written"},
+                    {"_op_type": "delete", "_index": "no-such-index", "_id": "x"}]
+            assert await writer.write(gone) == []
+        finally:
+            await writer.close()
+        assert writer.retries == 0
 
 
 async def test_an_unavailable_cluster_is_waited_for():
