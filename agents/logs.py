@@ -23,9 +23,9 @@ from faust import web
 from faust.types import EventT
 
 from app import app, settings
-from app.aggregation import hold, release
+from app.aggregation import enter_partition, hold, release
 from app.dead_letters import dead_letter
-from app.runtime import reason_of, require_encodable
+from app.runtime import DecodedBatch, decoded_batches, reason_of, require_encodable, until_applied
 from app.search import BulkPair, BulkWriter, Rejection, optional_writer, put_index_template
 from app.settings import Settings
 from app.topics import key_text, metrics_topic
@@ -42,6 +42,7 @@ from models.logs import (
     index_name,
     index_template_patterns,
     is_error,
+    log_counts_from_json,
     parse_record,
     split_rows,
     window_key,
@@ -64,10 +65,12 @@ logs_topic = app.topic(
     internal=True,
 )
 log_counts_topic = app.topic(
+    # LogCounts as JSON bytes, decoded (and checked) by count_log_lines itself.
     "log-counts",
     key_type=bytes,
-    value_type=LogCounts,
+    value_type=bytes,
     key_serializer="raw",
+    value_serializer="raw",
     partitions=settings.topic_partitions,
     internal=True,
 )
@@ -84,6 +87,8 @@ RECENT_BYTES = 256 * 1024
 # with lines at several levels or in two windows, is sent as several, in offset order.
 MAX_COUNTED_OFFSETS = 20_000
 LOG_ERROR_RATE = "log_error_rate"
+COUNTS_BATCH_MAX = 500  # LogCounts folded per batch of count_log_lines
+COUNTS_BATCH_WITHIN = 0.1  # seconds
 INDEX_MAPPINGS: Dict[str, Any] = {
     "dynamic_templates": [
         {"labels": {"path_match": "labels.*", "mapping": {"type": "keyword", "ignore_above": 1024}}},
@@ -242,7 +247,7 @@ def send_counts(batch: ParsedBatch) -> "asyncio.Future[Any]":
         with_lines.add(service)
         for rows in split_rows(count_rows(counts), MAX_COUNTED_OFFSETS):
             value = LogCounts(service=service, source_partition=partition, counts=rows, recent=recent)
-            deliveries.append(log_counts_topic.send_soon(key=service.encode(), value=value))
+            deliveries.append(log_counts_topic.send_soon(key=service.encode(), value=value.dumps()))
             recent = []
     return asyncio.gather(*deliveries)
 
@@ -516,15 +521,29 @@ async def close_windows(service: str, state: Dict[str, Any], now: float) -> Dict
     return state
 
 
-@app.agent(log_counts_topic)
-async def count_log_lines(stream) -> None:
-    """Fold each LogCounts into its service's windows and recent lines; close ended windows."""
-    async for counts in stream:
+def decode_log_counts(event: EventT) -> LogCounts:
+    return log_counts_from_json(event.value)
+
+
+async def fold_log_counts(stream: Any, batch: DecodedBatch[LogCounts]) -> None:
+    """Fold each LogCounts into its service's windows and recent lines; close ended windows.
+    Idempotent: fold_counts skips the source offsets a service's statistics already hold."""
+    for entry in batch:
+        enter_partition(stream, entry.event)
+        counts = entry.value
         service = counts.service
         state = fold_counts(log_stats[service], counts, window=settings.log_stats_window, keep=KEEP_WINDOWS)
         log_stats[service] = await close_windows(service, state, time.time())
         if counts.recent:
             recent_lines[service] = merge_recent(recent_lines[service], counts.recent, settings.log_recent_limit)
+
+
+@app.agent(log_counts_topic)
+async def count_log_lines(stream) -> None:
+    """The statistics side of shipping, on the runtime (app/runtime.py): a record it cannot decode
+    is a dead letter, a batch is acknowledged once folded."""
+    async for batch in decoded_batches(stream, decode_log_counts, max_=COUNTS_BATCH_MAX, within=COUNTS_BATCH_WITHIN):
+        await until_applied(fold_log_counts, stream, batch, what="log statistics")
 
 
 @app.timer(interval=max(1.0, min(settings.log_stats_window / 4, 15.0)))
@@ -537,7 +556,7 @@ async def close_quiet_windows() -> None:
         if windows_to_close(state, now=now, window=settings.log_stats_window, grace=CLOSE_GRACE):
             await log_counts_topic.send(
                 key=service.encode(),
-                value=LogCounts(service=service, source_partition=-1, counts=[], recent=[]),
+                value=LogCounts(service=service, source_partition=-1, counts=[], recent=[]).dumps(),
             )
 
 

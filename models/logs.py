@@ -170,6 +170,58 @@ class LogCounts(faust.Record, serializer="json"):
     recent: List[Dict[str, Any]]
 
 
+def is_number(value: Any) -> bool:
+    """A finite int or float (not a bool)."""
+    return value.__class__ in (int, float) and math.isfinite(value)
+
+
+def is_offset_list(value: Any) -> bool:
+    return value.__class__ is list and all(item.__class__ is int and item >= 0 for item in value)
+
+
+def is_count_row(row: Any) -> bool:
+    """A row of either LogCounts form, with the types ``counted_rows`` and ``fold_counts`` rely on."""
+    if row.__class__ is not list or len(row) != 4:
+        return False
+    if row[2].__class__ is list:  # [window_start, level, offsets, lines]
+        start, level, offsets, lines = row
+        return (
+            is_number(start)
+            and isinstance(level, str)
+            and is_offset_list(offsets)
+            and offsets == sorted(offsets)
+            and is_offset_list(lines)
+            and len(lines) == len(offsets)
+        )
+    offset, start, level, lines = row  # [offset, window_start, level, lines]
+    return offset.__class__ is int and offset >= 0 and is_number(start) and isinstance(level, str) and lines.__class__ is int and lines >= 0
+
+
+def is_recent_entry(entry: Any) -> bool:
+    return entry.__class__ is dict and isinstance(entry.get("id"), str) and isinstance(entry.get("@timestamp"), str)
+
+
+def log_counts_from_json(raw: Any) -> LogCounts:
+    """A LogCounts read back from ``log-counts``, every field checked (InvalidRecord otherwise):
+    the topic is internal, but a record the statistics cannot fold must become a dead letter, not
+    a batch retried for ever."""
+    if not isinstance(raw, (bytes, str)):
+        raise InvalidRecord("not a JSON document")
+    data = orjson.loads(raw)
+    if data.__class__ is not dict:
+        raise InvalidRecord("not a JSON object")
+    service, partition, rows, recent = data.get("service"), data.get("source_partition"), data.get("counts"), data.get("recent")
+    if not isinstance(service, str) or not service:
+        raise InvalidRecord("service: not a non-empty string")
+    if partition.__class__ is not int or partition < -1:
+        raise InvalidRecord("source_partition: not a partition number (or -1)")
+    if rows.__class__ is not list or not all(is_count_row(row) for row in rows):
+        raise InvalidRecord("counts: not a list of count rows")
+    if recent.__class__ is not list or not all(is_recent_entry(entry) for entry in recent):
+        raise InvalidRecord("recent: not a list of lines with id and @timestamp")
+    return LogCounts(service=service, source_partition=partition, counts=rows, recent=recent)
+
+
 def normalize_level(value: Any) -> Optional[str]:
     """``"WARNING"`` -> ``"warn"``, syslog severity 3 -> ``"error"``; None when unknown."""
     if isinstance(value, bool):
