@@ -26,7 +26,8 @@ DLQ_SUFFIX = ".dlq"
 MAX_REASON_CHARS = 4096
 RECORD_OVERHEAD = 512  # bytes of a produce request besides the key, value and headers (generous)
 
-dead_letter_notices = app.topic("dead-letters", key_type=str, value_type=DeadLetter, internal=True)
+# DeadLetter notices as JSON bytes, decoded (and checked) by agents/dead_letters.py.
+dead_letter_notices = app.topic("dead-letters", key_type=str, value_type=bytes, value_serializer="raw", internal=True)
 
 _dlq_topics: Dict[str, TopicT] = {}
 
@@ -95,5 +96,5 @@ async def dead_letter(reason: str, event: Optional[EventT] = None) -> None:
             offset=message.offset,
             reason=reason,
             at=time.time(),
-        ),
+        ).dumps(),
     )
