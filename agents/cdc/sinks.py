@@ -19,7 +19,7 @@ from psycopg import sql
 
 from agents.cdc.capture import BACKOFF_MAX, TABLE_INFO_SQL, quoted
 from app.runtime import until_applied
-from app.search import BulkPair, BulkWriter, search_client
+from app.search import BulkPair, BulkWriter, Rejection, search_client
 from app.settings import Settings
 from models.cdc import UNAVAILABLE, Change, InvalidChange, base_type, python_value
 
@@ -395,13 +395,16 @@ class ElasticsearchSink:
         actions = self.actions(changes)
         change_of = {id(action): change for action, change in zip(actions, changes, strict=True)}
         rejections = await self.writer.write(actions) if actions else []
-        return [
-            (change_of[id(rejection.action)], f"elasticsearch refused it ({rejection.status}): {rejection.reason}")
-            for rejection in rejections
-        ]
+        return [(change_of[id(rejection.action)], refused_reason(rejection)) for rejection in rejections]
 
     async def close(self) -> None:
         await self.writer.close()
+
+
+def refused_reason(rejection: Rejection) -> str:
+    """A dead letter's reason for a change Elasticsearch refused (no status: never sent)."""
+    status = f" ({rejection.status})" if rejection.status is not None else ""
+    return f"elasticsearch refused it{status}: {rejection.reason}"
 
 
 def configured_sinks(settings: Settings) -> List[Any]:

@@ -196,7 +196,7 @@ async def test_a_change_the_elasticsearch_client_cannot_encode_is_refused_alone(
             rejected = await sink.apply(changes)
         finally:
             await sink.close()
-        assert [change.key["id"] for change, _ in rejected] == [2]
+        assert [(change.key["id"], reason.split(":")[0]) for change, reason in rejected] == [(2, "elasticsearch refused it")]
         assert sorted(server.docs("s.items")) == ["1", "3"]
 
 
