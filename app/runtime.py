@@ -25,8 +25,6 @@ from faust.types import EventT, StreamT
 from app.dead_letters import dead_letter
 from app.retry import MAX_BACKOFF, apply_stats, retrying
 
-__all__ = ["Decoded", "DecodedBatch", "apply_stats", "decoded_batches", "reason_of", "require_encodable", "retrying", "until_applied"]
-
 T = TypeVar("T")
 
 

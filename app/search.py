@@ -40,7 +40,7 @@ from elastic_transport import ConnectionTimeout, OrjsonSerializer, Serialization
 from elasticsearch import ApiError, AsyncElasticsearch
 from elasticsearch.helpers import async_streaming_bulk, expand_action
 
-from app.runtime import retrying
+from app.retry import retrying
 
 log = logging.getLogger(__name__)
 
