@@ -68,6 +68,7 @@ class ReplicaSink:
     # sessions' concurrent CREATEs safe (one fails on pg_type's unique index), so the replica's DDL
     # runs one session at a time, under this transaction-level advisory lock.
     DDL_LOCK = "SELECT pg_advisory_xact_lock(hashtext('streamspine-cdc-replica-ddl'))"
+    STATEMENTS_MAX = 1024  # built statements kept (one per table, operation and column list)
 
     def __init__(self, dsn: str) -> None:
         self.dsn = dsn
@@ -230,6 +231,8 @@ class ReplicaSink:
         """The guarded upsert or delete of a table and column set (cached: built once)."""
         cache_key = self.statement_key(change)
         if cache_key not in self.statements:
+            if len(self.statements) >= self.STATEMENTS_MAX:  # events that vary their columns: forget the oldest
+                del self.statements[next(iter(self.statements))]
             self.statements[cache_key] = self.build_statement(*cache_key)
         return self.statements[cache_key]
 

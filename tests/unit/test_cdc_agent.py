@@ -218,3 +218,18 @@ def test_workers_capture_only_when_cdc_capture_is_worker(mode, captures):
     )
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip().splitlines()[-1] == captures
+
+
+def test_the_replica_keeps_a_bounded_number_of_statements_however_the_events_vary_their_columns():
+    from agents.cdc.sinks import ReplicaSink
+
+    sink = ReplicaSink("postgresql://unused")
+    names = [f"c{n}" for n in range(12)]
+    sink.tables["public.items"] = ({"id": "integer", **{name: "text" for name in names}}, ["id"])
+    for n in range(3 * ReplicaSink.STATEMENTS_MAX):
+        columns = ["id"] + names[n % 12 :] + names[: n % 12] + [f"extra{n}"]  # a new column list each time
+        sink.tables["public.items"][0][f"extra{n}"] = "text"
+        after = {name: "v" for name in columns}
+        sink.statement(Change("public", "items", "c", {"id": 1}, None, after, lsn=n, ts_ms=0))
+
+    assert len(sink.statements) == ReplicaSink.STATEMENTS_MAX
