@@ -119,9 +119,30 @@ class SilenceCache:
             raise ValueError("a silence record without a value")
         silence = check_silence(Silence.loads(value))
         self.silences[silence.id] = silence
+        if len(self.silences) > settings.silences_max * 1.1:  # trimmed in steps: no sort per record
+            self.forget(clock())
+
+    def forget(self, now: float) -> None:
+        """Drop the silences expired more than SILENCE_RETENTION ago, then, beyond SILENCES_MAX,
+        those that end first (the topic keeps every silence; memory does not)."""
+        self.forget_expired(now)
+        if len(self.silences) > settings.silences_max:
+            by_end = sorted(self.silences.values(), key=lambda silence: silence.ends_at)
+            self.silences = {silence.id: silence for silence in by_end[-settings.silences_max :]}
 
     def active(self) -> List[Silence]:
+        """Every silence not yet forgotten (expired ones are listed until SILENCE_RETENTION ends)."""
+        self.forget_expired(clock())
         return list(self.silences.values())
+
+    def forget_expired(self, now: float) -> None:
+        cutoff = now - settings.silence_retention
+        if any(silence.ends_at < cutoff for silence in self.silences.values()):
+            self.silences = {id_: silence for id_, silence in self.silences.items() if silence.ends_at >= cutoff}
+
+    def is_full(self, now: float) -> bool:
+        """True when SILENCES_MAX silences that have not ended are held: a new one is refused."""
+        return sum(1 for silence in self.silences.values() if silence.ends_at > now) >= settings.silences_max
 
     async def wait_caught_up(self, timeout: float = 5.0) -> None:
         """Wait (a bounded time) until the silences that existed at start have been read."""
@@ -148,17 +169,37 @@ clock = time.time  # the wall clock of absence and repeat decisions (tests move 
 # --- pure folds ----------------------------------------------------------------------------------
 
 
-def merge_latest(state: Dict[str, Any], samples: Iterable[MetricSample]) -> Dict[str, Any]:
-    """Fold samples into a service's latest-value view; an older sample never overwrites a newer one."""
+def merge_latest(
+    state: Dict[str, Any], samples: Iterable[MetricSample], *, max_instances: int, expires: float, now: float = math.inf
+) -> Dict[str, Any]:
+    """Fold samples into a service's latest-value view; an older sample never overwrites a newer one.
+    An instance silent for ``expires`` seconds (event time, not past ``now``: a sample from the
+    future expires nobody) leaves the view; a metric keeps its ``max_instances`` latest reporters."""
     metrics: Dict[str, Dict[str, Any]] = {name: dict(by_instance) for name, by_instance in state.get("metrics", {}).items()}
     count = state.get("samples", 0)
+    newest = -math.inf
     for sample in samples:
         count += 1
+        newest = max(newest, sample.ts)
         by_instance = metrics.setdefault(sample.metric, {})
         current = by_instance.get(sample.instance)
         if current is None or current["ts"] <= sample.ts:
             by_instance[sample.instance] = {"value": sample.value, "ts": sample.ts}
+    for name, by_instance in list(metrics.items()):
+        kept = newest_instances(by_instance, since=min(newest, now) - expires, limit=max_instances)
+        if kept:
+            metrics[name] = kept
+        else:
+            del metrics[name]
     return {"metrics": metrics, "samples": count}
+
+
+def newest_instances(by_instance: Dict[str, Any], *, since: float, limit: int) -> Dict[str, Any]:
+    """The instances that reported at ``since`` or later, at most ``limit`` (the latest ones)."""
+    kept = {instance: latest for instance, latest in by_instance.items() if latest["ts"] >= since}
+    if len(kept) > limit:
+        kept = dict(sorted(kept.items(), key=lambda item: item[1]["ts"])[-limit:])
+    return kept
 
 
 def rules_for(metric: str) -> List[Rule]:
@@ -262,7 +303,8 @@ async def observe_service(service: str, records: List[Tuple[int, List[MetricSamp
     latest = latest_samples[service]
     fresh = after(tagged, latest.get(APPLIED, -1))
     if fresh:
-        latest_samples[service] = {**merge_latest(latest, fresh), APPLIED: max(offset for offset, _ in tagged)}
+        merged = merge_latest(latest, fresh, max_instances=settings.metric_latest_instances, expires=settings.metric_window_expires, now=at)
+        latest_samples[service] = {**merged, APPLIED: max(offset for offset, _ in tagged)}
     for (instance, metric), series_tagged in offset_samples_by_series(tagged).items():
         await observe_series(service, instance, metric, series_tagged, at)
 
@@ -591,6 +633,8 @@ class Silences(web.View):
             silence = silence_from_request(await request.json(), time.time())
         except ValueError as error:
             raise self.ValidationError(str(error)) from None
+        if silences.is_full(time.time()):
+            raise self.ValidationError(f"{settings.silences_max} silences are active (SILENCES_MAX); expire one first")
         await silences_topic.send(key=silence.id, value=silence)
         return self.json(silence.asdict(), status=201)
 

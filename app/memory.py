@@ -69,6 +69,13 @@ class MemorySettings(BaseSettings):
         le=64 * 1024,
         description="MiB of unsent records (mostly changelog writes) before the stream waits for the producer.",
     )
+    stream_buffer_maxsize: int = Field(
+        32768,
+        ge=16,
+        le=1_000_000,
+        description="Events read and not yet processed per agent stream; Faust pauses the partition at 80 %. "
+        "Fewer: less memory under overload, but a full buffer holds up the other agents sooner.",
+    )
 
     @model_validator(mode="after")
     def _write_buffers_fit_in_cache(self) -> "MemorySettings":

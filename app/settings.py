@@ -87,6 +87,21 @@ class Settings(BaseSettings):
         le=7 * 86400,
         description="Seconds between re-sends of a still firing alert to the webhook (Alertmanager's repeat_interval).",
     )
+    silence_retention: float = Field(
+        432000.0,
+        gt=0,
+        le=365 * 86400,
+        description="Seconds an expired silence is still listed before every worker forgets it (Alertmanager's data.retention).",
+    )
+    silences_max: int = Field(
+        10000,
+        ge=1,
+        le=1_000_000,
+        description="Silences kept at most; past it the one that ends first is forgotten and new ones are refused.",
+    )
+    metric_latest_instances: int = Field(
+        1000, ge=1, le=1_000_000, description="Instances per service and metric in the latest-value view (the most recently reporting)."
+    )
     # --- centralized logging --------------------------------------------------------------------
     elasticsearch_url: Optional[str] = Field(
         None, description="Elasticsearch for log lines and CDC rows; without it the log statistics still run."
@@ -121,6 +136,15 @@ class Settings(BaseSettings):
         60.0, gt=0, le=86400, description="Seconds between the leader's model refits (only when the item tables changed)."
     )
     recs_embedding_dims: int = Field(32, ge=2, le=256, description="TruncatedSVD components of the item model.")
+    recs_catalogue_max_items: int = Field(
+        100_000,
+        ge=5_000,
+        le=10_000_000,
+        description=(
+            "Items (stats and metadata) each worker's recommendations catalogue holds; past 10 % more, the lightest are dropped,"
+            " items with metadata only first. At least 5,000, so the item model's 3,000 items stay in it."
+        ),
+    )
     # --- change data capture --------------------------------------------------------------------
     cdc_source_dsn: Optional[str] = Field(
         None, description="`postgresql://` URL of the source (wal_level=logical, a REPLICATION role); enables capture."
@@ -277,6 +301,8 @@ def store_url(store: str) -> str:
 
 def faust_settings(settings: Settings) -> Dict[str, Any]:
     """The ``faust.App`` settings of a worker (bench/ builds its apps from the same)."""
+    from app.memory import memory_settings  # the memory bounds (docs/memory.md)
+
     return dict(
         broker=settings.kafka_broker,
         # Consume and produce through app/transport.py (no per-record stall, true changelog end
@@ -286,7 +312,7 @@ def faust_settings(settings: Settings) -> Dict[str, Any]:
         # Deeper fetches and buffers once the per-record cost is low (bench/README.md).
         broker_max_poll_records=4000,
         consumer_max_fetch_size=4 * 1024 * 1024,
-        stream_buffer_maxsize=32768,
+        stream_buffer_maxsize=memory_settings.stream_buffer_maxsize,
         producer_linger=0.01,
         producer_max_batch_size=settings.producer_max_batch_size,
         store=store_url(settings.store),

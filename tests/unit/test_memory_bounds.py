@@ -37,6 +37,19 @@ def test_write_buffers_must_leave_room_in_the_cache_they_are_charged_to(monkeypa
         MemorySettings()
 
 
+def test_stream_buffer_maxsize_sets_the_events_each_agent_stream_may_buffer(monkeypatch):
+    import app.memory
+    from app.settings import Settings, faust_settings
+
+    monkeypatch.setenv("STREAM_BUFFER_MAXSIZE", "4096")
+    monkeypatch.setattr(app.memory, "memory_settings", MemorySettings())
+
+    assert faust_settings(Settings())["stream_buffer_maxsize"] == 4096
+    monkeypatch.setenv("STREAM_BUFFER_MAXSIZE", "8")
+    with pytest.raises(ValidationError, match="stream_buffer_maxsize"):
+        MemorySettings()
+
+
 # --- RocksDB: one cache and one memtable budget for every database of the worker --------------------
 
 

@@ -66,10 +66,28 @@ def test_an_older_sample_never_overwrites_a_newer_one():
     newer = MetricSample("cart", "cart-1", "cpu", 0.9, 200.0)
     older = MetricSample("cart", "cart-1", "cpu", 0.1, 100.0)  # merge_latest orders by ts alone
 
-    state = merge_latest({}, [newer])
-    state = merge_latest(state, [older])
+    state = merge_latest({}, [newer], max_instances=10, expires=3600)
+    state = merge_latest(state, [older], max_instances=10, expires=3600)
 
     assert state == {"metrics": {"cpu": {"cart-1": {"value": 0.9, "ts": 200.0}}}, "samples": 2}
+
+
+def test_the_latest_view_keeps_the_latest_reporters_of_a_metric_and_forgets_silent_ones():
+    samples = [MetricSample("cart", f"pod-{n}", "cpu", 0.5, 1000.0 + n) for n in range(50)]
+
+    state = merge_latest({}, samples, max_instances=10, expires=3600)
+    assert sorted(state["metrics"]["cpu"]) == sorted(f"pod-{n}" for n in range(40, 50))
+
+    later = merge_latest(state, [MetricSample("cart", "pod-new", "mem", 0.1, 1049.0 + 3600 + 1)], max_instances=10, expires=3600)
+    assert later["metrics"] == {"mem": {"pod-new": {"value": 0.1, "ts": 4650.0}}}  # cpu's reporters fell silent an hour ago
+
+
+def test_a_sample_from_the_future_expires_no_instance_of_the_latest_view():
+    state = merge_latest({}, [MetricSample("cart", "pod-1", "cpu", 0.5, 1000.0)], max_instances=10, expires=60)
+
+    state = merge_latest(state, [MetricSample("cart", "pod-2", "cpu", 0.5, 5000.0)], max_instances=10, expires=60, now=1010.0)
+
+    assert sorted(state["metrics"]["cpu"]) == ["pod-1", "pod-2"]
 
 
 def test_a_record_key_that_is_not_utf8_is_refused():
