@@ -29,6 +29,7 @@ from faust.types import EventT, StreamT
 from app import app, settings
 from app.aggregation import BATCH_MAX, by_partition, enter_partition, fold_deltas, latest, write_values
 from app.follower import TopicFollower
+from app.gauges import register_value
 from app.runtime import Decoded, decoded_batches, require_encodable, until_applied
 from app.settings import Settings
 from app.topics import key_text, raw_topic
@@ -105,7 +106,7 @@ def json_value(value: Optional[bytes]) -> Optional[Dict[str, Any]]:
     return None if value is None else orjson.loads(value)
 
 
-catalogue = Catalogue()
+catalogue = Catalogue(max_items=settings.recs_catalogue_max_items)
 model_holder = ModelHolder()
 item_follower = TopicFollower(
     {
@@ -118,6 +119,11 @@ item_follower = TopicFollower(
             lambda key, value: catalogue.put_meta(key.decode(), json_value(value)),
         ),
     }
+)
+register_value(
+    "streamspine_recs_catalogue_items",
+    "Items in this worker's recommendations catalogue (RECS_CATALOGUE_MAX_ITEMS, 10 % more before a trim).",
+    lambda: len(catalogue),
 )
 # Models are rare: a long fetch wait keeps this consumer from polling the broker 50 times a second
 # when the worker runs with a short one (the local broker: app/local_broker.py WORKER_ENV).

@@ -18,6 +18,7 @@ State is plain JSON-able dicts, because it lives in Faust tables:
 
 from __future__ import annotations
 
+import heapq
 import io
 import logging
 import math
@@ -60,6 +61,8 @@ MAX_PURCHASES = 500  # purchased items remembered per user
 EARLIEST_TS = 946684800.0  # 2000-01-01: an event time before it is a unit or clock mistake
 MAX_CLOCK_SKEW = 3600.0
 MAX_TEXT_CHARS = 256  # ids, session ids and categories
+CATALOGUE_MAX_ITEMS = 100_000  # items a Catalogue holds (RECS_CATALOGUE_MAX_ITEMS)
+CATALOGUE_SLACK = 0.1  # a Catalogue is trimmed back to its cap once it holds this share more
 
 
 # --- records ---------------------------------------------------------------------------------------
@@ -375,10 +378,14 @@ def windowed_popularity(panes: Mapping[str, float], now: float, window: float = 
 
 
 class Catalogue:
-    """Every item's stats and metadata (a read replica of the item tables); ranks candidates.
+    """The stats and metadata of the items that count (a read replica of the item tables); ranks candidates.
 
     ``now`` is the latest event time seen, so decays and windows depend only on the data, never on
     the wall clock: two replicas with the same data give the same scores.
+
+    At most ``max_items`` items (plus ``CATALOGUE_SLACK``): past that, the lightest are dropped
+    (``evict_lightest``). An item dropped comes back whole with its next stats, which the tables
+    write in full; its metadata comes back with its next ``items`` record.
     """
 
     def __init__(
@@ -387,7 +394,10 @@ class Catalogue:
         trend_window: float = TREND_WINDOW,
         clock: Callable[[], float] = time.monotonic,
         trending_refresh: float = 0.5,
+        max_items: int = CATALOGUE_MAX_ITEMS,
     ) -> None:
+        if max_items < 1:
+            raise ValueError(f"a catalogue holds at least one item, not {max_items}")
         self.stats: Dict[str, Dict[str, Any]] = {}
         self.meta: Dict[str, Dict[str, Any]] = {}
         self.now = 0.0
@@ -395,29 +405,69 @@ class Catalogue:
         self.trend_window = trend_window
         self.clock = clock
         self.trending_refresh = trending_refresh
+        self.max_items = max_items
+        self.trim_above = max_items + max(1, int(max_items * CATALOGUE_SLACK))
+        self._meta_only = 0  # items with metadata and no stats, so len() needs no set union
         self._trending: List[Tuple[str, float]] = []
         self._trending_at: Optional[float] = None
         self._changed = False
 
+    def __len__(self) -> int:
+        """Items held: with stats, metadata or both."""
+        return len(self.stats) + self._meta_only
+
     def put_stats(self, item: str, stats: Optional[Dict[str, Any]]) -> None:
         if stats is None:
-            self.stats.pop(item, None)
+            if item in self.stats:
+                del self.stats[item]
+                self._meta_only += item in self.meta
         else:
+            if item not in self.stats:
+                self._meta_only -= item in self.meta
             self.stats[item] = stats
             self.now = max(self.now, stats.get("total", [0.0, 0.0])[1])
         self._changed = True
+        self._trim_if_over()
 
     def put_meta(self, item: str, meta: Optional[Dict[str, Any]]) -> None:
         if meta is None:
-            self.meta.pop(item, None)
+            if item in self.meta:
+                del self.meta[item]
+                self._meta_only -= item not in self.stats
         else:
+            if item not in self.meta:
+                self._meta_only += item not in self.stats
             self.meta[item] = meta
         self._changed = True
+        self._trim_if_over()
+
+    def _trim_if_over(self) -> None:
+        # Trimmed by a tenth of the cap at once: the ranking of every item runs once per that many new items.
+        if len(self) > self.trim_above:
+            self.evict_lightest(len(self) - self.max_items)
+
+    def evict_lightest(self, count: int) -> None:
+        """Drop ``count`` items: first those with metadata only (weight 0; available ones first, as
+        an item without metadata reads as available), then those of least weight with their
+        metadata. Ties go by item id, so replicas with the same data keep the same items."""
+        meta_only = (item for item in self.meta if item not in self.stats)
+        dropped_meta = heapq.nsmallest(count, meta_only, key=lambda item: (not self.is_available(item), item))
+        for item in dropped_meta:
+            del self.meta[item]
+        self._meta_only -= len(dropped_meta)
+        dropped = heapq.nsmallest(count - len(dropped_meta), self.stats, key=lambda item: (self.weight(item), item))
+        for item in dropped:
+            del self.stats[item]
+            self.meta.pop(item, None)
+        self._changed, self._trending_at = True, None  # trending must not name a dropped item
+        log.debug(
+            "catalogue: dropped %s items with metadata only and %s lightest items; %s held", len(dropped_meta), len(dropped), len(self)
+        )
 
     def snapshot(self) -> "Catalogue":
         """A copy that later updates do not touch (values are replaced on update, never mutated)."""
-        copy = Catalogue(self.half_life, self.trend_window, self.clock, self.trending_refresh)
-        copy.stats, copy.meta, copy.now = dict(self.stats), dict(self.meta), self.now
+        copy = Catalogue(self.half_life, self.trend_window, self.clock, self.trending_refresh, self.max_items)
+        copy.stats, copy.meta, copy.now, copy._meta_only = dict(self.stats), dict(self.meta), self.now, self._meta_only
         return copy
 
     def is_available(self, item: str) -> bool:
