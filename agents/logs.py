@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import json
-import logging
 import time
-from collections import defaultdict, deque
+from collections import defaultdict
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any, Awaitable, Callable, Coroutine, Deque, Dict, Iterable, Iterator, List, Optional, Set, Tuple
+from typing import Any, Dict, Iterable, Iterator, List, Optional, Set, Tuple
 
 import faust
 import orjson
@@ -23,9 +22,19 @@ from faust import web
 from faust.types import EventT
 
 from app import app, settings
-from app.aggregation import enter_partition, hold, release
+from app.aggregation import enter_partition
 from app.dead_letters import dead_letter
-from app.runtime import DecodedBatch, decoded_batches, reason_of, require_encodable, until_applied
+from app.runtime import (
+    DecodedBatch,
+    PipelinedWrites,
+    ReleaseOrder,
+    decoded_batches,
+    held_batches,
+    reason_of,
+    release_in_order,
+    require_encodable,
+    until_applied,
+)
 from app.search import BulkPair, BulkWriter, Rejection, optional_writer, put_index_template
 from app.settings import Settings
 from app.topics import key_text, metrics_topic
@@ -51,8 +60,6 @@ from models.logs import (
     windows_to_close,
 )
 from tables.logs import log_stats, recent_lines
-
-log = logging.getLogger(__name__)
 
 logs_topic = app.topic(
     # Raw bytes: a record may be JSON, logfmt, plain text or a JSON array; the agent detects which.
@@ -318,7 +325,7 @@ async def finish_part(
     rejections: List[Rejection],
 ) -> None:
     """After a part's bulk write (every line stored or refused): dead-letter the refused lines,
-    then release the part's events in their turn (see ``release_in_order``)."""
+    then release the part's events in their turn (app/runtime.py's ``release_in_order``)."""
     lines, part.actions = len(part.actions), []  # the documents are not kept while the counts are awaited
     await dead_letter_rejections(rejections, batch)
     counters.indexed += lines - len(rejections)
@@ -326,114 +333,7 @@ async def finish_part(
     await release_in_order(stream, part.events, counted, turn)
 
 
-class ReleaseOrder:
-    """Parts are released in the order they were read, each after the one before. Faust commits up
-    to the first offset not acknowledged, but lets a gap of one offset at the head pass
-    (``Consumer._new_offset``: ``min(acked) - committed > 1``, and no check before the first
-    commit), so a part released before an earlier one could let an unstored record be committed.
-    Batches' counts are sent in order too, each after the one before was acknowledged."""
-
-    def __init__(self) -> None:
-        loop = asyncio.get_running_loop()
-        self.last: asyncio.Future = loop.create_future()
-        self.last.set_result(None)
-        self.last_counted: asyncio.Future = loop.create_future()
-        self.last_counted.set_result(None)
-
-    def next_turn(self) -> Tuple[asyncio.Future, asyncio.Future]:
-        """(the release to wait for, this part's release)."""
-        previous, self.last = self.last, asyncio.get_running_loop().create_future()
-        return previous, self.last
-
-    def counts_turn(self, counted: asyncio.Future) -> asyncio.Future:
-        """The acknowledgement of the batch before's counts, to wait for before sending ``counted``'s."""
-        previous, self.last_counted = self.last_counted, counted
-        return previous
-
-
-async def release_in_order(stream: Any, events: List[EventT], counted: asyncio.Future, turn: Tuple[asyncio.Future, asyncio.Future]) -> None:
-    """Release ``events`` once the batch's counts are in Kafka (``counted``) and the part before
-    was released; if either failed, they stay held (and so do all parts after them)."""
-    previous, released = turn
-    try:
-        await asyncio.shield(counted)
-        await asyncio.shield(previous)
-    except BaseException:
-        released.cancel()
-        raise
-    release(stream, events)
-    released.set_result(None)
-
-
-class BulkWrites:
-    """The bulk writes in progress while the agent prepares the next ones: at most
-    LOG_BULK_IN_FLIGHT writes at once (what follows a write does not hold a slot), and a failed
-    write fails the agent at its next write (logged at once)."""
-
-    def __init__(self, limit: int) -> None:
-        self.slots = asyncio.Semaphore(limit)
-        self.tasks: Deque[asyncio.Future] = deque()
-
-    async def start(self, write: Coroutine[Any, Any, Any], then: Optional[Callable[[Any], Awaitable[None]]] = None) -> None:
-        """Wait for a free slot (raising what a finished write raised), then run ``write`` and,
-        with its slot given back, ``then(its result)``."""
-        try:
-            self.raise_failed()
-            await self.slots.acquire()
-        except BaseException:
-            write.close()  # never started: its batch stays held, so its offsets are not committed
-            raise
-        self._spawn(self._run(write, then)).add_done_callback(lambda _: write.close())  # dropped before it began
-
-    def track(self, step: Coroutine[Any, Any, None]) -> None:
-        """Run ``step`` (without a slot) among the writes: its failure fails the next write, and
-        it is finished or dropped with them. Finished steps are forgotten (raising a failure)."""
-        try:
-            self.raise_failed()
-        except BaseException:
-            step.close()
-            raise
-        self._spawn(step)
-
-    def _spawn(self, step: Coroutine[Any, Any, None]) -> asyncio.Future:
-        task = asyncio.ensure_future(step)
-        task.add_done_callback(log_failed_write)
-        self.tasks.append(task)
-        return task
-
-    async def _run(self, write: Coroutine[Any, Any, Any], then: Optional[Callable[[Any], Awaitable[None]]]) -> None:
-        try:
-            result = await write
-        finally:
-            self.slots.release()
-        if then is not None:
-            await then(result)
-
-    def raise_failed(self) -> None:
-        """Forget the finished writes and steps at the head; raise what one of them raised (a
-        cancelled one leaves its records, and all after them, held: that fails the agent too)."""
-        while self.tasks and self.tasks[0].done():
-            task = self.tasks.popleft()
-            if task.cancelled():
-                raise RuntimeError("a log write was cancelled; its records and the ones after them are not released")
-            task.result()
-
-    async def finish(self, cancel: bool) -> None:
-        """On shutdown (``cancel``) drop the writes: their records are not committed and are read
-        again. After an error let them end, so the batches already written are released."""
-        tasks, self.tasks = list(self.tasks), deque()
-        if cancel:
-            for task in tasks:
-                task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-
-
-def log_failed_write(task: asyncio.Future) -> None:
-    if not task.cancelled() and task.exception() is not None:
-        log.error("Writing a batch of log lines failed; its offsets stay uncommitted", exc_info=task.exception())
-
-
-async def ship_batch(stream: Any, events: List[EventT], writes: BulkWrites, order: ReleaseOrder) -> None:
+async def ship_batch(stream: Any, events: List[EventT], writes: PipelinedWrites, order: ReleaseOrder) -> None:
     """Parse a held batch, starting each part's bulk write as soon as it is parsed; dead-letter the
     invalid records and send the batch's counts (after the batch before's). Every part is released
     once its lines are stored and Kafka has acknowledged the counts (``counted``), in the
@@ -449,7 +349,7 @@ async def ship_batch(stream: Any, events: List[EventT], writes: BulkWrites, orde
         for event, reason in batch.invalid:
             await dead_letter(reason, event)
         counters.dead_lettered += len(batch.invalid)
-        writes.track(send_counts_in_turn(batch, order.counts_turn(counted), counted))
+        writes.track(send_counts_in_turn(batch, order.batch_turn(counted), counted))
     except BaseException:
         counted.cancel()  # the batch's parts stay held: their offsets are not committed
         raise
@@ -460,7 +360,8 @@ async def ship_batch(stream: Any, events: List[EventT], writes: BulkWrites, orde
 
 @app.agent(logs_topic)
 async def ship_logs(stream) -> None:
-    """Parse each batch of records, count its lines, and bulk-index them into Elasticsearch.
+    """Parse each batch of records, count its lines, and bulk-index them into Elasticsearch, in
+    the runtime's pipelined mode (app/runtime.py).
 
     Each batch's events are held (one more reference each, taken before anything is awaited) and
     released only after its counts are in Kafka and every line of their part of the batch (whole
@@ -478,17 +379,10 @@ async def ship_logs(stream) -> None:
             INDEX_MAPPINGS,
             max_backoff=settings.elasticsearch_max_backoff,
         )
-    writes, order = BulkWrites(settings.log_bulk_in_flight), ReleaseOrder()
-    cancelled = False
-    try:
-        async for events in stream.take_events(settings.log_batch_max, within=settings.log_batch_within):
-            hold(events)  # take_events acknowledges the batch when this body returns; we release it
+    order = ReleaseOrder()
+    async with PipelinedWrites(settings.log_bulk_in_flight) as writes:
+        async for events in held_batches(stream, max_=settings.log_batch_max, within=settings.log_batch_within):
             await ship_batch(stream, events, writes, order)
-    except asyncio.CancelledError:
-        cancelled = True
-        raise
-    finally:
-        await writes.finish(cancel=cancelled)
 
 
 # --- statistics ----------------------------------------------------------------------------------

@@ -117,20 +117,3 @@ def write_values(stream: StreamT, table: TableT, pending: Dict[int, PartitionDel
             table[key] = value
             writes += 1
     return writes
-
-
-def hold(events: Iterable[EventT]) -> None:
-    """Take one more reference on each event's message: the stream's own acknowledgement (for
-    ``take_events``, when the loop body returns) no longer makes its offset committable."""
-    for event in events:
-        event.message.incref()
-
-
-def release(stream: StreamT, events: Iterable[EventT]) -> None:
-    """Drop the reference ``hold`` took; an event whose last reference this was is acknowledged
-    to the consumer, so its offset may be committed."""
-    consumer, on_message_out = stream.app.consumer, stream.app.sensors.on_message_out
-    for event in events:
-        message = event.message
-        if message.ack(consumer):
-            on_message_out(message.tp, message.offset, message)

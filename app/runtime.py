@@ -12,18 +12,63 @@
   Bodies must be idempotent (offset/LSN/version guards), since a retry runs them again.
 - ``take_events`` acknowledges the events when the loop body returns, in read order, so offsets are
   committed only past records that were applied or dead-lettered.
+
+Pipelined mode, for a sink slow enough that the next batch should be parsed while the previous one
+is written (``ship_logs`` and Elasticsearch, agents/logs.py):
+
+    order = ReleaseOrder()
+    async with PipelinedWrites(IN_FLIGHT) as writes:
+        async for events in held_batches(stream, max_=BATCH_MAX, within=BATCH_WITHIN):
+            for part in parts_of(events):  # whole records, the unit of one write
+                turn = order.next_turn()
+                await writes.start(write(part), then=partial(after_write, part, ready, turn))
+
+- ``held_batches`` holds each batch's events (one more reference each, taken before anything is
+  awaited): ``take_events``'s acknowledgement when the body returns no longer makes their offsets
+  committable. The agent releases each part itself, with ``release_in_order``.
+- ``PipelinedWrites.start`` runs a write in the background (at most ``limit`` at once) and then
+  what follows it (dead letters, then ``release_in_order``). A failed or cancelled write fails the
+  agent at its next ``start``; leaving ``async with`` lets the writes end, or drops them on
+  shutdown (cancellation): a dropped part is not released, its records are read again.
+- The ordered-release rule: parts are released strictly in read order, each after the part before
+  and after its batch's ``ready`` future (``ship_logs``: its statistics acknowledged by Kafka).
+  Faust commits up to the first offset not acknowledged but lets a gap of one offset at the head
+  pass, so a part released before an earlier one could let an unwritten record be committed. A
+  part never released holds every later one. ``ReleaseOrder.batch_turn`` orders the batches'
+  ``ready`` futures the same way, each after the one before.
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import time
-from typing import Any, AsyncIterator, Awaitable, Callable, Generic, List, NamedTuple, Optional, TypeVar
+from collections import deque
+from types import TracebackType
+from typing import (
+    Any,
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Coroutine,
+    Deque,
+    Generic,
+    Iterable,
+    List,
+    NamedTuple,
+    Optional,
+    Tuple,
+    Type,
+    TypeVar,
+)
 
 import orjson
 from faust.types import EventT, StreamT
 
 from app.dead_letters import dead_letter
 from app.retry import MAX_BACKOFF, apply_stats, retrying
+
+log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
@@ -102,3 +147,147 @@ async def until_applied(apply: Callable[..., Awaitable[T]], *args: Any, what: st
     stats.batches += 1
     stats.seconds += time.perf_counter() - started
     return result
+
+
+# --- pipelined mode ------------------------------------------------------------------------------
+
+
+def hold(events: Iterable[EventT]) -> None:
+    """Take one more reference on each event's message: the stream's own acknowledgement (for
+    ``take_events``, when the loop body returns) no longer makes its offset committable."""
+    for event in events:
+        event.message.incref()
+
+
+def release(stream: StreamT, events: Iterable[EventT]) -> None:
+    """Drop the reference ``hold`` took; an event whose last reference this was is acknowledged
+    to the consumer, so its offset may be committed."""
+    consumer, on_message_out = stream.app.consumer, stream.app.sensors.on_message_out
+    for event in events:
+        message = event.message
+        if message.ack(consumer):
+            on_message_out(message.tp, message.offset, message)
+
+
+async def held_batches(stream: StreamT, *, max_: int, within: float) -> AsyncIterator[List[EventT]]:
+    """The batches of ``take_events`` (up to ``max_`` records, or what arrived ``within`` seconds),
+    each event held before the batch is yielded; release them with ``release_in_order``."""
+    async for events in stream.take_events(max_, within=within):
+        hold(events)  # take_events acknowledges the batch when the loop body returns; the agent releases it
+        yield events
+
+
+class ReleaseOrder:
+    """Parts are released in the order they were read, each after the one before. Faust commits up
+    to the first offset not acknowledged, but lets a gap of one offset at the head pass
+    (``Consumer._new_offset``: ``min(acked) - committed > 1``, and no check before the first
+    commit), so a part released before an earlier one could let an unwritten record be committed.
+    Batches' ``ready`` futures are settled in order too, each after the one before."""
+
+    def __init__(self) -> None:
+        loop = asyncio.get_running_loop()
+        self.last: asyncio.Future = loop.create_future()
+        self.last.set_result(None)
+        self.last_batch: asyncio.Future = loop.create_future()
+        self.last_batch.set_result(None)
+
+    def next_turn(self) -> Tuple[asyncio.Future, asyncio.Future]:
+        """(the release to wait for, this part's release)."""
+        previous, self.last = self.last, asyncio.get_running_loop().create_future()
+        return previous, self.last
+
+    def batch_turn(self, ready: asyncio.Future) -> asyncio.Future:
+        """The batch before's ``ready`` future, to wait for before settling ``ready``."""
+        previous, self.last_batch = self.last_batch, ready
+        return previous
+
+
+async def release_in_order(stream: Any, events: List[EventT], ready: asyncio.Future, turn: Tuple[asyncio.Future, asyncio.Future]) -> None:
+    """Release ``events`` once their batch is ``ready`` and the part before was released; if
+    either failed, they stay held (and so do all parts after them)."""
+    previous, released = turn
+    try:
+        await asyncio.shield(ready)
+        await asyncio.shield(previous)
+    except BaseException:
+        released.cancel()
+        raise
+    release(stream, events)
+    released.set_result(None)
+
+
+class PipelinedWrites:
+    """The writes in progress while the agent prepares the next ones: at most ``limit`` writes at
+    once (what follows a write does not hold a slot), and a failed write fails the agent at its
+    next write (logged at once). As an async context manager: ``finish`` on leaving, cancelling the
+    writes if the block was cancelled."""
+
+    def __init__(self, limit: int) -> None:
+        self.slots = asyncio.Semaphore(limit)
+        self.tasks: Deque[asyncio.Future] = deque()
+
+    async def __aenter__(self) -> PipelinedWrites:
+        return self
+
+    async def __aexit__(
+        self, kind: Optional[Type[BaseException]], error: Optional[BaseException], traceback: Optional[TracebackType]
+    ) -> None:
+        await self.finish(cancel=kind is not None and issubclass(kind, asyncio.CancelledError))
+
+    async def start(self, write: Coroutine[Any, Any, Any], then: Optional[Callable[[Any], Awaitable[None]]] = None) -> None:
+        """Wait for a free slot (raising what a finished write raised), then run ``write`` and,
+        with its slot given back, ``then(its result)``."""
+        try:
+            self.raise_failed()
+            await self.slots.acquire()
+        except BaseException:
+            write.close()  # never started: its batch stays held, so its offsets are not committed
+            raise
+        self._spawn(self._run(write, then)).add_done_callback(lambda _: write.close())  # dropped before it began
+
+    def track(self, step: Coroutine[Any, Any, None]) -> None:
+        """Run ``step`` (without a slot) among the writes: its failure fails the next write, and
+        it is finished or dropped with them. Finished steps are forgotten (raising a failure)."""
+        try:
+            self.raise_failed()
+        except BaseException:
+            step.close()
+            raise
+        self._spawn(step)
+
+    def _spawn(self, step: Coroutine[Any, Any, None]) -> asyncio.Future:
+        task = asyncio.ensure_future(step)
+        task.add_done_callback(log_failed_write)
+        self.tasks.append(task)
+        return task
+
+    async def _run(self, write: Coroutine[Any, Any, Any], then: Optional[Callable[[Any], Awaitable[None]]]) -> None:
+        try:
+            result = await write
+        finally:
+            self.slots.release()
+        if then is not None:
+            await then(result)
+
+    def raise_failed(self) -> None:
+        """Forget the finished writes and steps at the head; raise what one of them raised (a
+        cancelled one leaves its records, and all after them, held: that fails the agent too)."""
+        while self.tasks and self.tasks[0].done():
+            task = self.tasks.popleft()
+            if task.cancelled():
+                raise RuntimeError("a pipelined write was cancelled; its records and the ones after them are not released")
+            task.result()
+
+    async def finish(self, cancel: bool) -> None:
+        """On shutdown (``cancel``) drop the writes: their records are not committed and are read
+        again. After an error let them end, so the batches already written are released."""
+        tasks, self.tasks = list(self.tasks), deque()
+        if cancel:
+            for task in tasks:
+                task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def log_failed_write(task: asyncio.Future) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.error("A pipelined write failed; its offsets stay uncommitted", exc_info=task.exception())
