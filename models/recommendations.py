@@ -448,8 +448,10 @@ class Catalogue:
 
     def evict_lightest(self, count: int) -> None:
         """Drop ``count`` items: first those with metadata only (weight 0; available ones first, as
-        an item without metadata reads as available), then those of least weight with their
-        metadata. Ties go by item id, so replicas with the same data keep the same items."""
+        an item without metadata reads as available), then the stats of those of least weight
+        with their metadata, unless it says unavailable: that stays (as metadata only, dropped
+        last), so a view after the drop cannot make a withdrawn item recommendable. Ties go by
+        item id, so replicas with the same data keep the same items."""
         meta_only = (item for item in self.meta if item not in self.stats)
         dropped_meta = heapq.nsmallest(count, meta_only, key=lambda item: (not self.is_available(item), item))
         for item in dropped_meta:
@@ -458,7 +460,10 @@ class Catalogue:
         dropped = heapq.nsmallest(count - len(dropped_meta), self.stats, key=lambda item: (self.weight(item), item))
         for item in dropped:
             del self.stats[item]
-            self.meta.pop(item, None)
+            if self.is_available(item):
+                self.meta.pop(item, None)
+            else:
+                self._meta_only += 1
         self._changed, self._trending_at = True, None  # trending must not name a dropped item
         log.debug(
             "catalogue: dropped %s items with metadata only and %s lightest items; %s held", len(dropped_meta), len(dropped), len(self)

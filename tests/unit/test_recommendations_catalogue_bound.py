@@ -97,6 +97,20 @@ def test_items_with_metadata_only_go_first_the_unavailable_ones_last():
     assert not catalogue.is_available("gone-0")
 
 
+def test_a_withdrawn_item_dropped_for_its_weight_stays_unavailable_when_viewed_again():
+    catalogue = Catalogue(max_items=CAP)
+    catalogue.put_meta("sku-withdrawn", {"available": False})
+    catalogue.put_stats("sku-withdrawn", stats_of(0.5))
+    for number in range(CAP + CAP // 10):
+        catalogue.put_stats(f"sku-{number:03d}", stats_of(2.0))
+    assert "sku-withdrawn" not in catalogue.stats
+
+    catalogue.put_stats("sku-withdrawn", stats_of(0.5, T0 + 60))  # a view after the drop, no new metadata
+
+    assert not catalogue.is_available("sku-withdrawn")
+    assert len(catalogue) <= CAP + CAP // 10
+
+
 def test_a_dropped_item_comes_back_with_its_next_update():
     catalogue = Catalogue(max_items=CAP)
     catalogue.put_stats("sku-light", stats_of(0.5))
