@@ -345,7 +345,8 @@ async def ship_batch(stream: Any, events: List[EventT], writes: PipelinedWrites,
             if writer is None or not part.actions:
                 writes.track(release_in_order(stream, part.events, counted, order.next_turn()))
             else:
-                await writes.start(writer.write(part.actions), partial(finish_part, stream, batch, part, counted, order.next_turn()))
+                turn = order.next_turn()
+                await writes.start(writer.write(part.actions), partial(finish_part, stream, batch, part, counted, turn), released=turn[1])
         for event, reason in batch.invalid:
             await dead_letter(reason, event)
         counters.dead_lettered += len(batch.invalid)

@@ -21,7 +21,7 @@ is written (``ship_logs`` and Elasticsearch, agents/logs.py):
         async for events in held_batches(stream, max_=BATCH_MAX, within=BATCH_WITHIN):
             for part in parts_of(events):  # whole records, the unit of one write
                 turn = order.next_turn()
-                await writes.start(write(part), then=partial(after_write, part, ready, turn))
+                await writes.start(write(part), then=partial(after_write, part, ready, turn), released=turn[1])
 
 - ``held_batches`` holds each batch's events (one more reference each, taken before anything is
   awaited): ``take_events``'s acknowledgement when the body returns no longer makes their offsets
@@ -234,16 +234,24 @@ class PipelinedWrites:
     ) -> None:
         await self.finish(cancel=kind is not None and issubclass(kind, asyncio.CancelledError))
 
-    async def start(self, write: Coroutine[Any, Any, Any], then: Optional[Callable[[Any], Awaitable[None]]] = None) -> None:
+    async def start(
+        self,
+        write: Coroutine[Any, Any, Any],
+        then: Optional[Callable[[Any], Awaitable[None]]] = None,
+        *,
+        released: Optional[asyncio.Future] = None,
+    ) -> None:
         """Wait for a free slot (raising what a finished write raised), then run ``write`` and,
-        with its slot given back, ``then(its result)``."""
+        with its slot given back, ``then(its result)``. ``released`` is the part's turn (settled
+        by ``release_in_order``): if the write or ``then`` fails it is cancelled, so every later
+        part fails too instead of waiting for a release that never comes."""
         try:
             self.raise_failed()
             await self.slots.acquire()
         except BaseException:
             write.close()  # never started: its batch stays held, so its offsets are not committed
             raise
-        self._spawn(self._run(write, then)).add_done_callback(lambda _: write.close())  # dropped before it began
+        self._spawn(self._run(write, then, released)).add_done_callback(lambda _: write.close())  # dropped before it began
 
     def track(self, step: Coroutine[Any, Any, None]) -> None:
         """Run ``step`` (without a slot) among the writes: its failure fails the next write, and
@@ -261,13 +269,20 @@ class PipelinedWrites:
         self.tasks.append(task)
         return task
 
-    async def _run(self, write: Coroutine[Any, Any, Any], then: Optional[Callable[[Any], Awaitable[None]]]) -> None:
+    async def _run(
+        self, write: Coroutine[Any, Any, Any], then: Optional[Callable[[Any], Awaitable[None]]], released: Optional[asyncio.Future]
+    ) -> None:
         try:
-            result = await write
-        finally:
-            self.slots.release()
-        if then is not None:
-            await then(result)
+            try:
+                result = await write
+            finally:
+                self.slots.release()
+            if then is not None:
+                await then(result)
+        except BaseException:
+            if released is not None:
+                released.cancel()  # no-op once released
+            raise
 
     def raise_failed(self) -> None:
         """Forget the finished writes and steps at the head; raise what one of them raised (a

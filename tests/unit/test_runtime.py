@@ -174,6 +174,29 @@ async def test_a_failed_write_holds_its_part_and_every_later_one_and_fails_the_n
     assert [event.message.refcount for event in first + second] == [1, 1]  # still held: read again
 
 
+async def test_after_a_failed_write_the_agent_stops_instead_of_waiting_for_its_release():
+    stream, order, ready = Consumed(), ReleaseOrder(), ready_future()
+    first, second = held(7), held(8)
+
+    async def broken() -> None:
+        raise ConnectionError("sink away")
+
+    async def agent() -> None:
+        async with PipelinedWrites(4) as writes:  # leaving lets the writes end: none may wait for ever
+            first_turn = order.next_turn()
+            await writes.start(broken(), released_after(stream, first, ready, first_turn), released=first_turn[1])
+            second_turn = order.next_turn()
+            await writes.start(asyncio.sleep(0), released_after(stream, second, ready, second_turn), released=second_turn[1])
+            await asyncio.sleep(0.02)
+            await writes.start(asyncio.sleep(0))
+
+    with pytest.raises(ConnectionError):
+        await asyncio.wait_for(agent(), timeout=10)  # it hung here when the failed part's turn stayed open
+
+    assert stream.committable == []
+    assert [event.message.refcount for event in first + second] == [1, 1]
+
+
 async def test_a_part_never_released_holds_every_later_one():
     stream, order, ready = Consumed(), ReleaseOrder(), ready_future()
     first, second, third = order.next_turn(), order.next_turn(), order.next_turn()
