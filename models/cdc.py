@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from datetime import date, datetime, time, timedelta, timezone
 from decimal import Decimal, InvalidOperation
 from functools import lru_cache
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Set, Tuple, Union
 from uuid import UUID
 
 import psycopg
@@ -592,6 +592,9 @@ def _json_constant(name: str) -> Any:
     raise InvalidChange(f"{name}, which is not standard JSON")
 
 
+_STRICT_DECODER = json.JSONDecoder(parse_int=_json_integer, parse_float=_json_float, parse_constant=_json_constant)
+
+
 def strict_json(raw: bytes, what: str) -> Any:
     """``raw`` as standard JSON whose integers fit 64 bits and numbers a double; anything else
     (not UTF-8, NaN, 1e400, a 5,000-digit integer, nesting past the recursion limit) is refused."""
@@ -600,7 +603,7 @@ def strict_json(raw: bytes, what: str) -> Any:
     except UnicodeDecodeError:
         raise InvalidChange(f"{what} is not UTF-8") from None
     try:
-        return json.loads(text, parse_int=_json_integer, parse_float=_json_float, parse_constant=_json_constant)
+        return _STRICT_DECODER.decode(text)
     except InvalidChange as error:
         raise InvalidChange(f"{what} holds {error}") from None
     except RecursionError:
@@ -620,20 +623,30 @@ def is_type_name(sql_type: str) -> bool:
     return SQL_TYPE.fullmatch(sql_type) is not None
 
 
+# Names and column lists already checked: every event of a table repeats them (bounded caches).
+_CHECKED_NAMES: Set[str] = set()
+_CHECKED_COLUMNS: Dict[Tuple[Tuple[Any, ...], ...], List[ColumnDef]] = {}
+CHECKED_MAX = 4096
+
+
 def _identifier(value: Any, what: str) -> str:
     """A schema, table or column name: a non-empty UTF-8 string without NUL (psycopg refuses NUL)."""
+    if type(value) is str and value in _CHECKED_NAMES:
+        return value
     if not isinstance(value, str) or not value or "\x00" in value:
         raise InvalidChange(f"{what} must be a non-empty name without NUL")
     try:
         value.encode("utf-8")
     except UnicodeEncodeError:
         raise InvalidChange(f"{what} is not valid UTF-8 text") from None
+    if len(_CHECKED_NAMES) < CHECKED_MAX:
+        _CHECKED_NAMES.add(value)
     return value
 
 
 def _unwrap(document: Any) -> Any:
     """A JSON-converter document with ``schemas.enable=true`` -> its payload."""
-    if isinstance(document, dict) and set(document) == {"schema", "payload"}:
+    if isinstance(document, dict) and len(document) == 2 and "schema" in document and "payload" in document:
         return document["payload"]
     return document
 
@@ -644,7 +657,8 @@ def _row(value: Any, name: str) -> Optional[Dict[str, Any]]:
     if not isinstance(value, dict):
         raise InvalidChange(f"{name} must be an object or null")
     for column in value:
-        _identifier(column, f"a column name of {name}")
+        if column not in _CHECKED_NAMES:  # JSON object keys are strings
+            _identifier(column, f"a column name of {name}")
     return value
 
 
@@ -658,6 +672,9 @@ def _columns(source: Dict[str, Any]) -> Optional[List[ColumnDef]]:
     raw = source.get("columns")
     if raw is None:
         return None
+    known = _checked_columns(raw)
+    if known is not None:
+        return list(known)
     shape = "source.columns must be [[name, sql_type, is_key], ...]"
     if not isinstance(raw, list) or not raw:
         raise InvalidChange(shape)
@@ -669,7 +686,19 @@ def _columns(source: Dict[str, Any]) -> Optional[List[ColumnDef]]:
         if not isinstance(sql_type, str) or not is_type_name(sql_type):
             raise InvalidChange(f"source.columns: {_shown(sql_type)} is not a column type")
         columns.append(ColumnDef(_identifier(name, "a column name of source.columns"), sql_type, is_key))
-    return columns
+    if len(_CHECKED_COLUMNS) < CHECKED_MAX:
+        _CHECKED_COLUMNS[tuple(tuple(column) for column in raw)] = columns
+    return list(columns)
+
+
+def _checked_columns(raw: Any) -> Optional[List[ColumnDef]]:
+    """The ColumnDefs of a ``source.columns`` list checked before, or None (check it)."""
+    if type(raw) is not list or not all(type(column) is list and len(column) == 3 and type(column[2]) is bool for column in raw):
+        return None  # 1 == True: without the bool check a cached list would stand for [name, type, 1]
+    try:
+        return _CHECKED_COLUMNS.get(tuple(tuple(column) for column in raw))
+    except TypeError:  # an unhashable element: not a list of names and types
+        return None
 
 
 def _integer(value: Any, name: str, minimum: int = INT64_MIN) -> int:

@@ -305,3 +305,21 @@ def test_non_finite_floats_travel_as_the_strings_the_json_converter_writes():
     envelope = change_envelope(op="c", before=None, after={"id": 1, "ratio": wire_value(701, "NaN")}, lsn=1, tx_id=1, ts_ms=0,
                                schema="s", table="t", db="d", snapshot=False, now_ms=0)
     assert parse_change(b'{"id":1}', json.dumps(envelope).encode()).after["ratio"] == "NaN"  # our own events parse back
+
+
+def test_a_column_list_checked_before_stands_only_for_the_same_list():
+    columns = [ColumnDef("id", "bigint", True), ColumnDef("name", "text", False)]
+
+    def event(source_columns) -> bytes:
+        envelope = change_envelope(op="c", before=None, after={"id": 7, "name": "x"}, lsn=99, tx_id=5, ts_ms=1000,
+                                   schema="public", table="items", db="shop", snapshot=False, now_ms=2000, columns=columns)
+        envelope["source"]["columns"] = source_columns
+        return json.dumps(envelope).encode()
+
+    first = parse_change(key_json({"id": 7}), event([["id", "bigint", True], ["name", "text", False]]))
+    again = parse_change(key_json({"id": 7}), event([["id", "bigint", True], ["name", "text", False]]))
+    assert first.columns == again.columns == columns and first.columns is not again.columns
+    with pytest.raises(InvalidChange, match="source.columns"):
+        parse_change(key_json({"id": 7}), event([["id", "bigint", 1], ["name", "text", False]]))  # 1 == True
+    with pytest.raises(InvalidChange, match="source.columns"):
+        parse_change(key_json({"id": 7}), event([["id", "bigint", True], ["name", "text", False, "extra"]]))
