@@ -409,7 +409,7 @@ async def apply_batch(stream: StreamT, batch: List[Decoded[MetricsRecord]]) -> N
         for entry in batch
         if isinstance(entry.value, IncomingSamples) and entry.value.service is not None
     ]
-    for part in fold_deltas(keyed, combine=operator.add).values():
+    for part in fold_deltas(keyed, combine=operator.iadd).values():  # extends the list built above
         enter_partition(stream, part.last_event)
         for service, records in part.deltas.items():
             await observe_service(cast(str, service), records, at)  # keyed by service above

@@ -55,13 +55,18 @@ def fold_into(
     combine: Callable[[Any, Any], Any],
 ) -> Dict[int, PartitionDeltas]:
     """``fold_deltas`` onto deltas folded before (``by_partition`` is updated and returned)."""
+    last_events: Dict[int, EventT] = {}
     for event, key_deltas in keyed_events:
         partition = event.message.partition
         entry = by_partition.get(partition)
-        deltas = entry.deltas if entry is not None else {}
-        by_partition[partition] = PartitionDeltas(event, deltas)
+        if entry is None:
+            entry = by_partition[partition] = PartitionDeltas(event, {})
+        last_events[partition] = event
+        deltas = entry.deltas
         for key, delta in key_deltas:
             deltas[key] = combine(deltas[key], delta) if key in deltas else delta
+    for partition, event in last_events.items():  # one tuple per partition, not one per event
+        by_partition[partition] = PartitionDeltas(event, by_partition[partition].deltas)
     return by_partition
 
 

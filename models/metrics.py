@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from typing import Any, Dict, List, Mapping, NamedTuple, Optional, Tuple
+from typing import Any, Dict, List, Mapping, NamedTuple, Optional, Set, Tuple
 
 import faust
 
@@ -30,11 +30,17 @@ SERIES_SEPARATOR = "\x1f"
 MAX_NAME_CHARS = 256  # service, instance and metric names are table keys and JSON keys of the state
 
 
+_CHECKED_TEXT: Set[str] = set()  # names that passed _text_field as they are (they repeat in every sample)
+CHECKED_TEXT_MAX = 10000
+
+
 def _text_field(data: Mapping[str, Any], name: str, default: Optional[str] = None) -> str:
-    value = data.get(name, default)
-    if not isinstance(value, str) or not value.strip():
-        raise InvalidRecord(f"field {name!r} must be a non-empty string, got {_shown(value)}")
-    value = value.strip()
+    raw = data.get(name, default)
+    if type(raw) is str and raw in _CHECKED_TEXT:
+        return raw
+    if not isinstance(raw, str) or not raw.strip():
+        raise InvalidRecord(f"field {name!r} must be a non-empty string, got {_shown(raw)}")
+    value = raw.strip()
     if len(value) > MAX_NAME_CHARS:
         raise InvalidRecord(f"field {name!r} is longer than {MAX_NAME_CHARS} characters ({len(value)})")
     if SERIES_SEPARATOR in value:
@@ -43,6 +49,8 @@ def _text_field(data: Mapping[str, Any], name: str, default: Optional[str] = Non
         value.encode("utf-8")
     except UnicodeEncodeError:  # a lone surrogate (\ud800): no table key or JSON document can hold it
         raise InvalidRecord(f"field {name!r} is not valid Unicode text: {value!r}") from None
+    if value == raw and type(raw) is str and len(_CHECKED_TEXT) < CHECKED_TEXT_MAX:
+        _CHECKED_TEXT.add(value)
     return value
 
 

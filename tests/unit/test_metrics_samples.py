@@ -213,3 +213,14 @@ def test_any_bytes_give_samples_or_an_invalid_record_never_another_error(raw):
         assert str(error)
     else:
         assert record.samples and all(isinstance(sample.value, float) for sample in record.samples)
+
+
+def test_a_name_accepted_once_is_still_checked_in_its_padded_or_hostile_forms():
+    good = b'{"service": "cart", "instance": "cart-1", "metric": "cpu", "value": 1, "ts": 1732412345}'
+    assert parse_samples(good, None)[0].instance == "cart-1"
+    assert parse_samples(good, None)[0].instance == "cart-1"  # the second time from the names already checked
+
+    padded = parse_samples(b'{"service": "cart", "instance": " cart-1 ", "metric": "cpu", "value": 1, "ts": 1732412345}', None)
+    assert padded[0].instance == "cart-1"
+    with pytest.raises(InvalidRecord, match="'instance'"):
+        parse_samples(b'{"service": "cart", "instance": ["cart-1"], "metric": "cpu", "value": 1, "ts": 1732412345}', None)
