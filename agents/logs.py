@@ -327,7 +327,7 @@ async def finish_part(
     """After a part's bulk write (every line stored or refused): dead-letter the refused lines,
     then release the part's events in their turn (app/runtime.py's ``release_in_order``)."""
     lines, part.actions = len(part.actions), []  # the documents are not kept while the counts are awaited
-    await dead_letter_rejections(rejections, batch)
+    await until_applied(dead_letter_rejections, rejections, batch, what="log dead letters")
     counters.indexed += lines - len(rejections)
     counters.rejected += len(rejections)
     await release_in_order(stream, part.events, counted, turn)
@@ -346,7 +346,8 @@ async def ship_batch(stream: Any, events: List[EventT], writes: PipelinedWrites,
                 writes.track(release_in_order(stream, part.events, counted, order.next_turn()))
             else:
                 turn = order.next_turn()
-                await writes.start(writer.write(part.actions), partial(finish_part, stream, batch, part, counted, turn), released=turn[1])
+                write = until_applied(writer.write, part.actions, what="log bulk write")  # the one policy, for any error
+                await writes.start(write, partial(finish_part, stream, batch, part, counted, turn), released=turn[1])
         for event, reason in batch.invalid:
             await dead_letter(reason, event)
         counters.dead_lettered += len(batch.invalid)

@@ -21,15 +21,17 @@ is written (``ship_logs`` and Elasticsearch, agents/logs.py):
         async for events in held_batches(stream, max_=BATCH_MAX, within=BATCH_WITHIN):
             for part in parts_of(events):  # whole records, the unit of one write
                 turn = order.next_turn()
-                await writes.start(write(part), then=partial(after_write, part, ready, turn), released=turn[1])
+                write = until_applied(write_part, part, what="part writes")
+                await writes.start(write, then=partial(after_write, part, ready, turn), released=turn[1])
 
 - ``held_batches`` holds each batch's events (one more reference each, taken before anything is
   awaited): ``take_events``'s acknowledgement when the body returns no longer makes their offsets
   committable. The agent releases each part itself, with ``release_in_order``.
 - ``PipelinedWrites.start`` runs a write in the background (at most ``limit`` at once) and then
-  what follows it (dead letters, then ``release_in_order``). A failed or cancelled write fails the
-  agent at its next ``start``; leaving ``async with`` lets the writes end, or drops them on
-  shutdown (cancellation): a dropped part is not released, its records are read again.
+  what follows it (dead letters, then ``release_in_order``). Writes run under ``until_applied``
+  like every batch body, so an error is retried; one that still escapes (or a cancelled write)
+  fails the agent at its next ``start`` and fails every later part; leaving ``async with`` lets the
+  writes end, or drops them on shutdown (cancellation): a part not released is read again.
 - The ordered-release rule: parts are released strictly in read order, each after the part before
   and after its batch's ``ready`` future (``ship_logs``: its statistics acknowledged by Kafka).
   Faust commits up to the first offset not acknowledged but lets a gap of one offset at the head

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 
 import orjson
+from faust.types import Message
 
 from app.runtime import ReleaseOrder
 
@@ -120,3 +121,37 @@ async def test_shutdown_while_counts_are_in_flight_leaves_kafkas_acknowledgement
 
     assert counted.cancelled() and not acknowledgement.cancelled()
     acknowledgement.set_result(None)
+
+
+async def test_a_bulk_write_that_fails_for_a_reason_nobody_planned_is_retried_and_its_lines_released(monkeypatch):
+    """The runtime's one policy for unexpected errors: retry (never skip, never stall the agent)."""
+    import agents.logs as logs
+    from app.runtime import PipelinedWrites, hold
+    from tests.unit.test_runtime import Consumed
+
+    class FailsOnce:  # a sink whose first write raises what no retry rule expects
+        def __init__(self) -> None:
+            self.calls, self.stored = 0, []
+
+        async def write(self, actions):
+            self.calls += 1
+            if self.calls == 1:
+                raise KeyError("a bug in the sink")
+            self.stored.extend(action[0]["index"]["_id"] for action in actions)
+            return []
+
+    sink, stream = FailsOnce(), Consumed()
+    acknowledged = asyncio.get_running_loop().create_future()
+    acknowledged.set_result(None)
+    monkeypatch.setattr(logs, "writer", sink)
+    monkeypatch.setattr(logs, "send_counts", lambda batch: acknowledged)
+    events = [Message("logs", 0, offset, 1730462400.0, 0, [], b"cart", orjson.dumps({"message": f"line {offset}"}), None)
+              for offset in (3, 4)]
+    events = [type("Event", (), {"message": message})() for message in events]
+    hold(events)
+
+    async with PipelinedWrites(2) as writes:
+        await logs.ship_batch(stream, events, writes, ReleaseOrder())
+
+    assert sink.calls == 2 and sink.stored == ["logs-0-3-0", "logs-0-4-0"]
+    assert stream.committable == [3, 4]
