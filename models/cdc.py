@@ -509,6 +509,8 @@ class Change:
     tx_id: Optional[int] = None
     columns: Optional[List[ColumnDef]] = None
     origin: Any = field(default=None, compare=False)  # the Kafka event it came from
+    # The replica's parameters, converted when the change was checked: (types, after image, values).
+    replica_values: Any = field(default=None, compare=False, repr=False)
 
     @property
     def table_name(self) -> str:

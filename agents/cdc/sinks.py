@@ -84,12 +84,15 @@ class ReplicaSink:
             return "a primary key value holds NUL, which PostgreSQL text cannot"
         types = self.column_types(change)
         values = change.key if change.is_delete else change.after_image
+        converted = []
         try:
             for name, value in values.items():
                 if name in types and value != UNAVAILABLE:  # filled from the previous (checked) image later
-                    replica_value(value, types[name])
+                    converted.append(replica_value(value, types[name]))
         except InvalidChange as error:
             return str(error)
+        if not change.is_delete and len(converted) == len(values) and change.table_name in self.tables:
+            change.replica_values = (types, change.after, converted)  # ``parameters`` need not convert again
         return None
 
     def column_types(self, change: Change) -> Dict[str, str]:
@@ -225,6 +228,9 @@ class ReplicaSink:
         guard = [change.table_name, change.row_id, change.lsn]
         if change.is_delete:
             return guard + [replica_value(change.key[name], types[name]) for name in key]
+        checked = change.replica_values
+        if checked is not None and checked[0] is types and checked[1] is change.after:
+            return guard + checked[2]
         return guard + [replica_value(value, types[name]) for name, value in change.after_image.items()]
 
     def statement(self, change: Change) -> sql.Composed:

@@ -233,3 +233,16 @@ def test_the_replica_keeps_a_bounded_number_of_statements_however_the_events_var
         sink.statement(Change("public", "items", "c", {"id": 1}, None, after, lsn=n, ts_ms=0))
 
     assert len(sink.statements) == ReplicaSink.STATEMENTS_MAX
+
+
+def test_the_replica_converts_a_checked_change_once_and_again_when_its_image_was_replaced():
+    from agents.cdc.sinks import ReplicaSink
+
+    sink = ReplicaSink("postgresql://unused")
+    sink.tables["public.items"] = ({"id": "bigint", "price": "numeric(12,2)", "note": "text"}, ["id"])
+    change = Change("public", "items", "u", {"id": 1}, None, {"id": 1, "price": "1.50", "note": "a"}, lsn=7, ts_ms=0)
+
+    assert sink.refusal(change) is None
+    assert sink.parameters(change) == ["public.items", "1", 7, 1, Decimal("1.50"), "a"]
+    change.after = {"id": 1, "price": "2.25", "note": "b"}  # as complete_images fills a placeholder
+    assert sink.parameters(change) == ["public.items", "1", 7, 1, Decimal("2.25"), "b"]
