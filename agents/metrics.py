@@ -195,7 +195,10 @@ def merge_latest(
 
 
 def newest_instances(by_instance: Dict[str, Any], *, since: float, limit: int) -> Dict[str, Any]:
-    """The instances that reported at ``since`` or later, at most ``limit`` (the latest ones)."""
+    """The instances that reported at ``since`` or later, at most ``limit`` (the latest ones);
+    ``by_instance`` itself (merge_latest's own copy) when it keeps them all."""
+    if len(by_instance) <= limit and all(latest["ts"] >= since for latest in by_instance.values()):
+        return by_instance
     kept = {instance: latest for instance, latest in by_instance.items() if latest["ts"] >= since}
     if len(kept) > limit:
         kept = dict(sorted(kept.items(), key=lambda item: item[1]["ts"])[-limit:])
