@@ -3,15 +3,15 @@
 A Faust table write costs a store put and a changelog record, so an agent that writes per record
 runs at about a third of the rate of one that only iterates (bench/README.md). The pattern here:
 
-    async for events in stream.take_events(BATCH_MAX, within=BATCH_WITHIN):
-        pending = fold_deltas(((event, deltas_of(event)) for event in events), combine=...)
-        write_deltas(stream, table, pending, apply=...)
+    async for batch in decoded_batches(stream, decode, max_=BATCH_MAX, within=BATCH_WITHIN):
+        pending = fold_deltas(((entry.event, deltas_of(entry.value)) for entry in batch), combine=...)
+        await until_applied(write_deltas, stream, table, pending, apply=...)
 
 ``fold_deltas`` is pure: it folds each event's ``(key, delta)`` pairs into per-partition, per-key
 deltas. ``write_deltas``
 then writes every key once, inside the context of the batch's last event *of that key's
 partition*, so the RocksDB store and the changelog get the partition the key belongs to (Faust
-refuses a table write outside an event's context). ``take_events`` acknowledges the events only
+refuses a table write outside an event's context). app/runtime.py acknowledges the records only
 after the loop body has returned, so offsets are committed only past records whose deltas are in
 the table: a crash replays at most the uncommitted records (at-least-once), it never loses one.
 
@@ -29,7 +29,7 @@ from typing import Any, Callable, Dict, Hashable, Iterable, Mapping, NamedTuple,
 from faust.types import EventT, StreamT, TableT
 
 BATCH_MAX = 2000
-BATCH_WITHIN = 0.2  # seconds: the most a record waits before its batch is written
+BATCH_WITHIN = 0.2  # seconds take_events waits for more (a stream without a batch channel, app/runtime.py)
 
 KeyedEvents = Iterable[Tuple[EventT, Iterable[Tuple[Hashable, Any]]]]
 
@@ -73,7 +73,8 @@ def fold_into(
 def enter_partition(stream: StreamT, event: EventT) -> None:
     """Make ``event`` the current event, so table reads and writes go to its partition.
 
-    ``take_events`` fills its buffer in another task, so the agent's task has no current event.
+    The agent's task has no current event of its own (a batch has many; with ``take_events`` a
+    buffer filled in another task).
     Tables find the partition through the current-event context variable, which is per task; the
     stream's ``current_event`` attribute, which Faust's ``_set_current_event`` also sets, is put
     back at once. The task that fills the ``take_events`` buffer reads that attribute after a wait:

@@ -3,15 +3,23 @@
     async for batch in decoded_batches(stream, decode_order, max_=BATCH_MAX, within=BATCH_WITHIN):
         await until_applied(apply_orders, batch, what="orders")
 
+- Batches come from a batch channel (``batch_channel``): the consumer of app/transport.py puts
+  each partition's fetched records into the agent's queue as one list, and a batch is what waits
+  there when the agent asks, at most ``max_`` records, at once (no wait for more: under load the
+  queue fills while the body runs, so batches grow with the load). None of the per-record
+  hand-off, queueing and acknowledgement of Faust's stream, which cost more than the jobs' own
+  work (bench/RESULTS.md). A stream that is not a topic read through that transport (``agent.test_context()``, FAST_CONSUMER=false) is read with Faust's
+  ``take_events(max_, within=within)`` instead; ``within`` applies only there.
 - ``decode`` runs on each record; ANY exception it raises (a RecursionError from deep nesting, a
   ValueError from a 5,000-digit integer, an OverflowError from a date) is the record's fault: the
   record goes to ``<topic>.dlq`` with the reason and the rest of the batch goes on.
 - The batch body runs under ``until_applied``: the one retry policy of app/retry.py (exponential
-  backoff, for as long as it takes, never on cancellation). A body that raised would otherwise be acknowledged by
-  ``take_events`` and lost; here the batch is applied or the worker stops trying, never skipped.
-  Bodies must be idempotent (offset/LSN/version guards), since a retry runs them again.
-- ``take_events`` acknowledges the events when the loop body returns, in read order, so offsets are
-  committed only past records that were applied or dead-lettered.
+  backoff, for as long as it takes, never on cancellation), so a batch is applied or the worker
+  stops trying, never skipped. Bodies must be idempotent (offset/LSN/version guards), since a retry
+  runs them again.
+- A batch is acknowledged when the loop body returns (all its records, dead letters included, in
+  one step: ``Consumer.ack_all``), so offsets are committed only past records that were applied or
+  dead-lettered; a body that raises leaves its batch unacknowledged, to be read again.
 
 Pipelined mode, for a sink slow enough that the next batch should be parsed while the previous one
 is written (``ship_logs`` and Elasticsearch, agents/logs.py):
@@ -24,9 +32,9 @@ is written (``ship_logs`` and Elasticsearch, agents/logs.py):
                 write = until_applied(write_part, part, what="part writes")
                 await writes.start(write, then=partial(after_write, part, ready, turn), released=turn[1])
 
-- ``held_batches`` holds each batch's events (one more reference each, taken before anything is
-  awaited): ``take_events``'s acknowledgement when the body returns no longer makes their offsets
-  committable. The agent releases each part itself, with ``release_in_order``.
+- ``held_batches`` yields each batch without acknowledging it when the body returns (with
+  ``take_events``, it takes one more reference on each event first): the agent releases each part
+  itself, with ``release_in_order``.
 - ``PipelinedWrites.start`` runs a write in the background (at most ``limit`` at once) and then
   what follows it (dead letters, then ``release_in_order``). Writes run under ``until_applied``
   like every batch body, so an error is retried; one that still escapes (or a cancelled write)
@@ -62,13 +70,17 @@ from typing import (
     Tuple,
     Type,
     TypeVar,
+    cast,
 )
 
+import faust
 import orjson
-from faust.types import EventT, StreamT
+from faust.types import EventT, StreamT, TopicT
+from faust.types.tuples import Message
 
 from app.dead_letters import dead_letter
 from app.retry import MAX_BACKOFF, apply_stats, retrying
+from app.transport import BatchQueue, Conductor, Consumer
 
 log = logging.getLogger(__name__)
 
@@ -119,24 +131,123 @@ async def decoded_batches(
     max_: int,
     within: float,
 ) -> AsyncIterator[DecodedBatch[T]]:
-    """Batches of up to ``max_`` records (or what arrived ``within`` seconds), decoded.
+    """Batches of up to ``max_`` records, decoded: what the batch channel holds (see
+    ``batch_channel``), or for a stream that is not a topic read by this project's transport
+    (``agent.test_context()``, FAST_CONSUMER=false) what ``take_events`` gathers ``within`` seconds.
 
     ``decode`` returns the record's value, or None to skip it (a tombstone); any exception makes
     the record a dead letter. Every batch is yielded, even one whose records were all refused,
-    so the caller sees the stream advance.
+    so the caller sees the stream advance. A batch is acknowledged when the loop body returns.
     """
-    async for events in stream.take_events(max_, within=within):
-        batch: DecodedBatch[T] = DecodedBatch()
-        for event in events:
-            try:
-                value = decode(event)
-            except Exception as error:  # noqa: BLE001 - any failure a record causes is its own
-                await dead_letter(reason_of(error), event)
-                batch.refused.append(event)
+    channel = batch_channel(stream)
+    if channel is None:
+        async for events in stream.take_events(max_, within=within):
+            yield await decoded(events, decode)
+        return
+    try:
+        async for messages, events in channel_batches(stream, channel, max_):
+            yield await decoded(events, decode)
+            acknowledge(stream, messages)
+    finally:
+        stop_reading(stream, channel)
+
+
+async def decoded(events: List[EventT], decode: Callable[[EventT], Optional[T]]) -> DecodedBatch[T]:
+    batch: DecodedBatch[T] = DecodedBatch()
+    for event in events:
+        try:
+            value = decode(event)
+        except Exception as error:  # noqa: BLE001 - any failure a record causes is its own
+            await dead_letter(reason_of(error), event)
+            batch.refused.append(event)
+            continue
+        if value is not None:
+            batch.append(Decoded(event, value))
+    return batch
+
+
+def batch_channel(stream: StreamT) -> Optional[TopicT]:
+    """The stream's topic made a batch channel: the consumer (app/transport.py) puts each
+    partition's fetched records in its queue as one list, with no per-record hand-off, queue
+    entry or acknowledgement by the stream. None for a stream that is not a topic read through
+    that transport; such a stream is read with Faust's ``take_events``. Called when the agent
+    starts, before the worker has subscribed (Faust subscribes once every agent has started)."""
+    app, channel = stream.app, stream.channel
+    conductor = app.topics
+    if not isinstance(channel, faust.Topic) or not isinstance(conductor, Conductor) or channel not in conductor:
+        return None
+    topic = cast(TopicT, channel)  # subscribed by app.stream() (aiter of the agent's topic)
+    if getattr(topic, "batch_queue", None) is None:
+        forget = cast(Consumer, app.consumer).forget
+        topic.batch_queue = BatchQueue(app.flow_control, app.conf.stream_buffer_maxsize, on_drop=forget)  # type: ignore[attr-defined]
+        conductor._update_callback_map()  # for partitions already assigned
+    return topic
+
+
+def stop_reading(stream: StreamT, channel: TopicT) -> None:
+    """The agent reads its batch channel no more (it stopped or failed): deliver nothing to it, or
+    its full queue would stop the consumer's delivery to every agent."""
+    cast(Conductor, stream.app.topics).remove_batch_channel(channel)
+
+
+async def channel_batches(stream: StreamT, channel: TopicT, max_: int) -> AsyncIterator[Tuple[List[Message], List[EventT]]]:
+    """The records waiting in a batch channel (at most ``max_``), and their events. Records fetched
+    before a rebalance (an older consumer generation, or while the flow is stopped) are dropped
+    unacknowledged, as Faust's stream drops them: they are read again from the committed offset.
+    A record whose key or value the topic's schema cannot decode is dead-lettered (and acknowledged
+    with its batch)."""
+    app = stream.app
+    queue = channel.batch_queue  # type: ignore[attr-defined]
+    make_event: Callable[..., EventT] = cast(Any, app.conf.Event)
+    raw = (
+        channel.key_serializer == "raw"
+        and channel.value_serializer == "raw"
+        and channel.key_type in (None, bytes)
+        and channel.value_type in (None, bytes)
+    )
+    forget = cast(Consumer, app.consumer).forget
+    while True:
+        messages: List[Message] = await queue.get(max_)
+        generation = app.consumer_generation_id
+        if not app.flow_control.is_active():
+            forget(messages)
+            continue
+        if messages[0].generation_id != generation or messages[-1].generation_id != generation:
+            forget(message for message in messages if message.generation_id != generation)
+            messages = [message for message in messages if message.generation_id == generation]
+            if not messages:
                 continue
-            if value is not None:
-                batch.append(Decoded(event, value))
-        yield batch
+        if raw:
+            events = [make_event(app, message.key, message.value, message.headers or {}, message) for message in messages]
+        else:
+            decoded = [await decoded_event(channel, message) for message in messages]
+            events = [event for event in decoded if event is not None]
+        yield messages, events
+
+
+async def decoded_event(channel: TopicT, message: Message) -> Optional[EventT]:
+    """The event of ``message`` as the topic's schema decodes it; a record it cannot decode is a
+    dead letter (None)."""
+    try:
+        return await channel.decode(message, propagate=True)
+    except Exception as error:  # noqa: BLE001 - any failure a record causes is its own
+        app, make_event = channel.app, cast(Any, channel.app.conf.Event)
+        await dead_letter(reason_of(error), make_event(app, message.key, message.value, message.headers or {}, message))
+        return None
+
+
+def acknowledge(stream: StreamT, messages: Iterable[Message]) -> None:
+    """Drop one reference on each message; a message whose last reference this was is
+    acknowledged to the consumer, so its offset may be committed."""
+    consumer = stream.app.consumer
+    ack_all = getattr(consumer, "ack_all", None)
+    if ack_all is not None:  # app/transport.py's consumer: the same, in one step
+        ack_all(messages)
+        return
+    on_message_out = stream.app.sensors.on_message_out
+    for message in messages:
+        if message.ack(consumer):
+            on_message_out(message.tp, message.offset, message)
 
 
 async def until_applied(apply: Callable[..., Awaitable[T]], *args: Any, what: str, max_backoff: Optional[float] = None) -> T:
@@ -162,21 +273,26 @@ def hold(events: Iterable[EventT]) -> None:
 
 
 def release(stream: StreamT, events: Iterable[EventT]) -> None:
-    """Drop the reference ``hold`` took; an event whose last reference this was is acknowledged
-    to the consumer, so its offset may be committed."""
-    consumer, on_message_out = stream.app.consumer, stream.app.sensors.on_message_out
-    for event in events:
-        message = event.message
-        if message.ack(consumer):
-            on_message_out(message.tp, message.offset, message)
+    """Drop the reference ``hold`` took (or, on a batch channel, the one the delivery took); an
+    event whose last reference this was is acknowledged to the consumer, so its offset may be
+    committed."""
+    acknowledge(stream, (event.message for event in events))
 
 
 async def held_batches(stream: StreamT, *, max_: int, within: float) -> AsyncIterator[List[EventT]]:
-    """The batches of ``take_events`` (up to ``max_`` records, or what arrived ``within`` seconds),
-    each event held before the batch is yielded; release them with ``release_in_order``."""
-    async for events in stream.take_events(max_, within=within):
-        hold(events)  # take_events acknowledges the batch when the loop body returns; the agent releases it
-        yield events
+    """Batches of up to ``max_`` records (as ``decoded_batches`` reads them), not acknowledged
+    when the loop body returns: release them with ``release_in_order``."""
+    channel = batch_channel(stream)
+    if channel is None:
+        async for events in stream.take_events(max_, within=within):
+            hold(events)  # take_events acknowledges the batch when the loop body returns; the agent releases it
+            yield events
+        return
+    try:
+        async for _messages, events in channel_batches(stream, channel, max_):
+            yield events
+    finally:
+        stop_reading(stream, channel)
 
 
 class ReleaseOrder:

@@ -112,7 +112,12 @@ class Settings(BaseSettings):
         description="Index of a line: `{service}` (lower-cased, unsafe characters replaced) and `{date:<strftime>}` (UTC).",
     )
     log_batch_max: int = Field(5000, ge=1, le=30000, description="Records per bulk batch.")
-    log_batch_within: float = Field(0.2, gt=0, le=60, description="Seconds a record waits for its batch.")
+    log_batch_within: float = Field(
+        0.2,
+        gt=0,
+        le=60,
+        description="Seconds a record waits for its batch when the worker reads through Faust's own stream (FAST_CONSUMER=false); otherwise a batch is what was fetched when the agent is ready for it.",
+    )
     log_bulk_lines: int = Field(2000, ge=1, le=100_000, description="Lines per bulk write (whole records).")
     log_bulk_in_flight: int = Field(4, ge=1, le=16, description="Bulk writes in progress at once.")
     log_stats_window: int = Field(60, ge=1, le=86400, description="Whole seconds per statistics window.")

@@ -42,6 +42,14 @@ What it changes, with the measurements behind it (bench/README.md has the profil
    from 54 % to 35 % of a core, the worker from 18 % to 14 % (bench/README.md). Stream partitions
    keep Faust's own pause.
 
+6. Batch channels: a topic an agent reads through app/runtime.py gets each partition's fetched
+   records as one list in its queue (``Consumer._deliver``, ``BatchQueue``), each record tracked
+   and referenced as the conductor would, and acknowledged by the agent with ``ack_all`` under one
+   hold of Faust's ack lock (``Message.ack`` takes it three times per record). The conductor's
+   per-record callbacks serve the other channels. Faust's own hand-off of a record (build an
+   event, queue it, let the stream take, track and acknowledge it) cost more than the jobs'
+   work (bench/RESULTS.md).
+
 The producer (same URL scheme) is Faust's aiokafka producer whose buffer of unsent records stalls
 the consumer only beyond ``PRODUCER_BUFFER_MAX`` records instead of Faust's fixed 100: a flush of
 app/aggregation.py writes hundreds of keys at once, and with 100 the conductor stopped the stream
@@ -69,8 +77,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections import deque
 from pathlib import Path
-from typing import Any, AsyncIterator, Callable, ClassVar, Dict, FrozenSet, Iterable, List, Mapping, Optional, Set, Tuple, Type, cast
+from typing import Any, AsyncIterator, Callable, ClassVar, Deque, Dict, FrozenSet, Iterable, List, Mapping, Optional, Set, Tuple, Type, cast
 
 import faust
 from aiokafka import TopicPartition
@@ -81,9 +90,10 @@ from faust.transport.drivers import aiokafka
 from faust.transport.producer import ProducerBuffer as FaustProducerBuffer
 from faust.types import TP, AppT, ConsumerT, ProducerT
 from faust.types.transports import ConductorT, ConsumerCallback
-from faust.types.tuples import Message
+from faust.types.tuples import Message, ack_lock
 from faust.utils import json as faust_json
 from mode import Service
+from mode.utils.futures import notify
 
 from app import memory
 from app.gauges import register_value
@@ -262,9 +272,10 @@ class Consumer(aiokafka.Consumer):
     def _new_consumer_thread(self) -> ConsumerThread:
         return ConsumerThread(self, loop=self.loop, beacon=self.beacon)
 
-    async def getmany(self, timeout: float) -> AsyncIterator[Tuple[TP, Message]]:
-        """Faust's ``getmany``, but a partition's high watermark is read from the consumer thread
-        and handed to the monitor once per fetched batch, not once per record (the same value)."""
+    async def fetched_batches(self, timeout: float) -> AsyncIterator[Tuple[TP, List[Message]]]:
+        """Faust's ``getmany``, but the records come partition by partition, a list of each
+        partition's fetched records at once, and a partition's high watermark is handed to the
+        monitor once per fetched batch, not once per record (the same value)."""
         records, active_partitions = await self._wait_next_records(timeout)
         generation_id = self.app.consumer_generation_id
         if records is None or self.should_stop:
@@ -278,33 +289,21 @@ class Consumer(aiokafka.Consumer):
             return
         app, to_message, buffered = self.app, self._to_message, self._buffered_partitions
         track_end_offset = app.monitor.track_tp_end_offset
-        tracked: Set[TP] = set()
-        for tp, record in self.scheduler.iterate(records):
+        for tp, tp_records in records.items():
             if not self.flow_active:
                 break
             if app.consumer_generation_id != generation_id:
                 self.log.dev("Generation id changed from %r to %r. Cancelling getmany.", generation_id, app.consumer_generation_id)
                 break
-            if active_partitions is None or tp in active_partitions or tp in buffered:
-                if tp not in tracked:
-                    tracked.add(tp)
-                    track_end_offset(tp, self.highwater(tp))
-                yield tp, to_message(tp, record)
+            if tp_records and (active_partitions is None or tp in active_partitions or tp in buffered):
+                track_end_offset(tp, self.highwater(tp))
+                yield tp, [to_message(tp, record) for record in tp_records]
 
-    async def _drain_messages(self, fetcher: Any) -> None:  # Faust's loop, but for the two changes
-        callback = self.callback
-        getmany = self.getmany
+    async def _drain_messages(self, fetcher: Any) -> None:  # Faust's loop, but for the changes above
         consumer_should_stop = self._stopped.is_set
         fetcher_should_stop = fetcher._stopped.is_set
-        flow_is_suspended = self.suspend_flow.is_set
-        get_read_offset = self._read_offset.__getitem__
-        set_read_offset = self._read_offset.__setitem__
         set_flag = self.diag.set_flag
         unset_flag = self.diag.unset_flag
-        commit_every = self._commit_every
-        acks_enabled_for = self.app.topics.acks_enabled_for
-        yield_every = 100
-        num_since_yield = 0
         self._drain_task = asyncio.current_task()
         self._drain_parked.clear()
         try:
@@ -316,35 +315,15 @@ class Consumer(aiokafka.Consumer):
                     continue
                 epoch = self._seek_epoch
                 set_flag(CONSUMER_FETCHING)
-                records = cast(AsyncIterator, getmany(timeout=self.getmany_timeout))
+                fetched = cast(AsyncIterator, self.fetched_batches(timeout=self.getmany_timeout))
                 await self.sleep(0)
                 if self.should_stop:
                     continue
-                async for tp, message in records:
-                    if self._seek_epoch != epoch:
+                async for tp, messages in fetched:
+                    if self._seek_epoch != epoch or not await self._deliver(tp, messages, epoch):
                         break  # fetched before a seek, which repositions the partition: fetched again
-                    num_since_yield += 1
-                    if num_since_yield > yield_every:
-                        await asyncio.sleep(0)
-                        num_since_yield = 0
-                    offset = message.offset
-                    read_offset = get_read_offset(tp)
-                    if read_offset is not None and offset < read_offset:
-                        continue  # already delivered before a seek
-                    if read_offset and offset - read_offset > 1 and acks_enabled_for(message.topic):
-                        await self._add_gap(tp, read_offset + 1, offset)
-                    if commit_every is not None and self._n_acked >= commit_every:
-                        self._n_acked = 0
-                        await self.commit()
-                    if flow_is_suspended():
-                        await self.wait_first(callback(message), self.suspend_flow.wait())
-                    else:
-                        await callback(message)
-                    if self._seek_epoch != epoch:
-                        break  # a seek began during the hand-off: keep the read offset it sets
-                    set_read_offset(tp, offset)
-                if hasattr(records, "aclose"):
-                    await records.aclose()
+                if hasattr(fetched, "aclose"):
+                    await fetched.aclose()
                 unset_flag(CONSUMER_FETCHING)
         except self.consumer_stopped_errors:
             if self.transport.app.should_stop:
@@ -362,6 +341,181 @@ class Consumer(aiokafka.Consumer):
         finally:
             self._drain_parked.set()  # a seek never waits for a loop that has ended
             unset_flag(CONSUMER_FETCHING)
+
+    def forget(self, messages: Iterable[Message]) -> None:
+        """Records handed to a batch channel and dropped there unprocessed (a rebalance emptied its
+        queue, or they were fetched before it): a rebalance no longer waits for them to be
+        acknowledged (Faust's stream leaves that to the garbage collector, which a reference left
+        anywhere defeats); they are read again from the committed offset."""
+        discard = self._unacked_messages.discard
+        for message in messages:
+            discard(message)
+
+    def ack_all(self, messages: Iterable[Message]) -> None:
+        """``Message.ack`` of each message (one reference dropped; the last one acknowledges the
+        message to this consumer, as ``Consumer.ack`` does), under one hold of Faust's ack lock
+        rather than three per message, and the sensors' ``on_message_out`` for each acknowledged."""
+        acks_enabled_for, committed_offsets = self.app.topics.acks_enabled_for, self._committed_offset
+        acked_index, acked, unacked = self._acked_index, self._acked, self._unacked_messages
+        done: List[Message] = []
+        with ack_lock:
+            for message in messages:
+                if message.acked:
+                    continue
+                refcount = message.refcount = max(message.refcount - 1, 0)
+                if refcount:
+                    continue
+                message.acked = True
+                tp, offset = message.tp, message.offset
+                if not acks_enabled_for(message.topic):
+                    continue
+                committed = committed_offsets[tp]
+                index = acked_index[tp]
+                if (committed is None or offset >= committed) and offset not in index:
+                    unacked.discard(message)
+                    index.add(offset)
+                    acked[tp].append(offset)
+                    self._n_acked += 1
+                    done.append(message)
+            notify(self._waiting_for_ack)
+        on_message_out = self.app.sensors.on_message_out
+        for message in done:
+            on_message_out(message.tp, message.offset, message)
+
+    async def _deliver(self, tp: TP, messages: List[Message], epoch: int) -> bool:
+        """Hand one partition's fetched records on: to its batch channels in one list, and record
+        by record to the conductor's per-record channels. False if a seek began meanwhile (the
+        read offset is then the seek's)."""
+        fresh = await self._fresh(tp, messages)
+        if not fresh:
+            return True
+        if self._commit_every is not None and self._n_acked >= self._commit_every:
+            self._n_acked = 0
+            await self.commit()
+        queues = cast(Conductor, self.app.topics).batch_queues.get(tp) if isinstance(self.app.topics, Conductor) else None
+        if queues:
+            hand_on = deliver_batch(self, fresh, queues)
+            if self.suspend_flow.is_set():
+                await self.wait_first(hand_on, self.suspend_flow.wait())
+            else:
+                await hand_on
+            if self._seek_epoch != epoch:
+                return False
+            if tp not in cast(Conductor, self.app.topics).per_record_tps:
+                self._read_offset[tp] = fresh[-1].offset
+                return True
+        return await self._deliver_each(tp, fresh, epoch)
+
+    async def _fresh(self, tp: TP, messages: List[Message]) -> List[Message]:
+        """``messages`` without the ones delivered before a seek; offsets skipped between the
+        read offset and them (compaction, transaction markers) are recorded as gaps, as Faust does."""
+        read_offset = self._read_offset[tp]
+        if read_offset is not None and messages[0].offset < read_offset:
+            messages = [message for message in messages if message.offset >= read_offset]
+        if not read_offset or not messages or not self.app.topics.acks_enabled_for(tp.topic):
+            return messages
+        previous = read_offset
+        for message in messages:
+            if message.offset - previous > 1:  # the offsets between (Faust's call includes the record's own)
+                await self._add_gap(tp, previous + 1, message.offset - 1)
+            previous = message.offset
+        return messages
+
+    async def _deliver_each(self, tp: TP, messages: List[Message], epoch: int) -> bool:
+        """Faust's hand-off of each record to the conductor: awaited inline while the flow runs,
+        through the stock interruptible ``wait_first`` during a rebalance."""
+        callback, flow_is_suspended = self.callback, self.suspend_flow.is_set
+        for index, message in enumerate(messages):
+            if index and not index % YIELD_EVERY:
+                await asyncio.sleep(0)
+            if flow_is_suspended():
+                await self.wait_first(callback(message), self.suspend_flow.wait())
+            else:
+                await callback(message)
+            if self._seek_epoch != epoch:
+                return False  # a seek began during the hand-off: keep the read offset it sets
+            self._read_offset[tp] = message.offset
+        return True
+
+
+YIELD_EVERY = 100  # records handed on between two turns of the event loop
+
+
+async def deliver_batch(consumer: Consumer, messages: List[Message], queues: Tuple["BatchQueue", ...]) -> None:
+    """Put one partition's fetched records in each batch channel's queue, each message referenced
+    once per channel and tracked as unacknowledged (``wait_empty`` waits for it on a rebalance)."""
+    app = consumer.app
+    await app.flow_control.acquire()
+    await app.producer.buffer.wait_until_ebb()
+    count = len(queues)
+    on_message_in, track = app.sensors.on_message_in, consumer._unacked_messages.add
+    with ack_lock:
+        for message in messages:
+            message.refcount += count
+    for message in messages:
+        message.tracked = True
+        track(message)
+        on_message_in(message.tp, message.offset, message)
+    for queue in queues:
+        await queue.put(messages)
+
+
+class BatchQueue:
+    """The queue of a batch channel (app/runtime.py's ``batch_channel``): lists of one partition's
+    records, in fetch order, at most ``max_records`` records (a longer list still goes into an
+    empty queue). Managed by Faust's flow control like a stream's queue: emptied on a rebalance."""
+
+    def __init__(self, flow_control: Any, max_records: int, on_drop: Callable[[List[Message]], None] = lambda _: None) -> None:
+        self.batches: Deque[List[Message]] = deque()
+        self.records = 0
+        self.max_records = max_records
+        self.on_drop = on_drop  # given each list ``clear`` drops
+        self.readable = asyncio.Event()
+        self.writable = asyncio.Event()
+        self.writable.set()
+        flow_control.manage_queue(self)
+
+    def qsize(self) -> int:
+        """Records waiting (the buffer gauge of /metrics)."""
+        return self.records
+
+    def clear(self) -> None:
+        for messages in self.batches:
+            self.on_drop(messages)
+        self.batches.clear()
+        self.records = 0
+        self.readable.clear()
+        self.writable.set()
+
+    async def put(self, messages: List[Message]) -> None:
+        while self.records and self.records + len(messages) > self.max_records:
+            self.writable.clear()
+            await self.writable.wait()
+        self.batches.append(messages)
+        self.records += len(messages)
+        self.readable.set()
+
+    async def get(self, max_records: int) -> List[Message]:
+        """The records waiting, at least one, at most ``max_records``; they are the caller's
+        (the lists put are not changed)."""
+        while not self.batches:
+            self.readable.clear()
+            await self.readable.wait()
+        batches = self.batches
+        taken = batches.popleft()
+        if len(taken) > max_records:
+            batches.appendleft(taken[max_records:])
+            taken = taken[:max_records]
+        elif batches and len(taken) + len(batches[0]) <= max_records:
+            taken = list(taken)
+            while batches and len(taken) + len(batches[0]) <= max_records:
+                taken += batches.popleft()
+        self.records -= len(taken)
+        if not batches:
+            self.readable.clear()
+        if self.records < self.max_records:
+            self.writable.set()
+        return taken
 
 
 def register_buffer_gauges(consumer: "Consumer") -> None:
@@ -511,7 +665,39 @@ def plain_mode(typ: Any, serializer: Any) -> Any:
 
 class Conductor(faust_conductor.Conductor):
     """Faust's conductor (its per-partition callbacks included: Faust's compiled
-    ``ConductorHandler``), with the callback of a record's partition found without a lock."""
+    ``ConductorHandler``), with the callback of a record's partition found without a lock, and
+    batch channels: a channel with a ``batch_queue`` (app/runtime.py's ``batch_channel``) is
+    subscribed like any other but gets each partition's fetched records as one list in that queue
+    (``Consumer._deliver``); the per-record callbacks serve the other channels only."""
+
+    batch_queues: Dict[TP, Tuple[BatchQueue, ...]]
+    per_record_tps: Set[TP]
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self.batch_queues, self.per_record_tps = {}, set()
+        super().__init__(*args, **kwargs)
+
+    def remove_batch_channel(self, channel: Any) -> None:
+        """Stop delivering to a batch channel whose agent stopped reading (a restarted agent reads a
+        new one): its queue is emptied, its records are read again after the next rebalance."""
+        channel.batch_queue.clear()
+        self._topics.discard(channel)
+        for channels in (*self._tp_index.values(), *self._topic_name_index.values()):
+            channels.discard(channel)
+        self._update_callback_map()
+
+    def _update_callback_map(self) -> None:
+        batch_queues: Dict[TP, Tuple[BatchQueue, ...]] = {}
+        per_record: Dict[TP, Any] = {}
+        for tp, channels in self._tp_index.items():
+            queues = tuple(queue for queue in (getattr(channel, "batch_queue", None) for channel in channels) if queue is not None)
+            if queues:
+                batch_queues[tp] = queues
+            others = {channel for channel in channels if getattr(channel, "batch_queue", None) is None}
+            if others or not queues:
+                per_record[tp] = others
+        self.batch_queues, self.per_record_tps = batch_queues, set(per_record)
+        self._tp_to_callback.update((tp, self._build_handler(tp, cast(Any, channels))) for tp, channels in per_record.items())
 
     def _compile_message_handler(self) -> ConsumerCallback:
         """Faust takes the partition -> callback map's lock for every record; the lock is held only

@@ -31,12 +31,11 @@ async def test_records_delivered_while_seeking_to_the_committed_offset_are_deliv
     queue: List[int] = []  # the stream queue of the agent
     seeks: List[asyncio.Task] = []
 
-    async def getmany(timeout: float):
+    async def fetched_batches(timeout: float):
         start = position[TP0]
         batch = list(range(start, min(start + BATCH, END)))  # fetched now, handed over one by one
         position[TP0] = start + len(batch)
-        for offset in batch:
-            yield TP0, SimpleNamespace(offset=offset, topic=TP0.topic)
+        yield TP0, [SimpleNamespace(offset=offset, topic=TP0.topic, tp=TP0) for offset in batch]
         if position[TP0] >= END:
             fetcher._stopped.set()
 
@@ -55,7 +54,7 @@ async def test_records_delivered_while_seeking_to_the_committed_offset_are_deliv
             seeks.append(asyncio.create_task(recovery_completes()))
         await asyncio.sleep(0.005)  # the conductor decodes and hands over
 
-    consumer.getmany = getmany
+    consumer.fetched_batches = fetched_batches
     consumer.callback = callback
     consumer.seek_to_committed = seek_to_committed
     consumer._read_offset.clear()

@@ -55,16 +55,15 @@ async def drain(consumer: Consumer, records, *, suspended: bool = False):
     fetcher = SimpleNamespace(_stopped=asyncio.Event())
     callback_tasks, timeouts = [], []
 
-    async def getmany(timeout: float):
+    async def fetched_batches(timeout: float):
         timeouts.append(timeout)
-        for offset in records:
-            yield tp, SimpleNamespace(offset=offset, topic=tp.topic)
+        yield tp, [SimpleNamespace(offset=offset, topic=tp.topic, tp=tp) for offset in records]
         fetcher._stopped.set()
 
     async def callback(message) -> None:
         callback_tasks.append(asyncio.current_task())
 
-    consumer.getmany = getmany
+    consumer.fetched_batches = fetched_batches
     consumer.callback = callback
     consumer._read_offset.clear()
     if suspended:
@@ -114,7 +113,7 @@ def test_workers_against_the_local_broker_wait_20_ms_per_fetch_unless_told_other
     assert WorkerProcess("kafka://127.0.0.1:1", Path("/tmp/unused"), app_id="t").env["CONSUMER_FETCH_WAIT_MS"] == "300"
 
 
-async def test_getmany_yields_every_record_and_reads_each_high_watermark_once_per_batch():
+async def test_fetched_batches_yield_each_partitions_records_at_once_and_read_its_high_watermark_once():
     consumer = new_consumer()
     consumer.resume_flow()
     first, second = TP("getmany-t", 0), TP("getmany-t", 1)
@@ -127,34 +126,34 @@ async def test_getmany_yields_every_record_and_reads_each_high_watermark_once_pe
     consumer._wait_next_records = wait_next_records
     consumer.highwater = lambda tp: high_watermark_reads.append(tp) or 100 + tp.partition
 
-    delivered = [(tp, message.offset) async for tp, message in consumer.getmany(timeout=0.01)]
+    delivered = [(tp, [message.offset for message in messages]) async for tp, messages in consumer.fetched_batches(timeout=0.01)]
 
-    assert sorted(delivered) == [(first, offset) for offset in range(5)] + [(second, 7)]
+    assert sorted(delivered) == [(first, list(range(5))), (second, [7])]
     assert sorted(high_watermark_reads) == [first, second]  # once per partition, not per record
     assert app.monitor.tp_end_offsets[first] == 100 and app.monitor.tp_end_offsets[second] == 101
 
 
-async def test_getmany_stops_delivering_when_the_consumer_generation_changes():
+async def test_fetched_batches_stop_when_the_consumer_generation_changes():
     consumer = new_consumer()
     consumer.resume_flow()
-    tp = TP("getmany-t", 0)
-    batch = {tp: [consumer_record(tp, offset) for offset in range(5)]}
+    tp, other = TP("getmany-t", 0), TP("getmany-t", 1)
+    batch = {tp: [consumer_record(tp, offset) for offset in range(5)], other: [consumer_record(other, 0)]}
 
     async def wait_next_records(timeout):
-        return batch, {tp}
+        return batch, {tp, other}
 
     consumer._wait_next_records = wait_next_records
     consumer.highwater = lambda tp: 5
     delivered = []
     generation = app.consumer_generation_id
     try:
-        async for _tp, message in consumer.getmany(timeout=0.01):
-            delivered.append(message.offset)
+        async for partition, messages in consumer.fetched_batches(timeout=0.01):
+            delivered.append(partition)
             app.consumer_generation_id = generation + 1  # a rebalance began
     finally:
         app.consumer_generation_id = generation
 
-    assert delivered == [0]
+    assert delivered == [tp]  # the next partition's records are not handed on
 
 
 def consumer_record(tp: TP, offset: int):

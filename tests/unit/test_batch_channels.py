@@ -1,0 +1,152 @@
+"""Batch channels (app/transport.py, app/runtime.py): a partition's fetched records reach the agent as
+one list, with one reference each, and are acknowledged exactly as Faust's per-record path
+acknowledges them, only after the loop body returned."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any, List
+
+import orjson
+import pytest
+from faust.types import TP
+
+from app import app
+from app.runtime import batch_channel, decoded_batches
+from app.transport import BatchQueue, Consumer
+from tests.unit.test_transport import consumer_record, new_consumer
+
+
+def messages_of(consumer: Consumer, tp: TP, offsets: List[int], values: Any = None) -> List[Any]:
+    messages = [consumer._to_message(tp, consumer_record(tp, offset)) for offset in offsets]
+    for message, value in zip(messages, values or ()):
+        message.value = value
+    return messages
+
+
+async def test_a_partitions_fetched_records_reach_its_batch_channel_as_one_list():
+    consumer = new_consumer()
+    app.flow_control.resume()
+    tp = TP("batch-probe-deliver", 0)
+    queue = BatchQueue(app.flow_control, max_records=100)
+    conductor = app.topics
+    conductor.batch_queues[tp] = (queue,)
+    conductor._acking_topics.add(tp.topic)  # as for every subscribed topic
+    callbacks: List[Any] = []
+
+    async def per_record(message: Any) -> None:
+        callbacks.append(message)
+
+    consumer.callback = per_record
+    consumer._read_offset[tp] = 5  # set by a seek: read from 5 on; 7 is missing (compaction)
+    try:
+        messages = messages_of(consumer, tp, [3, 4, 5, 6, 8, 9])
+        assert await consumer._deliver(tp, messages, consumer._seek_epoch)
+    finally:
+        del conductor.batch_queues[tp]
+        conductor._acking_topics.discard(tp.topic)
+
+    delivered = await queue.get(100)
+    assert [message.offset for message in delivered] == [5, 6, 8, 9]  # 3 and 4 come before the seek
+    assert all(message.refcount == 1 and message.tracked for message in delivered)
+    assert set(delivered) <= set(consumer._unacked_messages)  # a rebalance waits for them
+    assert callbacks == []  # no per-record hand-off
+    assert consumer._read_offset[tp] == 9
+    assert [(gap.begin, gap.end) for gap in consumer._gap[tp]] == [(7, 8)]
+
+
+async def test_ack_all_leaves_the_consumer_as_acknowledging_each_message_does():
+    tp = TP("batch-probe-ack", 0)
+    app.topics._acking_topics.add(tp.topic)  # as for every subscribed topic
+    by_one, at_once = new_consumer(), new_consumer()
+    for consumer in (by_one, at_once):
+        consumer._committed_offset[tp] = 2
+    offsets = [1, 2, 3, 4, 5, 7, 8]
+    one, once = messages_of(by_one, tp, offsets), messages_of(at_once, tp, offsets)
+    for messages in (one, once):
+        for message in messages:
+            message.incref()
+        messages[3].incref()  # offset 4 read by two channels: only its second ack counts
+        messages[4].acked = True  # offset 5 acknowledged already
+
+    for message in one:
+        message.ack(by_one)
+    at_once.ack_all(once)
+
+    for consumer in (by_one, at_once):
+        assert list(consumer._acked[tp]) == [2, 3, 7, 8]
+        assert consumer._acked_index[tp] == {2, 3, 7, 8}
+        assert consumer._n_acked == 4
+    assert [message.refcount for message in once] == [message.refcount for message in one]
+    assert [message.acked for message in once] == [message.acked for message in one]
+    assert at_once._new_offset(tp) == by_one._new_offset(tp) == 4  # offset 4 still held
+
+    at_once._committed_offset[tp] = 4  # that offset committed
+    at_once.ack_all([once[3]])
+    assert at_once._new_offset(tp) == 5
+
+
+async def test_the_queue_merges_waiting_lists_splits_long_ones_and_bounds_its_records():
+    dropped: List[List[int]] = []
+    queue = BatchQueue(app.flow_control, max_records=10, on_drop=dropped.append)
+    await queue.put(list(range(12)))  # over the bound, but the queue was empty
+    assert await queue.get(5) == list(range(5))  # a long list split
+
+    blocked = asyncio.ensure_future(queue.put(list(range(12, 16))))  # 7 waiting + 4 > 10
+    await asyncio.sleep(0.01)
+    assert not blocked.done() and queue.qsize() == 7
+    assert await queue.get(100) == list(range(5, 12))
+    await asyncio.wait_for(blocked, 1)
+
+    await queue.put([16, 17])
+    assert await queue.get(5) == list(range(12, 16))  # not merged: 6 would pass 5
+    await queue.put([18])
+    assert await queue.get(5) == [16, 17, 18]  # merged
+    await queue.put([19])
+    queue.clear()  # a rebalance empties it
+    assert queue.qsize() == 0 and not queue.batches
+    assert dropped == [[19]]  # the consumer forgets them: a rebalance does not wait for them
+
+
+async def test_decoded_batches_of_a_batch_channel_acknowledge_only_after_the_body(monkeypatch):
+    letters: List[int] = []
+
+    async def record_letter(reason: str, event: Any = None) -> None:
+        letters.append(event.message.offset)
+
+    monkeypatch.setattr("app.runtime.dead_letter", record_letter)
+    app.flow_control.resume()
+    topic = app.topic("batch-probe-agent", key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw")
+    stream = app.stream(topic)
+    channel = batch_channel(stream)
+    assert channel is stream.channel and channel in app.topics
+    app.topics._acking_topics.add(topic.get_topic_name())  # done when the worker subscribes
+    consumer = app.consumer
+    tp = TP("batch-probe-agent", 0)
+    messages = messages_of(consumer, tp, [0, 1, 2, 3], values=[b"1", b"[[[", b"2", b"3"])
+    stale = messages_of(consumer, tp, [4])
+    stale[0].generation_id = app.consumer_generation_id - 1  # fetched before a rebalance
+    for message in messages + stale:
+        message.incref()
+        consumer._unacked_messages.add(message)  # tracked, as the delivery tracks them
+    await channel.batch_queue.put(messages)
+    await channel.batch_queue.put(stale)
+
+    batches = decoded_batches(stream, lambda event: orjson.loads(event.value), max_=100, within=1.0)
+    try:
+        batch = await batches.__anext__()
+        assert [entry.value for entry in batch] == [1, 2, 3] and letters == [1]
+        assert not consumer._acked[tp]  # the body has not returned yet
+        await channel.batch_queue.put(messages_of(consumer, tp, [5]))
+        await batches.__anext__()
+        assert list(consumer._acked[tp]) == [0, 1, 2, 3]  # the stale record is read again, not acked
+        assert not stale[0].acked and stale[0] not in consumer._unacked_messages  # no rebalance waits for it
+        await channel.batch_queue.put(messages_of(consumer, tp, [6]))
+        with pytest.raises(RuntimeError):
+            await batches.athrow(RuntimeError("the body failed"))
+        # The agent reads this channel no more: nothing is delivered to it (a full queue would
+        # stop the consumer), and what waited in it is read again after a rebalance.
+        assert channel not in app.topics and not channel.batch_queue.batches
+    finally:
+        app.topics.discard(channel)
+    assert list(consumer._acked[tp]) == [0, 1, 2, 3]  # offset 5 was not applied: not acknowledged
