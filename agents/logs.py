@@ -95,7 +95,7 @@ RECENT_BYTES = 256 * 1024
 MAX_COUNTED_OFFSETS = 20_000
 LOG_ERROR_RATE = "log_error_rate"
 COUNTS_BATCH_MAX = 500  # LogCounts folded per batch of count_log_lines
-COUNTS_BATCH_WITHIN = 0.1  # seconds
+COUNTS_BATCH_WITHIN = 0.1  # seconds take_events waits for more (a stream without a batch channel)
 INDEX_MAPPINGS: Dict[str, Any] = {
     "dynamic_templates": [
         {"labels": {"path_match": "labels.*", "mapping": {"type": "keyword", "ignore_above": 1024}}},

@@ -66,7 +66,7 @@ models_topic = raw_topic("recs-models", partitions=1)  # the leader's item model
 MODEL_DIR = settings.data_dir / "recommendations"
 MAX_K = 100
 MODEL_BYTES_BUDGET = 800_000  # Kafka's default largest record is 1 MB
-RECS_BATCH_WITHIN = 0.02  # seconds a lone event waits for company: the next request should see it
+RECS_BATCH_WITHIN = 0.02  # seconds take_events waits for company (a stream without a batch channel)
 
 
 # --- read replicas -------------------------------------------------------------------------------

@@ -28,7 +28,7 @@ from typing import Any, Callable, Dict, Hashable, Iterable, Mapping, NamedTuple,
 
 from faust.types import EventT, StreamT, TableT
 
-BATCH_MAX = 2000
+BATCH_MAX = 8000  # records; a batch writes each key once, so a longer one writes less per record
 BATCH_WITHIN = 0.2  # seconds take_events waits for more (a stream without a batch channel, app/runtime.py)
 
 KeyedEvents = Iterable[Tuple[EventT, Iterable[Tuple[Hashable, Any]]]]

@@ -28,7 +28,7 @@ from models.cdc import UNAVAILABLE, Change, InvalidChange, fill_unavailable, key
 from tables.cdc import cdc_rows, cdc_table_stats
 
 APPLY_BATCH_MAX = 2000
-APPLY_BATCH_WITHIN = 0.1  # seconds a change waits for its batch
+APPLY_BATCH_WITHIN = 0.1  # seconds take_events waits for more (a stream without a batch channel)
 
 SINKS: List[Any] = []  # configured_sinks(settings), set by agents.cdc.register when the app is built
 
