@@ -15,6 +15,7 @@ same state (sends may repeat: at-least-once, with the same event and command ids
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
@@ -90,6 +91,8 @@ BRIDGE_IDS_PER_ORDER = 200  # V1 event ids remembered per order for idempotency
 PHASE_HISTORY = 100  # phase markers remembered per commands partition
 CHANGE_IDS_SHOWN = 20  # latest change ids per partition in /migration/local/, to tell a change read
 EXPIRY_INTERVAL = 1.0  # seconds between looks for results whose counterpart never came
+COMPLETENESS_MAX_AGE = 1.0  # seconds a scan of the orders' states serves the status pages
+COMPLETENESS_CHUNK = 1000  # orders scanned between two turns of the event loop
 ROUTING_FIELDS_BYTES = 128  # what routing adds to a command: system, answers, phase, canary_percent
 PENDING_ENTRY_BYTES = 128  # what a waiting result's table entry adds to its fields
 SAMPLE_VALUE_CHARS = 256  # a mismatch sample shows at most this much JSON of each value
@@ -527,7 +530,7 @@ class PhaseChangeInFlight:
 phase_change = PhaseChangeInFlight()
 
 
-def local_status(now: float) -> Dict[str, Any]:
+async def local_status(now: float) -> Dict[str, Any]:
     """The counters, phases and unreconciled ids of the partitions this worker owns."""
     totals: Dict[str, Dict[str, Any]] = {"bridge": {}, "compare": {}, "router": {}}
     phases, changes = {}, {}
@@ -546,13 +549,7 @@ def local_status(now: float) -> Dict[str, Any]:
                 changes[partition] = [row[3] for row in history[-CHANGE_IDS_SHOWN:] if len(row) > 3]
             continue
         add_counters(totals.setdefault(kind, {}), stats)
-    grace = settings.migration_reconcile_grace
-    unreconciled: Dict[str, List[str]] = {"v1": [], "v2": []}
-    reconciled = 0
-    for state in order_events.values():
-        reconciled += state.get("reconciled", 0)
-        for side in ("v1", "v2"):
-            unreconciled[side].extend(event_id for event_id, seen in state.get(side, {}).items() if now - seen > grace)
+    unreconciled, reconciled = await completeness.current(now)
     return {
         "totals": totals,
         "phases": phases,
@@ -561,6 +558,47 @@ def local_status(now: float) -> Dict[str, Any]:
         "unreconciled": unreconciled,
         "reconciled": reconciled,
     }
+
+
+class Completeness:
+    """The ids seen on one side only for longer than MIGRATION_RECONCILE_GRACE, and the count of
+    reconciled events: a scan of every order's state, so one scan serves every status asked
+    within COMPLETENESS_MAX_AGE seconds (a status page polled often scanned a large table
+    over and over, taking the worker's loop from its agents), and the scan gives the loop back
+    every COMPLETENESS_CHUNK orders."""
+
+    def __init__(self) -> None:
+        self.scanned: Optional[Tuple[Dict[str, List[str]], int]] = None
+        self.scanned_at = 0.0
+        self.scanning: Optional[asyncio.Future] = None
+
+    async def current(self, now: float) -> Tuple[Dict[str, List[str]], int]:
+        if self.scanned is not None and time.monotonic() - self.scanned_at < COMPLETENESS_MAX_AGE:
+            return self.scanned
+        if self.scanning is None:
+            self.scanning = asyncio.ensure_future(self.scan(now))
+        scanning = self.scanning
+        try:
+            return await asyncio.shield(scanning)
+        finally:
+            if self.scanning is scanning and scanning.done():
+                self.scanning = None
+
+    async def scan(self, now: float) -> Tuple[Dict[str, List[str]], int]:
+        grace = settings.migration_reconcile_grace
+        unreconciled: Dict[str, List[str]] = {"v1": [], "v2": []}
+        reconciled = 0
+        for count, state in enumerate(order_events.values(), 1):
+            reconciled += state.get("reconciled", 0)
+            for side in ("v1", "v2"):
+                unreconciled[side].extend(event_id for event_id, seen in state.get(side, {}).items() if now - seen > grace)
+            if not count % COMPLETENESS_CHUNK:
+                await asyncio.sleep(0)
+        self.scanned, self.scanned_at = (unreconciled, reconciled), time.monotonic()
+        return self.scanned
+
+
+completeness = Completeness()
 
 
 def unread_changes(pending: Iterable[str], changes: Dict[str, List[str]]) -> List[str]:
@@ -637,12 +675,12 @@ def cluster_phase(phases: Dict[str, Dict[str, Any]]) -> Tuple[str, int]:
 @app.page("/migration/local/")
 async def migration_local(view: web.View, request: web.Request) -> web.Response:
     """This worker's share of /migration/status/."""
-    return view.json(local_status(time.time()))
+    return view.json(await local_status(time.time()))
 
 
 async def gather_status() -> Dict[str, Any]:
     """Ask every worker that owns table partitions for its share, and merge."""
-    parts = [local_status(time.time()), *(await from_other_workers("/migration/local/")).values()]
+    parts = [await local_status(time.time()), *(await from_other_workers("/migration/local/")).values()]
     status = merge_status(parts)
     phase_change.forget_if_read(status["pending_changes"])
     return status
