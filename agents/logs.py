@@ -385,6 +385,7 @@ async def ship_logs(stream) -> None:
     async with PipelinedWrites(settings.log_bulk_in_flight) as writes:
         async for events in held_batches(stream, max_=settings.log_batch_max, within=settings.log_batch_within):
             await ship_batch(stream, events, writes, order)
+            await writes.slot_free()  # while every write is busy, the next batch grows in the queue
 
 
 # --- statistics ----------------------------------------------------------------------------------

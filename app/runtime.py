@@ -31,6 +31,7 @@ is written (``ship_logs`` and Elasticsearch, agents/logs.py):
                 turn = order.next_turn()
                 write = until_applied(write_part, part, what="part writes")
                 await writes.start(write, then=partial(after_write, part, ready, turn), released=turn[1])
+            await writes.slot_free()  # while every slot is busy, the next batch grows in the queue
 
 - ``held_batches`` yields each batch without acknowledging it when the body returns (with
   ``take_events``, it takes one more reference on each event first): the agent releases each part
@@ -370,6 +371,13 @@ class PipelinedWrites:
             write.close()  # never started: its batch stays held, so its offsets are not committed
             raise
         self._spawn(self._run(write, then, released)).add_done_callback(lambda _: write.close())  # dropped before it began
+
+    async def slot_free(self) -> None:
+        """Wait until a write could start. An agent that waits for this before taking its next
+        batch leaves the records in its queue while every slot is busy, so they make one longer
+        batch (fewer, larger writes) instead of many batches of what each fetch brought."""
+        async with self.slots:
+            pass
 
     def track(self, step: Coroutine[Any, Any, None]) -> None:
         """Run ``step`` (without a slot) among the writes: its failure fails the next write, and

@@ -228,6 +228,23 @@ async def test_no_more_than_the_limit_of_writes_run_at_once():
     await writes.finish(cancel=False)
 
 
+async def test_the_next_batch_is_taken_only_once_a_write_slot_is_free():
+    """While every slot is busy the agent leaves its records in the queue: one longer batch later."""
+    writes, gate = PipelinedWrites(1), asyncio.Event()
+
+    async def write() -> None:
+        await gate.wait()
+
+    await writes.start(write())
+    free = asyncio.ensure_future(writes.slot_free())
+    await asyncio.sleep(0.02)
+    assert not free.done()
+    gate.set()
+    await asyncio.wait_for(free, 1)
+    await writes.finish(cancel=False)
+    await asyncio.wait_for(writes.slot_free(), 1)  # and it takes no slot itself
+
+
 async def test_a_failed_write_fails_the_next_batch():
     writes = PipelinedWrites(4)
 
