@@ -171,8 +171,7 @@ def batch_channel(stream: StreamT) -> Optional[TopicT]:
     """The stream's topic made a batch channel: the consumer (app/transport.py) puts each
     partition's fetched records in its queue as one list, with no per-record hand-off, queue
     entry or acknowledgement by the stream. None for a stream that is not a topic read through
-    that transport; such a stream is read with Faust's ``take_events``. Called when the agent
-    starts, before the worker has subscribed (Faust subscribes once every agent has started)."""
+    that transport; such a stream is read with Faust's ``take_events``."""
     app, channel = stream.app, stream.channel
     conductor = app.topics
     if not isinstance(channel, faust.Topic) or not isinstance(conductor, Conductor) or channel not in conductor:
@@ -182,7 +181,22 @@ def batch_channel(stream: StreamT) -> Optional[TopicT]:
         forget = cast(Consumer, app.consumer).forget
         topic.batch_queue = BatchQueue(app.flow_control, app.conf.stream_buffer_maxsize, on_drop=forget)  # type: ignore[attr-defined]
         conductor._update_callback_map()  # for partitions already assigned
+        take_queued_events(app, topic)
     return topic
+
+
+def take_queued_events(app: Any, topic: TopicT) -> None:
+    """Records the conductor queued for the topic as a stream's events before it became a batch
+    channel (its agent awaited something first, such as an index template) go first into its
+    batch queue, so none is left unread in a queue nobody reads."""
+    queue = topic.queue
+    events = []
+    while not queue.empty():
+        events.append(queue.get_nowait())
+    if events:
+        messages = [event.message for event in events]
+        cast(Consumer, app.consumer).track_all(messages)
+        topic.batch_queue.put_nowait(messages)  # type: ignore[attr-defined]
 
 
 def stop_reading(stream: StreamT, channel: TopicT) -> None:

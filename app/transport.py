@@ -342,6 +342,16 @@ class Consumer(aiokafka.Consumer):
             self._drain_parked.set()  # a seek never waits for a loop that has ended
             unset_flag(CONSUMER_FETCHING)
 
+    def track_all(self, messages: Iterable[Message]) -> None:
+        """``track_message`` of each message not tracked yet: a rebalance waits for it to be
+        acknowledged, and the sensors count it in."""
+        on_message_in, track = self.app.sensors.on_message_in, self._unacked_messages.add
+        for message in messages:
+            if not message.tracked:
+                message.tracked = True
+                track(message)
+                on_message_in(message.tp, message.offset, message)
+
     def forget(self, messages: Iterable[Message]) -> None:
         """Records handed to a batch channel and dropped there unprocessed (a rebalance emptied its
         queue, or they were fetched before it): a rebalance no longer waits for them to be
@@ -448,14 +458,10 @@ async def deliver_batch(consumer: Consumer, messages: List[Message], queues: Tup
     await app.flow_control.acquire()
     await app.producer.buffer.wait_until_ebb()
     count = len(queues)
-    on_message_in, track = app.sensors.on_message_in, consumer._unacked_messages.add
     with ack_lock:
         for message in messages:
             message.refcount += count
-    for message in messages:
-        message.tracked = True
-        track(message)
-        on_message_in(message.tp, message.offset, message)
+    consumer.track_all(messages)
     for queue in queues:
         await queue.put(messages)
 
@@ -491,6 +497,10 @@ class BatchQueue:
         while self.records and self.records + len(messages) > self.max_records:
             self.writable.clear()
             await self.writable.wait()
+        self.put_nowait(messages)
+
+    def put_nowait(self, messages: List[Message]) -> None:
+        """Put without waiting for room."""
         self.batches.append(messages)
         self.records += len(messages)
         self.readable.set()

@@ -150,3 +150,31 @@ async def test_decoded_batches_of_a_batch_channel_acknowledge_only_after_the_bod
     finally:
         app.topics.discard(channel)
     assert list(consumer._acked[tp]) == [0, 1, 2, 3]  # offset 5 was not applied: not acknowledged
+
+
+async def test_records_queued_before_the_agent_asked_for_batches_come_first(monkeypatch):
+    """An agent that awaits something before its first batch (ship_logs puts an index template):
+    the conductor may already have queued records for its stream; they are not left behind."""
+    app.flow_control.resume()
+    topic = app.topic("batch-probe-early", key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw")
+    stream = app.stream(topic)
+    consumer = app.consumer
+    tp = TP("batch-probe-early", 0)
+    early = messages_of(consumer, tp, [0, 1], values=[b"10", b"11"])
+    for message in early:
+        message.incref()  # as the conductor does before queueing the event
+        stream.channel.queue.put_nowait(app.conf.Event(app, message.key, message.value, {}, message))
+
+    batches = decoded_batches(stream, lambda event: orjson.loads(event.value), max_=100, within=1.0)
+    try:
+        batch = await asyncio.wait_for(batches.__anext__(), 1)
+        assert [entry.value for entry in batch] == [10, 11]
+        assert all(message in consumer._unacked_messages for message in early)  # a rebalance waits for them
+        later = messages_of(consumer, tp, [2], values=[b"12"])
+        later[0].incref()
+        await stream.channel.batch_queue.put(later)
+        batch = await asyncio.wait_for(batches.__anext__(), 1)
+        assert [entry.value for entry in batch] == [12]
+        assert all(message.acked for message in early)
+    finally:
+        await batches.aclose()
