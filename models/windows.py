@@ -19,7 +19,8 @@ KEY_DECIMALS = 3  # pane keys carry milliseconds: a step need not be a whole num
 
 def pane_start(ts: float, step: float) -> float:
     """Start of the pane of ``step`` seconds that holds event time ``ts``."""
-    return math.floor(ts / step) * step
+    start = math.floor(ts / step) * step
+    return start - step if start > ts else start  # ts / step rounded up to 0 (ts a tiny negative)
 
 
 def pane_starts(now: float, window: float, step: float) -> List[float]:
