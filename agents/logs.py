@@ -37,7 +37,7 @@ from app.runtime import (
 )
 from app.search import BulkPair, BulkWriter, Rejection, optional_writer, put_index_template
 from app.settings import Settings
-from app.topics import key_text, metrics_topic
+from app.topics import key_text, metrics_topic, raw_topic
 from models.logs import (
     LEVELS,
     InvalidRecord,
@@ -61,26 +61,10 @@ from models.logs import (
 )
 from tables.logs import log_stats, recent_lines
 
-logs_topic = app.topic(
-    # Raw bytes: a record may be JSON, logfmt, plain text or a JSON array; the agent detects which.
-    "logs",
-    key_type=bytes,
-    value_type=bytes,
-    key_serializer="raw",
-    value_serializer="raw",
-    partitions=settings.topic_partitions,
-    internal=True,
-)
-log_counts_topic = app.topic(
-    # LogCounts as JSON bytes, decoded (and checked) by count_log_lines itself.
-    "log-counts",
-    key_type=bytes,
-    value_type=bytes,
-    key_serializer="raw",
-    value_serializer="raw",
-    partitions=settings.topic_partitions,
-    internal=True,
-)
+# Raw bytes: a record may be JSON, logfmt, plain text or a JSON array; the agent detects which.
+logs_topic = raw_topic("logs")
+# LogCounts as JSON bytes, decoded (and checked) by count_log_lines itself.
+log_counts_topic = raw_topic("log-counts")
 
 INDEX_TEMPLATE = "streamspine-logs"
 CLOSE_GRACE = 5.0  # seconds past a window's end (wall clock) before a quiet service's window closes

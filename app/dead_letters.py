@@ -18,6 +18,7 @@ import faust
 from faust.types import EventT, TopicT
 
 from app import app
+from app.topics import batch_topic
 from models.dead_letters import DeadLetter
 
 log = logging.getLogger(__name__)
@@ -27,7 +28,7 @@ MAX_REASON_CHARS = 4096
 RECORD_OVERHEAD = 512  # bytes of a produce request besides the key, value and headers (generous)
 
 # DeadLetter notices as JSON bytes, decoded (and checked) by agents/dead_letters.py.
-dead_letter_notices = app.topic("dead-letters", key_type=str, value_type=bytes, value_serializer="raw", internal=True)
+dead_letter_notices = batch_topic("dead-letters", key_type=str, value_type=bytes, value_serializer="raw")
 
 _dlq_topics: Dict[str, TopicT] = {}
 

@@ -3,7 +3,8 @@
     async for batch in decoded_batches(stream, decode_order, max_=BATCH_MAX, within=BATCH_WITHIN):
         await until_applied(apply_orders, batch, what="orders")
 
-- Batches come from a batch channel (``batch_channel``): the consumer of app/transport.py puts
+- Batches come from a batch channel (``batch_channel``: a stream of a ``BatchTopic``, such as
+  app/topics.py's ``raw_topic``): the consumer of app/transport.py puts
   each partition's fetched records into the agent's queue as one list, and a batch is what waits
   there when the agent asks, at most ``max_`` records, at once (no wait for more: under load the
   queue fills while the body runs, so batches grow with the load). None of the per-record
@@ -74,14 +75,13 @@ from typing import (
     cast,
 )
 
-import faust
 import orjson
 from faust.types import EventT, StreamT, TopicT
 from faust.types.tuples import Message
 
 from app.dead_letters import dead_letter
 from app.retry import MAX_BACKOFF, apply_stats, retrying
-from app.transport import BatchQueue, Conductor, Consumer
+from app.transport import BatchTopic, Conductor, Consumer
 
 log = logging.getLogger(__name__)
 
@@ -168,35 +168,15 @@ async def decoded(events: List[EventT], decode: Callable[[EventT], Optional[T]])
 
 
 def batch_channel(stream: StreamT) -> Optional[TopicT]:
-    """The stream's topic made a batch channel: the consumer (app/transport.py) puts each
-    partition's fetched records in its queue as one list, with no per-record hand-off, queue
-    entry or acknowledgement by the stream. None for a stream that is not a topic read through
-    that transport; such a stream is read with Faust's ``take_events``."""
-    app, channel = stream.app, stream.channel
-    conductor = app.topics
-    if not isinstance(channel, faust.Topic) or not isinstance(conductor, Conductor) or channel not in conductor:
-        return None
-    topic = cast(TopicT, channel)  # subscribed by app.stream() (aiter of the agent's topic)
-    if getattr(topic, "batch_queue", None) is None:
-        forget = cast(Consumer, app.consumer).forget
-        topic.batch_queue = BatchQueue(app.flow_control, app.conf.stream_buffer_maxsize, on_drop=forget)  # type: ignore[attr-defined]
-        conductor._update_callback_map()  # for partitions already assigned
-        take_queued_events(app, topic)
-    return topic
-
-
-def take_queued_events(app: Any, topic: TopicT) -> None:
-    """Records the conductor queued for the topic as a stream's events before it became a batch
-    channel (its agent awaited something first, such as an index template) go first into its
-    batch queue, so none is left unread in a queue nobody reads."""
-    queue = topic.queue
-    events = []
-    while not queue.empty():
-        events.append(queue.get_nowait())
-    if events:
-        messages = [event.message for event in events]
-        cast(Consumer, app.consumer).track_all(messages)
-        topic.batch_queue.put_nowait(messages)  # type: ignore[attr-defined]
+    """The stream's topic if it is a batch channel: a ``BatchTopic`` subscribed through this
+    project's transport, whose consumer puts each partition's fetched records in its queue as one
+    list, with no per-record hand-off, queue entry or acknowledgement by the stream. None for any
+    other stream (``agent.test_context()``, FAST_CONSUMER=false), which is read with Faust's
+    ``take_events``."""
+    channel = stream.channel
+    if isinstance(channel, BatchTopic) and getattr(channel, "batch_queue", None) is not None:
+        return cast(TopicT, channel)
+    return None
 
 
 def stop_reading(stream: StreamT, channel: TopicT) -> None:

@@ -7,11 +7,12 @@ sample contract: monitoring consumes it, and any job (logging's error rates) may
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Optional
 
 from faust.types import TopicT
 
 from app import app, settings
+from app.transport import BatchTopic
 
 
 class InvalidKey(ValueError):
@@ -20,16 +21,14 @@ class InvalidKey(ValueError):
 
 def raw_topic(*names: str, partitions: Optional[int] = None) -> TopicT:
     """A topic of raw key and value bytes, created with TOPIC_PARTITIONS partitions (or
-    ``partitions``) when it does not exist yet."""
-    return app.topic(
-        *names,
-        key_type=bytes,
-        value_type=bytes,
-        key_serializer="raw",
-        value_serializer="raw",
-        partitions=partitions or settings.topic_partitions,
-        internal=True,
-    )
+    ``partitions``) when it does not exist yet, read by its agents in batches (app/runtime.py)."""
+    return batch_topic(*names, key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw", partitions=partitions)
+
+
+def batch_topic(*names: str, partitions: Optional[int] = None, **options: Any) -> TopicT:
+    """A topic its agents read with app/runtime.py (``decoded_batches``, ``held_batches``): each
+    partition's fetched records reach them at once (app/transport.py's ``BatchTopic``)."""
+    return BatchTopic(app, topics=list(names), partitions=partitions or settings.topic_partitions, internal=True, **options)
 
 
 def key_text(key: Optional[bytes]) -> Optional[str]:

@@ -497,10 +497,6 @@ class BatchQueue:
         while self.records and self.records + len(messages) > self.max_records:
             self.writable.clear()
             await self.writable.wait()
-        self.put_nowait(messages)
-
-    def put_nowait(self, messages: List[Message]) -> None:
-        """Put without waiting for room."""
         self.batches.append(messages)
         self.records += len(messages)
         self.readable.set()
@@ -673,10 +669,17 @@ def plain_mode(typ: Any, serializer: Any) -> Any:
     return None
 
 
+class BatchTopic(faust.Topic):
+    """A topic its agents read in batches (app/runtime.py's ``decoded_batches``): each stream of it
+    gets a ``BatchQueue`` when it subscribes (``Conductor.add``), before any record can reach it,
+    and the consumer hands it each partition's fetched records as one list. Through Faust's stock
+    consumer (FAST_CONSUMER=false) it is an ordinary topic."""
+
+
 class Conductor(faust_conductor.Conductor):
     """Faust's conductor (its per-partition callbacks included: Faust's compiled
     ``ConductorHandler``), with the callback of a record's partition found without a lock, and
-    batch channels: a channel with a ``batch_queue`` (app/runtime.py's ``batch_channel``) is
+    batch channels: a stream of a ``BatchTopic`` gets a ``batch_queue`` and is
     subscribed like any other but gets each partition's fetched records as one list in that queue
     (``Consumer._deliver``); the per-record callbacks serve the other channels only."""
 
@@ -686,6 +689,15 @@ class Conductor(faust_conductor.Conductor):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         self.batch_queues, self.per_record_tps = {}, set()
         super().__init__(*args, **kwargs)
+
+    def add(self, topic: Any) -> None:
+        """Faust's subscription of a channel; a stream of a ``BatchTopic`` gets its batch queue."""
+        if isinstance(topic, BatchTopic) and topic.is_iterator and getattr(topic, "batch_queue", None) is None:
+            app = self.app
+            topic.batch_queue = BatchQueue(  # type: ignore[attr-defined]
+                app.flow_control, app.conf.stream_buffer_maxsize, on_drop=lambda messages: cast(Consumer, app.consumer).forget(messages)
+            )
+        super().add(topic)
 
     def remove_batch_channel(self, channel: Any) -> None:
         """Stop delivering to a batch channel whose agent stopped reading (a restarted agent reads a

@@ -253,6 +253,15 @@ def add_counting_agent(app: Any, topic: Any, meter: Meter, args: argparse.Namesp
                 meter.finish(total=sum(counts.values()))
 
 
+def runtime_topic(app: Any, args: argparse.Namespace) -> Any:
+    """The topic as the jobs declare theirs (app/topics.py's ``raw_topic``): raw bytes, read in
+    batches (a ``BatchTopic``: each partition's fetched records reach the agent at once)."""
+    from app.transport import BatchTopic
+
+    return BatchTopic(app, topics=[args.topic], key_type=bytes, value_type=bytes, key_serializer="raw",
+                      value_serializer="raw", partitions=args.partitions)
+
+
 def add_runtime_counting_agent(app: Any, topic: Any, meter: Meter, args: argparse.Namespace,
                                gate: Optional[Callable[[], Awaitable[None]]] = None) -> Any:
     """The jobs' pattern (agents/metrics.py, agents/migration.py): app/runtime.py's
@@ -300,9 +309,7 @@ def run_faust(args: argparse.Namespace, meter: Meter) -> None:
 
     app = faust_app(args)
     if args.variant == "streamspine-runtime":  # the jobs' topics are raw bytes, decoded by the runtime
-        topic = app.topic(args.topic, key_type=bytes, value_type=bytes, key_serializer="raw",
-                          value_serializer="raw", partitions=args.partitions)
-        add_runtime_counting_agent(app, topic, meter, args)
+        add_runtime_counting_agent(app, runtime_topic(app, args), meter, args)
     else:
         topic = app.topic(args.topic, key_type=bytes, value_serializer="json", partitions=args.partitions)
         if args.variant == "faust-table":

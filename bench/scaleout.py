@@ -43,6 +43,7 @@ from compare import (  # noqa: E402  (bench/ is not a package)
     faust_app,
     log_tail,
     produce,
+    runtime_topic,
     stop_process_group,
 )
 
@@ -79,8 +80,7 @@ def run_worker(args: argparse.Namespace) -> int:
     args.variant = "streamspine-runtime"
     args.work_dir.mkdir(parents=True, exist_ok=True)
     app = faust_app(args)
-    topic = app.topic(args.topic, key_type=bytes, value_type=bytes, key_serializer="raw",
-                      value_serializer="raw", partitions=args.partitions)
+    topic = runtime_topic(app, args)
     go, stop, progress_path = args.control / "go", args.control / "stop", args.progress
     progress, assigned = Progress(), {"partitions": []}
 

@@ -13,7 +13,8 @@ from faust.types import TP
 
 from app import app
 from app.runtime import batch_channel, decoded_batches
-from app.transport import BatchQueue, Consumer
+from app.topics import raw_topic
+from app.transport import BatchQueue, BatchTopic, Consumer
 from tests.unit.test_transport import consumer_record, new_consumer
 
 
@@ -116,11 +117,10 @@ async def test_decoded_batches_of_a_batch_channel_acknowledge_only_after_the_bod
 
     monkeypatch.setattr("app.runtime.dead_letter", record_letter)
     app.flow_control.resume()
-    topic = app.topic("batch-probe-agent", key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw")
-    stream = app.stream(topic)
+    stream = app.stream(raw_topic("batch-probe-agent"))
     channel = batch_channel(stream)
     assert channel is stream.channel and channel in app.topics
-    app.topics._acking_topics.add(topic.get_topic_name())  # done when the worker subscribes
+    app.topics._acking_topics.add("batch-probe-agent")  # done when the worker subscribes
     consumer = app.consumer
     tp = TP("batch-probe-agent", 0)
     messages = messages_of(consumer, tp, [0, 1, 2, 3], values=[b"1", b"[[[", b"2", b"3"])
@@ -152,29 +152,15 @@ async def test_decoded_batches_of_a_batch_channel_acknowledge_only_after_the_bod
     assert list(consumer._acked[tp]) == [0, 1, 2, 3]  # offset 5 was not applied: not acknowledged
 
 
-async def test_records_queued_before_the_agent_asked_for_batches_come_first(monkeypatch):
-    """An agent that awaits something before its first batch (ship_logs puts an index template):
-    the conductor may already have queued records for its stream; they are not left behind."""
-    app.flow_control.resume()
-    topic = app.topic("batch-probe-early", key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw")
-    stream = app.stream(topic)
-    consumer = app.consumer
-    tp = TP("batch-probe-early", 0)
-    early = messages_of(consumer, tp, [0, 1], values=[b"10", b"11"])
-    for message in early:
-        message.incref()  # as the conductor does before queueing the event
-        stream.channel.queue.put_nowait(app.conf.Event(app, message.key, message.value, {}, message))
-
-    batches = decoded_batches(stream, lambda event: orjson.loads(event.value), max_=100, within=1.0)
+def test_a_stream_of_a_batch_topic_has_its_queue_from_its_subscription_on():
+    """No record can reach a batch topic's stream one by one, even before its agent first asks
+    for a batch (ship_logs first puts an index template): its queue exists when it subscribes."""
+    stream = app.stream(raw_topic("batch-probe-early"))
     try:
-        batch = await asyncio.wait_for(batches.__anext__(), 1)
-        assert [entry.value for entry in batch] == [10, 11]
-        assert all(message in consumer._unacked_messages for message in early)  # a rebalance waits for them
-        later = messages_of(consumer, tp, [2], values=[b"12"])
-        later[0].incref()
-        await stream.channel.batch_queue.put(later)
-        batch = await asyncio.wait_for(batches.__anext__(), 1)
-        assert [entry.value for entry in batch] == [12]
-        assert all(message.acked for message in early)
+        assert isinstance(stream.channel, BatchTopic) and stream.channel in app.topics
+        assert isinstance(stream.channel.batch_queue, BatchQueue)
+        assert batch_channel(stream) is stream.channel
+        plain = app.stream(app.topic("batch-probe-plain", key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw"))
+        assert batch_channel(plain) is None  # read with take_events
     finally:
-        await batches.aclose()
+        app.topics.remove_batch_channel(stream.channel)
