@@ -73,8 +73,8 @@ class MemorySettings(BaseSettings):
         32768,
         ge=16,
         le=1_000_000,
-        description="Records read and not yet processed per agent (its batch channel's queue; the consumer waits to hand on more, "
-        "Faust's stream pauses the partition at 80 %). Fewer: less memory under overload, but a full buffer holds up the other agents sooner.",
+        description="Records read and not yet processed per agent (its batch channel's queue); past it the agent's partitions are "
+        "fetched no more until it catches up. Fewer: less memory under overload, and a slow agent's partitions pause sooner.",
     )
 
     @model_validator(mode="after")

@@ -463,22 +463,32 @@ async def deliver_batch(consumer: Consumer, messages: List[Message], queues: Tup
             message.refcount += count
     consumer.track_all(messages)
     for queue in queues:
-        await queue.put(messages)
+        queue.put(messages)
 
 
 class BatchQueue:
     """The queue of a batch channel (app/runtime.py's ``batch_channel``): lists of one partition's
-    records, in fetch order, at most ``max_records`` records (a longer list still goes into an
-    empty queue). Managed by Faust's flow control like a stream's queue: emptied on a rebalance."""
+    records, in fetch order. Like Faust's stream queue it never makes the consumer wait: past
+    ``max_records`` it stops fetching the partitions it holds (``pause``, Faust's
+    ``on_buffer_full``) until the agent has taken it down to 40 % (``resume``), so an agent that
+    cannot keep up (its sink away) holds up its own partitions only. Managed by Faust's flow
+    control like a stream's queue: emptied on a rebalance."""
 
-    def __init__(self, flow_control: Any, max_records: int, on_drop: Callable[[List[Message]], None] = lambda _: None) -> None:
+    def __init__(
+        self,
+        flow_control: Any,
+        max_records: int,
+        on_drop: Callable[[List[Message]], None] = lambda _: None,
+        pause: Callable[[TP], None] = lambda _: None,
+        resume: Callable[[TP], None] = lambda _: None,
+    ) -> None:
         self.batches: Deque[List[Message]] = deque()
         self.records = 0
         self.max_records = max_records
         self.on_drop = on_drop  # given each list ``clear`` drops
+        self.pause, self.resume = pause, resume
+        self.paused: Set[TP] = set()
         self.readable = asyncio.Event()
-        self.writable = asyncio.Event()
-        self.writable.set()
         flow_control.manage_queue(self)
 
     def qsize(self) -> int:
@@ -491,15 +501,17 @@ class BatchQueue:
         self.batches.clear()
         self.records = 0
         self.readable.clear()
-        self.writable.set()
+        self.resume_all()
 
-    async def put(self, messages: List[Message]) -> None:
-        while self.records and self.records + len(messages) > self.max_records:
-            self.writable.clear()
-            await self.writable.wait()
+    def put(self, messages: List[Message]) -> None:
         self.batches.append(messages)
         self.records += len(messages)
         self.readable.set()
+        if self.records >= self.max_records:
+            tp = messages[0].tp
+            if tp not in self.paused:
+                self.paused.add(tp)
+                self.pause(tp)
 
     async def get(self, max_records: int) -> List[Message]:
         """The records waiting, at least one, at most ``max_records``; they are the caller's
@@ -519,9 +531,17 @@ class BatchQueue:
         self.records -= len(taken)
         if not batches:
             self.readable.clear()
-        if self.records < self.max_records:
-            self.writable.set()
+        if self.paused and self.records <= self.max_records * RESUME_RATIO:
+            self.resume_all()
         return taken
+
+    def resume_all(self) -> None:
+        paused, self.paused = self.paused, set()
+        for tp in paused:
+            self.resume(tp)
+
+
+RESUME_RATIO = 0.4  # a paused queue's partitions are fetched again below this share (Faust's too)
 
 
 def register_buffer_gauges(consumer: "Consumer") -> None:
@@ -695,7 +715,11 @@ class Conductor(faust_conductor.Conductor):
         if isinstance(topic, BatchTopic) and topic.is_iterator and getattr(topic, "batch_queue", None) is None:
             app = self.app
             topic.batch_queue = BatchQueue(  # type: ignore[attr-defined]
-                app.flow_control, app.conf.stream_buffer_maxsize, on_drop=lambda messages: cast(Consumer, app.consumer).forget(messages)
+                app.flow_control,
+                app.conf.stream_buffer_maxsize,
+                on_drop=lambda messages: cast(Consumer, app.consumer).forget(messages),
+                pause=lambda tp: app.consumer.on_buffer_full(tp),
+                resume=lambda tp: app.consumer.on_buffer_drop(tp),
             )
         super().add(topic)
 

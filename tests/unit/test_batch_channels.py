@@ -87,26 +87,32 @@ async def test_ack_all_leaves_the_consumer_as_acknowledging_each_message_does():
     assert at_once._new_offset(tp) == 5
 
 
-async def test_the_queue_merges_waiting_lists_splits_long_ones_and_bounds_its_records():
-    dropped: List[List[int]] = []
-    queue = BatchQueue(app.flow_control, max_records=10, on_drop=dropped.append)
-    await queue.put(list(range(12)))  # over the bound, but the queue was empty
-    assert await queue.get(5) == list(range(5))  # a long list split
+async def test_the_queue_merges_lists_splits_long_ones_and_pauses_its_partitions_when_full():
+    """A full queue stops the fetching of its partitions (Faust's on_buffer_full), not the consumer:
+    an agent whose sink is away holds up its own partitions, never the other agents'."""
+    dropped: List[List[Any]] = []
+    paused: List[TP] = []
+    resumed: List[TP] = []
+    queue = BatchQueue(app.flow_control, max_records=10, on_drop=dropped.append, pause=paused.append, resume=resumed.append)
+    first, second = TP("q", 0), TP("q", 1)
+    records = messages_of(new_consumer(), first, list(range(12))) + messages_of(new_consumer(), second, list(range(12, 20)))
 
-    blocked = asyncio.ensure_future(queue.put(list(range(12, 16))))  # 7 waiting + 4 > 10
-    await asyncio.sleep(0.01)
-    assert not blocked.done() and queue.qsize() == 7
-    assert await queue.get(100) == list(range(5, 12))
-    await asyncio.wait_for(blocked, 1)
+    queue.put(records[:12])  # over the bound: partition 0 is fetched no more
+    queue.put(records[12:16])
+    assert paused == [first, second] and queue.qsize() == 16
+    assert await queue.get(5) == records[:5]  # a long list split; still 11 waiting
+    assert resumed == []
+    assert await queue.get(9) == records[5:12]  # not merged with the next list: 11 would pass 9
+    assert queue.qsize() == 4 and sorted(resumed) == [first, second]  # down to 40 %: fetched again
+    assert await queue.get(2) == records[12:14]
 
-    await queue.put([16, 17])
-    assert await queue.get(5) == list(range(12, 16))  # not merged: 6 would pass 5
-    await queue.put([18])
-    assert await queue.get(5) == [16, 17, 18]  # merged
-    await queue.put([19])
+    queue.put(records[16:18])
+    queue.put(records[18:19])
+    assert await queue.get(5) == records[14:19]  # merged
+    queue.put(records[19:])
     queue.clear()  # a rebalance empties it
     assert queue.qsize() == 0 and not queue.batches
-    assert dropped == [[19]]  # the consumer forgets them: a rebalance does not wait for them
+    assert dropped == [records[19:]]  # the consumer forgets them: a rebalance does not wait for them
 
 
 async def test_decoded_batches_of_a_batch_channel_acknowledge_only_after_the_body(monkeypatch):
@@ -129,19 +135,19 @@ async def test_decoded_batches_of_a_batch_channel_acknowledge_only_after_the_bod
     for message in messages + stale:
         message.incref()
         consumer._unacked_messages.add(message)  # tracked, as the delivery tracks them
-    await channel.batch_queue.put(messages)
-    await channel.batch_queue.put(stale)
+    channel.batch_queue.put(messages)
+    channel.batch_queue.put(stale)
 
     batches = decoded_batches(stream, lambda event: orjson.loads(event.value), max_=100, within=1.0)
     try:
         batch = await batches.__anext__()
         assert [entry.value for entry in batch] == [1, 2, 3] and letters == [1]
         assert not consumer._acked[tp]  # the body has not returned yet
-        await channel.batch_queue.put(messages_of(consumer, tp, [5]))
+        channel.batch_queue.put(messages_of(consumer, tp, [5]))
         await batches.__anext__()
         assert list(consumer._acked[tp]) == [0, 1, 2, 3]  # the stale record is read again, not acked
         assert not stale[0].acked and stale[0] not in consumer._unacked_messages  # no rebalance waits for it
-        await channel.batch_queue.put(messages_of(consumer, tp, [6]))
+        channel.batch_queue.put(messages_of(consumer, tp, [6]))
         with pytest.raises(RuntimeError):
             await batches.athrow(RuntimeError("the body failed"))
         # The agent reads this channel no more: nothing is delivered to it (a full queue would
