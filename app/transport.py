@@ -508,7 +508,8 @@ class BatchQueue:
         self.records += len(messages)
         self.readable.set()
         if self.records >= self.max_records:
-            tp = messages[0].tp
+            first = messages[0]  # its ``tp`` is aiokafka's TopicPartition; Faust's sets of partitions hold only TP
+            tp = TP(first.topic, first.partition)
             if tp not in self.paused:
                 self.paused.add(tp)
                 self.pause(tp)

@@ -9,6 +9,7 @@ from typing import Any, List
 
 import orjson
 import pytest
+from aiokafka import TopicPartition
 from faust.types import TP
 
 from app import app
@@ -113,6 +114,20 @@ async def test_the_queue_merges_lists_splits_long_ones_and_pauses_its_partitions
     queue.clear()  # a rebalance empties it
     assert queue.qsize() == 0 and not queue.batches
     assert dropped == [records[19:]]  # the consumer forgets them: a rebalance does not wait for them
+
+
+async def test_a_full_queue_pauses_and_resumes_its_partition_in_the_consumers_own_sets():
+    """Records carry aiokafka's TopicPartition; Faust's consumer asserts that its active
+    partitions are all TP (a bridge backlog of 80,000 events once crashed the worker here)."""
+    consumer = new_consumer()
+    tp = TP("batch-probe-pause", 0)
+    consumer._set_active_tps({tp})
+    queue = BatchQueue(app.flow_control, max_records=2, pause=consumer.on_buffer_full, resume=consumer.on_buffer_drop)
+    queue.put(messages_of(consumer, TopicPartition(tp.topic, tp.partition), [0, 1, 2]))
+    assert consumer._get_active_partitions() == set()
+    await queue.get(3)
+    assert consumer._get_active_partitions() == {tp}
+    assert all(type(active) is TP for active in consumer._get_active_partitions())
 
 
 async def test_decoded_batches_of_a_batch_channel_acknowledge_only_after_the_body(monkeypatch):
