@@ -16,6 +16,7 @@ same state (sends may repeat: at-least-once, with the same event and command ids
 from __future__ import annotations
 
 import asyncio
+import heapq
 import json
 import logging
 import time
@@ -436,6 +437,7 @@ async def compare_batch(stream: StreamT, batch: List[Decoded[Result]], refused: 
     for key, (event, value) in entries.items():
         enter_partition(stream, event)
         pending_results[key] = value
+        expiry_index.add(key, value)
     write_counters(stream, counts)
 
 
@@ -446,32 +448,78 @@ async def compare_results_of_both_systems(stream: StreamT) -> None:
         await until_applied(compare_batch, stream, batch, batch.refused, what="migration comparison")
 
 
-def is_overdue(pending: Dict[str, Any], now: float) -> bool:
+def due_at(pending: Dict[str, Any]) -> float:
+    """When a waiting result counts as missing on the other side (after the compare window), or
+    a 'compared' marker is dropped (after two)."""
     window = settings.migration_compare_window
-    return now - pending.get("at", now) > (2 * window if pending.get("done") else window)
+    return pending.get("at", 0.0) + (2 * window if pending.get("done") else window)
+
+
+def is_overdue(pending: Dict[str, Any], now: float) -> bool:
+    return due_at(pending) < now
+
+
+class ExpiryIndex:
+    """When each entry of ``pending_results`` falls due, per partition, soonest first: the expiry
+    looks only at what is overdue instead of decoding every waiting result each second. It is
+    kept in memory by the writes of this worker and rebuilt from the table (one scan) whenever the
+    worker's active partitions change; an entry it lists that was replaced or deleted since is
+    skipped, since the table is read before anything is expired."""
+
+    def __init__(self) -> None:
+        self.assignment: Optional[Tuple[int, frozenset]] = None
+        self.due: Dict[int, List[Tuple[float, bytes]]] = {}
+
+    def add(self, key: bytes, pending: Dict[str, Any]) -> None:
+        heapq.heappush(self.due.setdefault(pending["partition"], []), (due_at(pending), key))
+
+    def refresh(self) -> None:
+        """Rebuild from the table if the consumer generation or the active partitions changed."""
+        assignment = (app.consumer_generation_id, frozenset(app.assignor.assigned_actives()))
+        if assignment == self.assignment:
+            return
+        self.assignment, self.due = assignment, {}
+        for key, pending in pending_results.items():
+            if isinstance(pending.get("partition"), int):
+                self.add(key, pending)
+
+    def overdue_partitions(self, now: float) -> List[int]:
+        self.refresh()
+        return sorted(partition for partition, due in self.due.items() if due and due[0][0] < now)
+
+    def pop_overdue(self, partition: int, now: float) -> List[bytes]:
+        due = self.due.get(partition, [])
+        keys = []
+        while due and due[0][0] < now:
+            keys.append(heapq.heappop(due)[1])
+        return keys
+
+
+expiry_index = ExpiryIndex()
 
 
 def expire_results(partition: int, now: float) -> Counts:
     """Count results of this partition whose counterpart did not come within the window as
     missing on the other side; drop 'compared' markers older than two windows."""
     missing = {"missing_in_v1": 0, "missing_in_v2": 0}
-    for key, pending in list(pending_results.items()):
-        if pending.get("partition") != partition or not is_overdue(pending, now):
-            continue
+    for key in expiry_index.pop_overdue(partition, now):
+        pending = pending_results.get(key)
+        if not pending or pending.get("partition") != partition or not is_overdue(pending, now):
+            continue  # replaced (its new entry is listed too) or gone
         if pending.get("done"):
             del pending_results[key]
         else:
             missing["missing_in_v2" if pending["side"] == "v1" else "missing_in_v1"] += 1
-            pending_results[key] = {"done": True, "missing": True, "at": now, "partition": partition}
+            marker = {"done": True, "missing": True, "at": now, "partition": partition}
+            pending_results[key] = marker
+            expiry_index.add(key, marker)
     return missing
 
 
 @app.timer(interval=EXPIRY_INTERVAL)
 async def schedule_result_expiry() -> None:
     """Tick each local partition that holds overdue results (read-only here: no event context)."""
-    now = time.time()
-    partitions = {pending.get("partition") for pending in pending_results.values() if is_overdue(pending, now)}
-    for partition in sorted(p for p in partitions if p is not None):
+    for partition in expiry_index.overdue_partitions(time.time()):
         await result_expiry.send(value=b"tick", partition=partition)
 
 

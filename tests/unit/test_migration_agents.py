@@ -500,3 +500,36 @@ def test_the_status_shows_a_pending_change_of_any_worker():
     assert migration.merge_status(parts)["pending_changes"] == ["ch-2"]
     parts[1]["pending_change"] = "ch-1"
     assert migration.merge_status(parts)["pending_changes"] == []
+
+
+async def test_a_result_whose_counterpart_never_came_is_counted_missing_once_then_forgotten(kafka, monkeypatch):
+    clear_tables()
+    window = 0.2
+    monkeypatch.setattr("agents.migration.settings", migration.settings.model_copy(update={"migration_compare_window": window}))
+    monkeypatch.setattr(migration, "expiry_index", migration.ExpiryIndex())
+    async with migration.compare_results_of_both_systems.test_context() as agent:
+        await put(agent, json_bytes({"a": 1}), b"r-1", partition=0, topic="migration.v1.results")
+        await put(agent, json_bytes({"a": 1}), b"r-2", partition=1, topic="migration.v2.results")
+        await put(agent, json_bytes({"a": 1}), b"r-3", partition=1, topic="migration.v1.results")
+        await put(agent, json_bytes({"a": 1}), b"r-3", partition=1, topic="migration.v2.results")
+        await settled(lambda: counters("compare").get("compared", 0) == 1)
+    written = time.time()
+    assert migration.expiry_index.overdue_partitions(written) == []
+
+    async def expire(now: float) -> List[int]:
+        due = migration.expiry_index.overdue_partitions(now)
+        async with migration.expire_unpaired_results.test_context() as expiry:
+            for partition in due:
+                await put(expiry, b"tick", partition=partition)
+            await asyncio.sleep(0.1)
+        return due
+
+    await asyncio.sleep(window + 0.05)
+    assert await expire(time.time()) == [0, 1]  # r-1 and r-2 overdue; r-3's 'compared' marker not yet
+    assert (counters("compare").get("missing_in_v2"), counters("compare").get("missing_in_v1")) == (1, 1)
+    assert await expire(time.time()) == []  # counted once
+    rebuilt = migration.ExpiryIndex()  # a new assignment: rebuilt from the table
+    assert rebuilt.overdue_partitions(time.time() + 2 * window + 0.1) == [0, 1]
+    await asyncio.sleep(2 * window + 0.05)
+    assert await expire(time.time()) == [0, 1]
+    assert list(pending_results.keys()) == [] and counters("compare")["missing_in_v2"] == 1
