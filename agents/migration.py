@@ -29,7 +29,7 @@ import orjson
 from faust import web
 from faust.types import EventT, StreamT, TopicT
 
-from app import app, settings
+from app import app, settings, transport
 from app.aggregation import BATCH_MAX, BATCH_WITHIN, enter_partition, fold_deltas, write_deltas
 from app.dead_letters import RECORD_OVERHEAD
 from app.gauges import gauge
@@ -124,10 +124,8 @@ def sendable(key: bytes, record: Any) -> bytes:
 
 
 async def publish(messages: Iterable[Tuple[TopicT, bytes, bytes]]) -> None:
-    """Send every message, then wait until Kafka acknowledged each one."""
-    deliveries = [await topic.send(key=key, value=value) for topic, key, value in messages]
-    for delivery in deliveries:
-        await delivery
+    """Send every message (in record batches per partition), then wait until Kafka has each one."""
+    await transport.publish(app, messages)
 
 
 def stats_key(kind: str, partition: int) -> bytes:

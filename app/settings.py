@@ -335,6 +335,8 @@ def faust_settings(settings: Settings) -> Dict[str, Any]:
         value_serializer="json",
         # Raw bytes and schemaless JSON decoded without Faust's serializer registry (app/transport.py).
         Schema="app.transport:FastSchema",
+        # Table writes whose changelog records go to Kafka in batches (app/stores.py).
+        Table="app.stores:Table",
         # The worker creates its topics; the local broker and a development Kafka have one replica.
         topic_replication_factor=1,
     )

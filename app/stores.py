@@ -1,5 +1,14 @@
-"""The table store of the worker: Faust's RocksDB store without a full garbage collection per table
-on every rebalance.
+"""The tables of the worker: Faust's tables with their changelog written in batches, and Faust's
+RocksDB store without a full garbage collection per table on every rebalance.
+
+``Table`` (the app's ``Table`` setting, so ``app.Table`` makes one) hands each write's changelog
+record to the producer buffer of app/transport.py, which sends the records of one turn of the
+event loop as one record batch per changelog partition, and records the persisted offset once per
+batch; Faust sends each as its own message (a ``FutureMessage``, a buffer entry, an aiokafka
+``send`` and a RocksDB write of the offset each: about half of a table write). The records are
+the bytes Faust would send (the changelog topic's own key and value serialization), so recovery,
+standbys and Faust's changelog readers see the same. A producer that is not started (Faust's
+``test_context``), a threaded producer or transactions keep Faust's path.
 
 Registered through Faust's own extension point (the ``faust.stores`` entry point in
 pyproject.toml) under the URL scheme ``streamspine-rocksdb://``; ``STORE=rocksdb://`` selects it
@@ -34,11 +43,15 @@ import weakref
 from functools import lru_cache
 from typing import Any, Iterator, NamedTuple, Optional, Set, cast
 
+import faust
 from faust.stores import rocksdb
 from faust.types import TP, CollectionT
+from faust.utils import json as faust_json
+from mode.utils.compat import want_bytes
 
 from app import memory
 from app.gauges import register_value
+from app.transport import ProducerBuffer
 
 MIB = 1024 * 1024
 WRITE_BUFFER_BYTES = 8 * MIB  # one database's memtable flushes at this size (Faust: 64 MiB)
@@ -143,13 +156,84 @@ register_value(
 )
 
 
+def encode_plain_json(value: Any) -> bytes:
+    """What Faust's ``json`` serializer makes of a plain value."""
+    return want_bytes(faust_json.dumps(value))
+
+
+class Table(faust.Table):
+    """Faust's table, its changelog records sent in batches (see the module docstring)."""
+
+    def on_key_set(self, key: Any, value: Any) -> None:
+        partition = self._batched_partition(key)
+        if partition is None:
+            return super().on_key_set(key, value)
+        self._send_batched(partition, key, value, self.value_serializer)
+        self._maybe_set_key_ttl(key, partition)
+        self._sensor_on_set(self, key, value)
+
+    def on_key_del(self, key: Any) -> None:
+        partition = self._batched_partition(key)
+        if partition is None:
+            return super().on_key_del(key)
+        self._send_batched(partition, key, None, "raw")
+        self._maybe_del_key_ttl(key, partition)
+        self._sensor_on_del(self, key)
+
+    def _batched_partition(self, key: Any) -> Optional[int]:
+        """The changelog partition of a write that can go in a batch, else None (Faust's path)."""
+        app = self.app
+        buffer = app.producer.buffer
+        if not isinstance(buffer, ProducerBuffer) or buffer.threaded or app.in_transaction:
+            return None
+        if getattr(app.producer, "_producer", None) is None:  # not started: Faust's test_context
+            return None
+        return self.partition_for_key(key)  # the current event's (raises outside an event, as Faust)
+
+    def _send_batched(self, partition: int, key: Any, value: Any, value_serializer: Any) -> None:
+        topic = self.changelog_topic
+        key_bytes, _ = topic.prepare_key(key, self.key_serializer)
+        if value_serializer == "json" and self.value_type is None and type(value) in PLAIN_JSON_TYPES:
+            value_bytes = encode_plain_json(value)  # as the store encodes it
+        else:
+            value_bytes, _ = topic.prepare_value(value, value_serializer)
+        tp = TP(topic.get_topic_name(), partition)
+        cast(ProducerBuffer, self.app.producer.buffer).send_changelog(tp, key_bytes, value_bytes, self._on_changelog_batch_sent)
+
+    def _on_changelog_batch_sent(self, tp: TP, offset: int) -> None:
+        self.data.set_persisted_offset(tp, offset)
+
+
+PLAIN_JSON_TYPES = (dict, list, str, int, float, bool, type(None))
+
+
 class Store(rocksdb.Store):
-    """RocksDB store: see the module docstring."""
+    """RocksDB store: see the module docstring. A table of schemaless JSON values (no value type,
+    the ``json`` serializer: every table here) encodes and decodes them with Faust's own JSON
+    functions directly, not through its serializer registry (codec lookup, payload preparation,
+    the model-tag check: most of a table read's cost); a value that is a model, or that carries
+    Faust's model tag, takes Faust's path."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.rocksdb_options = BoundedRocksDBOptions(**(self.options or {}), use_rocksdict=self.use_rocksdict)
+        self.plain_json = self.value_type is None and (self.value_serializer or self.app.conf.value_serializer) == "json"
         _stores.add(self)
+
+    def _encode_value(self, value: Any) -> Optional[bytes]:
+        if self.plain_json and type(value) in PLAIN_JSON_TYPES:
+            return encode_plain_json(value)
+        return super()._encode_value(value)
+
+    def _decode_value(self, value: Optional[bytes]) -> Any:
+        if self.plain_json and value is not None:
+            try:
+                decoded = faust_json.loads(cast(str, value))  # orjson reads bytes
+            except ValueError:
+                return super()._decode_value(value)  # Faust's error
+            if type(decoded) is not dict or faust.Record._blessed_key not in decoded:
+                return decoded
+        return super()._decode_value(value)
 
     async def on_rebalance(
         self,

@@ -77,9 +77,28 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections import deque
 from pathlib import Path
-from typing import Any, AsyncIterator, Callable, ClassVar, Deque, Dict, FrozenSet, Iterable, List, Mapping, Optional, Set, Tuple, Type, cast
+from typing import (
+    Any,
+    AsyncIterator,
+    Callable,
+    ClassVar,
+    Deque,
+    Dict,
+    FrozenSet,
+    Iterable,
+    Iterator,
+    List,
+    Mapping,
+    NamedTuple,
+    Optional,
+    Set,
+    Tuple,
+    Type,
+    cast,
+)
 
 import faust
 from aiokafka import TopicPartition
@@ -97,6 +116,8 @@ from mode.utils.futures import notify
 
 from app import memory
 from app.gauges import register_value
+
+log = logging.getLogger(__name__)
 
 GETMANY_TIMEOUT = 0.05
 SEEK_PARK_TIMEOUT = 10.0  # seconds perform_seek waits for the drain loop to stop delivering
@@ -567,23 +588,117 @@ def register_buffer_gauges(consumer: "Consumer") -> None:
     )
 
 
+MaybeBytes = Optional[bytes]  # a record's key or value (ProducerBuffer's ``bytes`` counter shadows the type there)
+
+
+class ChangelogRecords(NamedTuple):
+    """A changelog partition's records queued in one turn of the event loop, and what to call
+    with the offset of the last one once Kafka has them all."""
+
+    records: List[Tuple[Optional[bytes], Optional[bytes]]]
+    on_delivered: Callable[[TP, int], None]
+
+
 class ProducerBuffer(FaustProducerBuffer):
     """Faust's buffer of records waiting to be sent, with a size that costs no settings lookup and
     a bound in bytes as well as in records: the stream waits while the buffer holds more than
     ``max_messages`` records or ``max_bytes`` of keys and values (PRODUCER_BUFFER_MB), until it is
     back under both. Faust's own wait gives up after 0.1 s without a send (a broker that takes
-    nothing let the buffer grow by a record per 0.1 s); this one waits for the sends."""
+    nothing let the buffer grow by a record per 0.1 s); this one waits for the sends.
+
+    Table writes (app/stores.py's ``Table``) come here through ``send_changelog``: each changelog
+    partition's records of one turn of the event loop (a batch body writes its keys without
+    awaiting) go to aiokafka as one record batch, in the order written, instead of a
+    ``FutureMessage``, a queue entry and an aiokafka ``send`` each (about half of a table write's
+    cost). They count in the bounds until Kafka has them, and ``flush`` (before every commit)
+    waits for them and raises if a batch failed, so no offset is committed past an unsent write."""
 
     max_messages = PRODUCER_BUFFER_MAX
     max_bytes = 32 * 1024 * 1024  # set from PRODUCER_BUFFER_MB by the Producer
     threaded = False  # the producer_threaded setting, read once
-    bytes = 0  # keys and values of the records in ``pending``
+    bytes = 0  # keys and values of the records in ``pending`` and of the changelog batches
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.changelog: Dict[TP, ChangelogRecords] = {}  # queued in this turn of the event loop
+        self.changelog_records = 0  # queued or on their way
+        self.changelog_tasks: Set[asyncio.Future] = set()
+        self.last_enqueued: Optional[asyncio.Future] = None  # the latest turn's batches are in aiokafka
+        self.changelog_failure: Optional[BaseException] = None
 
     @property
     def size(self) -> int:
         if self.threaded:  # Faust's own accounting of the producer thread's queue
             return super().size
-        return self.pending.qsize()
+        return self.pending.qsize() + self.changelog_records
+
+    def send_changelog(self, tp: TP, key: MaybeBytes, value: MaybeBytes, on_delivered: Callable[[TP, int], None]) -> None:
+        """Queue a changelog record; sent with the others of this turn of the event loop."""
+        if not self.changelog:
+            asyncio.get_running_loop().call_soon(self._send_changelog_batches)
+        queued = self.changelog.get(tp)
+        if queued is None:
+            queued = self.changelog[tp] = ChangelogRecords([], on_delivered)
+        queued.records.append((key, value))
+        self.changelog_records += 1
+        self.bytes += len(key or b"") + len(value or b"")
+
+    def _send_changelog_batches(self) -> None:
+        if not self.changelog:
+            return  # sent by a flush in the meantime
+        queued, self.changelog = self.changelog, {}
+        previous, self.last_enqueued = self.last_enqueued, asyncio.get_running_loop().create_future()
+        task = asyncio.ensure_future(self._deliver_changelog(queued, previous, self.last_enqueued))
+        self.changelog_tasks.add(task)
+        task.add_done_callback(self._changelog_sent)
+
+    async def _deliver_changelog(
+        self, queued: Dict[TP, ChangelogRecords], previous: Optional[asyncio.Future], enqueued: asyncio.Future
+    ) -> None:
+        """Hand the batches to aiokafka after the previous turn's (each partition's writes stay in
+        order; after a failed turn nothing more is sent), wait for Kafka, record the offsets."""
+        try:
+            deliveries = []
+            try:
+                if previous is not None:
+                    await asyncio.shield(previous)
+                producer = cast(Any, self.app).producer._ensure_producer()
+                for tp, changes in queued.items():
+                    for count, delivery in await send_in_batches(producer, tp, changes.records):
+                        deliveries.append((tp, changes, count, delivery))
+            except BaseException as error:
+                enqueued.set_exception(error)
+                enqueued.exception()  # retrieved here; the next turn raises it too
+                raise
+            enqueued.set_result(None)
+            count_sent(self.app, {tp: len(changes.records) for tp, changes in queued.items()})
+            for tp, changes, count, delivery in deliveries:
+                metadata = await delivery
+                changes.on_delivered(tp, metadata.offset + count - 1)
+        finally:
+            for changes in queued.values():
+                self.changelog_records -= len(changes.records)
+                self.bytes -= sum(len(key or b"") + len(value or b"") for key, value in changes.records)
+            self.message_sent.set()
+
+    def _changelog_sent(self, task: asyncio.Future) -> None:
+        self.changelog_tasks.discard(task)
+        if task.cancelled() or task.exception() is None or self.changelog_failure is not None:
+            return
+        self.changelog_failure = task.exception()
+        log.error("A changelog batch was not sent: no offset is committed from now on", exc_info=self.changelog_failure)
+
+    async def flush(self) -> None:
+        """Every changelog batch queued so far, delivered, then Faust's flush; raises if a batch failed
+        (before a commit: the offsets of records whose writes were lost are never committed)."""
+        self._send_changelog_batches()
+        sending = [task for task in self.changelog_tasks if not task.done()]
+        if sending:
+            await asyncio.wait(sending)
+        if self.threaded or self.pending.qsize():
+            await super().flush()
+        if self.changelog_failure is not None:
+            raise self.changelog_failure
 
     def over_bounds(self) -> bool:
         return self.size > self.max_messages or self.bytes > self.max_bytes
@@ -609,6 +724,66 @@ class ProducerBuffer(FaustProducerBuffer):
             self.message_sent.clear()
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self.message_sent.wait(), timeout=1.0)
+
+
+def count_sent(app: Any, counts: Mapping[TP, int]) -> None:
+    """Count records handed on in batches as Faust's monitor counts each record sent (its
+    ``on_send_initiated``): the ``streamspine_records_produced`` metric includes them."""
+    monitor = getattr(app, "monitor", None)
+    if monitor is None:
+        return
+    for tp, count in counts.items():
+        monitor.messages_sent += count
+        monitor.messages_sent_by_topic[tp.topic] += count
+
+
+async def send_in_batches(producer: Any, tp: TP, records: List[Tuple[Optional[bytes], Optional[bytes]]]) -> List[Tuple[int, Any]]:
+    """Hand ``records`` to aiokafka as record batches of ``tp``, in order: (records, delivery) of
+    each batch (the delivery's offset is its first record's)."""
+    return [
+        (count, await producer.send_batch(builder, tp.topic, partition=tp.partition))
+        for builder, count in record_batches(producer, records)
+    ]
+
+
+async def publish(app: AppT, messages: Iterable[Tuple[Any, Optional[bytes], Optional[bytes]]]) -> None:
+    """Send ``(topic, key, value)`` records, each to the partition of its key as Faust's
+    ``Topic.send`` picks it, and wait until Kafka has every one: one record batch per partition
+    instead of a ``send`` (and its futures) per record. While the app's producer is not started
+    (Faust's ``test_context``) each goes through ``Topic.send``."""
+    producer = getattr(app.producer, "_producer", None)
+    if producer is None:
+        sent = [await topic.send(key=key, value=value) for topic, key, value in messages]
+        for delivery in sent:
+            await delivery
+        return
+    by_partition: Dict[TP, List[Tuple[Optional[bytes], Optional[bytes]]]] = {}
+    known: Set[str] = set()
+    for topic, key, value in messages:
+        name = topic.get_topic_name()
+        if name not in known:
+            await producer.client._wait_on_metadata(name)
+            known.add(name)
+        tp = TP(name, producer._partition(name, None, None, None, key, None))
+        by_partition.setdefault(tp, []).append((key, value))
+    deliveries = [delivery for tp, records in by_partition.items() for _, delivery in await send_in_batches(producer, tp, records)]
+    count_sent(app, {tp: len(records) for tp, records in by_partition.items()})
+    for delivery in deliveries:
+        await delivery
+
+
+def record_batches(producer: Any, records: List[Tuple[Optional[bytes], Optional[bytes]]]) -> Iterator[Tuple[Any, int]]:
+    """aiokafka record batches holding ``records`` in order (a new one when one is full), with
+    how many each holds."""
+    builder, count = producer.create_batch(), 0
+    for key, value in records:
+        if builder.append(timestamp=None, key=key, value=value) is None:  # full (a first record always fits)
+            yield builder, count
+            builder, count = producer.create_batch(), 0
+            builder.append(timestamp=None, key=key, value=value)
+        count += 1
+    if count:
+        yield builder, count
 
 
 def trimmed(message: Any) -> Any:

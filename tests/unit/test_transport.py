@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections import Counter
 from pathlib import Path
 from time import monotonic
 from types import SimpleNamespace
@@ -17,6 +18,7 @@ import faust
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.partitioner import DefaultPartitioner
 from faust.exceptions import ValueDecodeError
 from faust.types import TP
 from faust.types.tuples import Message
@@ -179,6 +181,107 @@ async def test_the_producer_buffer_size_is_its_queue_length():
         buffer.pending.put_nowait(n)
 
     assert buffer.size == 3
+
+
+async def test_table_writes_go_to_the_changelog_as_one_batch_per_partition_in_order(kafka_broker):
+    """What a batch body writes in one turn of the event loop reaches Kafka as record batches,
+    each partition's writes in the order written, tombstones included; the persisted offset is
+    recorded once per partition, and a flush (before every commit) waits for all of it."""
+    topic = await new_topic(kafka_broker, partitions=2)
+    producer = AIOKafkaProducer(bootstrap_servers=kafka_broker.bootstrap, max_batch_size=1024)
+    await producer.start()
+    buffer = ProducerBuffer()
+    monitor = SimpleNamespace(messages_sent=0, messages_sent_by_topic=Counter())  # Faust's counts of records sent
+    buffer.app = SimpleNamespace(producer=SimpleNamespace(_ensure_producer=lambda: producer), monitor=monitor)
+    delivered: Dict[TP, int] = {}
+    first, second = TP(topic, 0), TP(topic, 1)
+    try:
+        for turn in range(3):
+            for n in range(40):  # 40 x ~60 bytes: several 1 kB batches per partition and turn
+                tp = first if n % 4 else second
+                buffer.send_changelog(tp, f"k{n}".encode(), None if n == 39 else f"turn {turn} write {n}".encode() * 3,
+                                      lambda tp, offset: delivered.__setitem__(tp, offset))
+            assert buffer.size >= 40
+            await asyncio.sleep(0)
+        await buffer.flush()
+        assert buffer.size == 0 and buffer.bytes == 0
+        assert delivered == {first: 89, second: 29}  # the last offset of each partition
+        assert monitor.messages_sent == 120 and monitor.messages_sent_by_topic == {topic: 120}
+    finally:
+        await producer.stop()
+    read = await read_all(kafka_broker, topic, 120)
+    for tp in (first, second):
+        expected = [(f"k{n}".encode(), None if n == 39 else f"turn {turn} write {n}".encode() * 3)
+                    for turn in range(3) for n in range(40) if (tp == first) == bool(n % 4)]
+        assert [(key, value) for key, value in read[tp.partition]] == expected
+
+
+async def test_a_changelog_batch_that_fails_fails_every_flush_and_nothing_after_it_is_sent(kafka_broker):
+    topic = await new_topic(kafka_broker, partitions=1)
+    producer = AIOKafkaProducer(bootstrap_servers=kafka_broker.bootstrap)
+    await producer.start()
+    buffer = ProducerBuffer()
+    buffer.app = SimpleNamespace(producer=SimpleNamespace(_ensure_producer=lambda: producer))
+    tp = TP(topic, 0)
+    buffer.send_changelog(tp, b"k", b"sent", lambda *_: None)
+    await buffer.flush()
+    await producer.stop()  # the broker is away for good: the next batch cannot be handed on
+    buffer.send_changelog(tp, b"k", b"lost", lambda *_: None)
+    with pytest.raises(Exception):
+        await buffer.flush()
+    buffer.send_changelog(tp, b"k", b"after the loss", lambda *_: None)
+    with pytest.raises(Exception):
+        await buffer.flush()  # no offset may be committed past a lost write
+    assert buffer.size == 0
+    assert [value for _, value in (await read_all(kafka_broker, topic, 1))[0]] == [b"sent"]
+
+
+async def test_published_records_reach_the_partition_of_their_key_in_order_before_publish_returns(kafka_broker):
+    name = await new_topic(kafka_broker, partitions=3)
+    producer = AIOKafkaProducer(bootstrap_servers=kafka_broker.bootstrap)
+    await producer.start()
+    monitor = SimpleNamespace(messages_sent=0, messages_sent_by_topic=Counter())
+    records = [(f"order-{n % 17}".encode(), f"event {n}".encode()) for n in range(200)]
+    try:
+        await transport.publish(SimpleNamespace(producer=SimpleNamespace(_producer=producer), monitor=monitor),
+                                ((app.topic(name), key, value) for key, value in records))
+    finally:
+        await producer.stop()
+    read = await read_all(kafka_broker, name, 200)
+    partition_of = {key: DefaultPartitioner()(key, [0, 1, 2], [0, 1, 2]) for key, _ in records}  # Topic.send's choice
+    assert {partition: [record for record in records if partition_of[record[0]] == partition] for partition in read} == read
+    assert sum(len(got) for got in read.values()) == 200 and monitor.messages_sent_by_topic == {name: 200}
+
+
+async def new_topic(broker, partitions: int) -> str:
+    topic = f"changelog-probe-{id(object())}-{asyncio.get_running_loop().time():.3f}"
+    admin = AIOKafkaAdminClient(bootstrap_servers=broker.bootstrap)
+    await admin.start()
+    try:
+        await admin.create_topics([NewTopic(topic, partitions, 1)])
+    finally:
+        await admin.close()
+    return topic
+
+
+async def read_all(broker, topic: str, count: int) -> Dict[int, List[Tuple[bytes, Optional[bytes]]]]:
+    """The (key, value) of ``count`` records of ``topic``, per partition in offset order."""
+    consumer = AIOKafkaConsumer(topic, bootstrap_servers=broker.bootstrap, group_id=None, auto_offset_reset="earliest")
+    await consumer.start()
+    read: Dict[int, List[Tuple[bytes, Optional[bytes]]]] = {}
+    try:
+        seen = 0
+        deadline = asyncio.get_running_loop().time() + 20
+        while seen < count and asyncio.get_running_loop().time() < deadline:
+            for tp, records in (await consumer.getmany(timeout_ms=500)).items():
+                read.setdefault(tp.partition, []).extend((record.key, record.value) for record in records)
+                seen += len(records)
+        await asyncio.sleep(0.3)  # anything beyond ``count`` would show now
+        for tp, records in (await consumer.getmany(timeout_ms=300)).items():
+            read.setdefault(tp.partition, []).extend((record.key, record.value) for record in records)
+    finally:
+        await consumer.stop()
+    return read
 
 
 # --- before-commit callbacks ----------------------------------------------------------------------
