@@ -8,6 +8,7 @@ import time
 from typing import Any, Dict, List, Mapping, NamedTuple, Optional, Set, Tuple
 
 import faust
+import orjson
 
 from models import windows
 
@@ -120,13 +121,52 @@ class SampleRecord(NamedTuple):
     refused: List[Tuple[int, str]]
 
 
+INEXACT_FLOAT = float(2**63)  # orjson reads an integer literal past 64 bits as a float at least this large
+
+
+def parsed_json(raw: bytes, **options: Any) -> Tuple[Any, int]:
+    """``json.loads(raw, **options)`` and how deeply its lists and objects nest (0 for a scalar).
+    orjson parses it when it reads the value as the standard library does; what it refuses (NaN,
+    1e400, invalid UTF-8, a byte-order mark, deep nesting) and what it may have read inexactly
+    (an integer past 64 bits becomes a float) the standard library parses again, with ``options``."""
+    try:
+        value = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        pass
+    else:
+        depth, inexact = json_shape(value)
+        if not inexact:
+            return value, depth
+    value = json.loads(raw, **options)
+    return value, json_shape(value)[0]
+
+
+def json_shape(value: Any) -> Tuple[int, bool]:
+    """How deeply lists and objects nest in ``value``, and whether it holds a float of 2**63 or
+    more (without recursion: the depth is what a caller limits)."""
+    if type(value) is float:
+        return 0, not -INEXACT_FLOAT < value < INEXACT_FLOAT
+    deepest, inexact = 0, False
+    stack = [(value, 1)] if type(value) in (dict, list) else []
+    while stack:
+        item, depth = stack.pop()
+        deepest = max(deepest, depth)
+        for child in item.values() if type(item) is dict else item:
+            kind = type(child)
+            if kind is dict or kind is list:
+                stack.append((child, depth + 1))
+            elif kind is float and not -INEXACT_FLOAT < child < INEXACT_FLOAT:
+                inexact = True
+    return deepest, inexact
+
+
 def decode_json(raw: Optional[bytes]) -> Any:
     """A record's JSON; anything the decoder refuses (also nesting too deep for it, or an integer
     of more than 4,300 digits) is an InvalidRecord."""
     if not raw:
         raise InvalidRecord("empty record")
     try:
-        return json.loads(raw)
+        return parsed_json(raw)[0]
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
         raise InvalidRecord(f"not JSON: {error}") from None
     except RecursionError:

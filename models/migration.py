@@ -12,12 +12,12 @@ import math
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from decimal import Decimal, InvalidOperation
-from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
 import faust
 import orjson
 
-from models.metrics import InvalidRecord
+from models.metrics import InvalidRecord, parsed_json
 
 # --- messages --------------------------------------------------------------------------------------
 # include_metadata=False: the records carry exactly their documented fields, no Faust "__faust"
@@ -217,37 +217,20 @@ def _finite_float(text: str) -> float:
     return number
 
 
-def nesting_depth(value: Any) -> int:
-    """How deeply lists and objects nest in ``value`` (0 for a scalar), without recursion."""
-    deepest, stack = 0, [(value, 1)]
-    while stack:
-        item, depth = stack.pop()
-        children: Iterable[Any]
-        if isinstance(item, dict):
-            children = item.values()
-        elif isinstance(item, list):
-            children = item
-        else:
-            continue
-        deepest = max(deepest, depth)
-        stack.extend((child, depth + 1) for child in children)
-    return deepest
-
-
 def decode_json(value: Optional[bytes]) -> Any:
     """A record's JSON value: NaN, Infinity, out-of-range numbers, integers over Python's digit
     limit, invalid UTF-8 and nesting deeper than MAX_DEPTH are refused with a reason."""
     if value is None:
         raise InvalidRecord("record has no value")
     try:
-        data = json.loads(value, parse_constant=_refuse_constant, parse_float=_finite_float)
+        data, depth = parsed_json(value, parse_constant=_refuse_constant, parse_float=_finite_float)
     except InvalidRecord:
         raise
     except (UnicodeDecodeError, ValueError) as error:
         raise InvalidRecord(f"value is not JSON: {error}") from None
     except RecursionError:  # the stdlib parser recurses per level: 10,000 levels exhaust the stack
         raise InvalidRecord(f"value nests deeper than {MAX_DEPTH} levels") from None
-    if nesting_depth(data) > MAX_DEPTH:
+    if depth > MAX_DEPTH:
         raise InvalidRecord(f"value nests deeper than {MAX_DEPTH} levels")
     return data
 
