@@ -26,6 +26,7 @@ from __future__ import annotations
 
 from typing import Any, Callable, Dict, Hashable, Iterable, Mapping, NamedTuple, Tuple
 
+from faust.streams import current_event
 from faust.types import EventT, StreamT, TableT
 
 BATCH_MAX = 8000  # records; a batch writes each key once, so a longer one writes less per record
@@ -71,7 +72,8 @@ def fold_into(
 
 
 def enter_partition(stream: StreamT, event: EventT) -> None:
-    """Make ``event`` the current event, so table reads and writes go to its partition.
+    """Make ``event`` the current event, so table reads and writes go to its partition (kept as
+    it is when the current event is already of that partition: tables look only at the partition).
 
     The agent's task has no current event of its own (a batch has many; with ``take_events`` a
     buffer filled in another task).
@@ -82,6 +84,9 @@ def enter_partition(stream: StreamT, event: EventT) -> None:
     buffered the event set here instead of the one it had received, so one event was processed
     twice and the other never (nor acknowledged, which held back the partition's commits).
     """
+    current = current_event()
+    if current is not None and current.message.partition == event.message.partition:
+        return
     previous = stream.current_event
     stream._set_current_event(event)
     stream.current_event = previous

@@ -1,7 +1,8 @@
 """The tables of the worker: Faust's tables with their changelog written in batches, and Faust's
 RocksDB store without a full garbage collection per table on every rebalance.
 
-``Table`` (the app's ``Table`` setting, so ``app.Table`` makes one) hands each write's changelog
+``Table`` (the app's ``Table`` setting, so ``app.Table`` makes one) reads a key with one store
+lookup instead of two, and hands each write's changelog
 record to the producer buffer of app/transport.py, which sends the records of one turn of the
 event loop as one record batch per changelog partition, and records the persisted offset once per
 batch; Faust sends each as its own message (a ``FutureMessage``, a buffer entry, an aiokafka
@@ -41,6 +42,7 @@ from __future__ import annotations
 import gc
 import weakref
 from functools import lru_cache
+from pathlib import Path
 from typing import Any, Iterator, NamedTuple, Optional, Set, cast
 
 import faust
@@ -84,6 +86,15 @@ class BoundedRocksDBOptions(rocksdb.RocksDBOptions):
 
     write_buffer_size = WRITE_BUFFER_BYTES
     max_write_buffer_number = MAX_WRITE_BUFFERS
+
+    def open(self, path: Path, *, read_only: bool = False) -> Any:
+        """Faust's database, written without RocksDB's write-ahead log (see ``Store``)."""
+        db = super().open(path, read_only=read_only)
+        if self.use_rocksdict:
+            write_options = rocksdb.rocksdict.WriteOptions()
+            write_options.disable_wal = True  # type: ignore[method-assign,assignment]  # a property; the stub says method
+            db.set_write_options(write_options)
+        return db
 
     def as_options(self) -> Any:
         if not self.use_rocksdict:  # python-rocksdb (not installed here): Faust's options
@@ -162,7 +173,16 @@ def encode_plain_json(value: Any) -> bytes:
 
 
 class Table(faust.Table):
-    """Faust's table, its changelog records sent in batches (see the module docstring)."""
+    """Faust's table, its changelog records sent in batches (see the module docstring), and read
+    with one store lookup: Faust's ``table[key]`` asks the store ``key in data`` and then
+    ``data[key]``, two RocksDB reads of the key."""
+
+    def __getitem__(self, key: Any) -> Any:
+        self.on_key_get(key)
+        try:
+            return self.data[key]
+        except KeyError:
+            return self.__missing__(key)
 
     def on_key_set(self, key: Any, value: Any) -> None:
         partition = self._batched_partition(key)
@@ -212,7 +232,14 @@ class Store(rocksdb.Store):
     the ``json`` serializer: every table here) encodes and decodes them with Faust's own JSON
     functions directly, not through its serializer registry (codec lookup, payload preparation,
     the model-tag check: most of a table read's cost); a value that is a model, or that carries
-    Faust's model tag, takes Faust's path."""
+    Faust's model tag, takes Faust's path.
+
+    Its databases are written without RocksDB's write-ahead log: a table's durable copy is its
+    changelog topic, and each database keeps the changelog offset it holds (Faust's persisted
+    offset, written after the records up to it), so after a crash RocksDB reopens at its last
+    flushed memtable, a consistent prefix of the writes with an older offset, and Faust's recovery
+    reads the changelog from there. The log cost a ``write`` call per table write, 12 us each
+    under load here (a sixth of the migration comparison); a clean stop flushes the memtables."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)

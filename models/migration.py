@@ -254,13 +254,20 @@ class CompareRules:
 
 
 def flatten(value: Any, prefix: str = "") -> Dict[str, Any]:
-    """``{"amount": {"value": "1"}}`` -> ``{"amount.value": "1"}``."""
-    if isinstance(value, dict):
-        flat: Dict[str, Any] = {}
-        for key, inner in value.items():
-            flat.update(flatten(inner, f"{prefix}{key}."))
-        return flat
-    return {prefix[:-1]: value}
+    """``{"amount": {"value": "1"}}`` -> ``{"amount.value": "1"}`` (an empty object adds no field)."""
+    if not isinstance(value, dict):
+        return {prefix[:-1]: value}
+    flat: Dict[str, Any] = {}
+    flatten_into(flat, value, prefix)
+    return flat
+
+
+def flatten_into(flat: Dict[str, Any], value: Dict[str, Any], prefix: str) -> None:
+    for key, inner in value.items():
+        if isinstance(inner, dict):
+            flatten_into(flat, inner, f"{prefix}{key}.")
+        else:
+            flat[f"{prefix}{key}"] = inner
 
 
 def as_v2_shape(result: Mapping[str, Any]) -> Dict[str, Any]:
