@@ -22,6 +22,7 @@ import logging
 import time
 import uuid
 from decimal import Decimal
+from functools import lru_cache
 from typing import Any, Dict, Iterable, List, NamedTuple, Optional, Tuple, TypeVar, Union, cast
 
 import faust
@@ -105,10 +106,16 @@ CountedEvent = Tuple[EventT, List[Tuple[bytes, Counts]]]
 # --- shared by the agents -------------------------------------------------------------------------
 
 
+@lru_cache(maxsize=1)
+def output_limit() -> int:
+    """Bytes a record's key and value may have (a setting read through Faust's registry: once)."""
+    return app.conf.producer_max_request_size - RECORD_OVERHEAD
+
+
 def require_fits(size: int) -> None:
     """Refuse a record whose output (a record sent or a table entry) would not fit in a produce
     request: its send would fail on every retry of its batch."""
-    limit = app.conf.producer_max_request_size - RECORD_OVERHEAD
+    limit = output_limit()
     if size > limit:
         raise InvalidRecord(f"its output would be {size} bytes, more than the {limit} a produce request takes")
 

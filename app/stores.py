@@ -200,25 +200,37 @@ class Table(faust.Table):
         self._maybe_del_key_ttl(key, partition)
         self._sensor_on_del(self, key)
 
+    changelog_buffer: Optional[ProducerBuffer] = None  # set once this worker's writes may go in batches
+
     def _batched_partition(self, key: Any) -> Optional[int]:
         """The changelog partition of a write that can go in a batch, else None (Faust's path)."""
+        if self.changelog_buffer is None:
+            self.changelog_buffer = self._batching_buffer()
+            if self.changelog_buffer is None:
+                return None
+        return self.partition_for_key(key)  # the current event's (raises outside an event, as Faust)
+
+    def _batching_buffer(self) -> Optional[ProducerBuffer]:
         app = self.app
         buffer = app.producer.buffer
         if not isinstance(buffer, ProducerBuffer) or buffer.threaded or app.in_transaction:
             return None
         if getattr(app.producer, "_producer", None) is None:  # not started: Faust's test_context
             return None
-        return self.partition_for_key(key)  # the current event's (raises outside an event, as Faust)
+        return buffer
 
     def _send_batched(self, partition: int, key: Any, value: Any, value_serializer: Any) -> None:
         topic = self.changelog_topic
-        key_bytes, _ = topic.prepare_key(key, self.key_serializer)
+        if self.key_type is bytes and type(key) is bytes:
+            key_bytes = key  # what Faust's raw serializer makes of it
+        else:
+            key_bytes, _ = topic.prepare_key(key, self.key_serializer)
         if value_serializer == "json" and self.value_type is None and type(value) in PLAIN_JSON_TYPES:
             value_bytes = encode_plain_json(value)  # as the store encodes it
         else:
             value_bytes, _ = topic.prepare_value(value, value_serializer)
         tp = TP(topic.get_topic_name(), partition)
-        cast(ProducerBuffer, self.app.producer.buffer).send_changelog(tp, key_bytes, value_bytes, self._on_changelog_batch_sent)
+        cast(ProducerBuffer, self.changelog_buffer).send_changelog(tp, key_bytes, value_bytes, self._on_changelog_batch_sent)
 
     def _on_changelog_batch_sent(self, tp: TP, offset: int) -> None:
         self.data.set_persisted_offset(tp, offset)

@@ -92,7 +92,6 @@ from typing import (
     Iterator,
     List,
     Mapping,
-    NamedTuple,
     Optional,
     Set,
     Tuple,
@@ -591,12 +590,16 @@ def register_buffer_gauges(consumer: "Consumer") -> None:
 MaybeBytes = Optional[bytes]  # a record's key or value (ProducerBuffer's ``bytes`` counter shadows the type there)
 
 
-class ChangelogRecords(NamedTuple):
-    """A changelog partition's records queued in one turn of the event loop, and what to call
-    with the offset of the last one once Kafka has them all."""
+class ChangelogRecords:
+    """A changelog partition's records queued in one turn of the event loop (dropped once they are
+    in aiokafka's batches), their bytes, and what to call with the offset of the last one once
+    Kafka has them all."""
 
-    records: List[Tuple[Optional[bytes], Optional[bytes]]]
-    on_delivered: Callable[[TP, int], None]
+    def __init__(self, on_delivered: Callable[[TP, int], None]) -> None:
+        self.records: List[Tuple[MaybeBytes, MaybeBytes]] = []
+        self.count = 0
+        self.size = 0
+        self.on_delivered = on_delivered
 
 
 class ProducerBuffer(FaustProducerBuffer):
@@ -638,10 +641,15 @@ class ProducerBuffer(FaustProducerBuffer):
             asyncio.get_running_loop().call_soon(self._send_changelog_batches)
         queued = self.changelog.get(tp)
         if queued is None:
-            queued = self.changelog[tp] = ChangelogRecords([], on_delivered)
+            queued = self.changelog[tp] = ChangelogRecords(on_delivered)
+        if type(value) is bytes and value:
+            value = bytes(memoryview(value))  # only its own bytes (see ``trimmed``)
+        size = len(key or b"") + len(value or b"")
         queued.records.append((key, value))
+        queued.count += 1
+        queued.size += size
         self.changelog_records += 1
-        self.bytes += len(key or b"") + len(value or b"")
+        self.bytes += size
 
     def _send_changelog_batches(self) -> None:
         if not self.changelog:
@@ -666,19 +674,20 @@ class ProducerBuffer(FaustProducerBuffer):
                 for tp, changes in queued.items():
                     for count, delivery in await send_in_batches(producer, tp, changes.records):
                         deliveries.append((tp, changes, count, delivery))
+                    changes.records.clear()  # copied into the batches
             except BaseException as error:
                 enqueued.set_exception(error)
                 enqueued.exception()  # retrieved here; the next turn raises it too
                 raise
             enqueued.set_result(None)
-            count_sent(self.app, {tp: len(changes.records) for tp, changes in queued.items()})
+            count_sent(self.app, {tp: changes.count for tp, changes in queued.items()})
             for tp, changes, count, delivery in deliveries:
                 metadata = await delivery
                 changes.on_delivered(tp, metadata.offset + count - 1)
         finally:
             for changes in queued.values():
-                self.changelog_records -= len(changes.records)
-                self.bytes -= sum(len(key or b"") + len(value or b"") for key, value in changes.records)
+                self.changelog_records -= changes.count
+                self.bytes -= changes.size
             self.message_sent.set()
 
     def _changelog_sent(self, task: asyncio.Future) -> None:
