@@ -467,9 +467,10 @@ def is_overdue(pending: Dict[str, Any], now: float) -> bool:
 class ExpiryIndex:
     """When each entry of ``pending_results`` falls due, per partition, soonest first: the expiry
     looks only at what is overdue instead of decoding every waiting result each second. It is
-    kept in memory by the writes of this worker and rebuilt from the table (one scan) whenever the
-    worker's active partitions change; an entry it lists that was replaced or deleted since is
-    skipped, since the table is read before anything is expired."""
+    kept in memory by the writes of this worker and rebuilt from the table (one scan) when the
+    worker's active partitions change and after each table recovery (recovery writes the table
+    without this index); an entry it lists that was replaced or deleted since is skipped, since
+    the table is read before anything is expired."""
 
     def __init__(self) -> None:
         self.assignment: Optional[Tuple[int, frozenset]] = None
@@ -478,8 +479,15 @@ class ExpiryIndex:
     def add(self, key: bytes, pending: Dict[str, Any]) -> None:
         heapq.heappush(self.due.setdefault(pending["partition"], []), (due_at(pending), key))
 
+    def forget(self) -> None:
+        """Rebuild at the next look (the table was recovered)."""
+        self.assignment = None
+
     def refresh(self) -> None:
-        """Rebuild from the table if the consumer generation or the active partitions changed."""
+        """Rebuild from the table if the consumer generation or the active partitions changed,
+        unless a recovery is under way (it ends with ``forget``)."""
+        if app.in_recovery:
+            return
         assignment = (app.consumer_generation_id, frozenset(app.assignor.assigned_actives()))
         if assignment == self.assignment:
             return
@@ -492,33 +500,52 @@ class ExpiryIndex:
         self.refresh()
         return sorted(partition for partition, due in self.due.items() if due and due[0][0] < now)
 
-    def pop_overdue(self, partition: int, now: float) -> List[bytes]:
+    def pop_overdue(self, partition: int, now: float) -> List[Tuple[float, bytes]]:
         due = self.due.get(partition, [])
-        keys = []
+        overdue = []
         while due and due[0][0] < now:
-            keys.append(heapq.heappop(due)[1])
-        return keys
+            overdue.append(heapq.heappop(due))
+        return overdue
+
+    def restore(self, partition: int, items: List[Tuple[float, bytes]]) -> None:
+        """Put back what ``pop_overdue`` gave and was not expired (its batch failed)."""
+        for item in items:
+            heapq.heappush(self.due.setdefault(partition, []), item)
 
 
 expiry_index = ExpiryIndex()
+
+
+@pending_results.on_recover
+async def rebuild_expiry_index() -> None:
+    expiry_index.forget()
 
 
 def expire_results(partition: int, now: float) -> Counts:
     """Count results of this partition whose counterpart did not come within the window as
     missing on the other side; drop 'compared' markers older than two windows."""
     missing = {"missing_in_v1": 0, "missing_in_v2": 0}
-    for key in expiry_index.pop_overdue(partition, now):
-        pending = pending_results.get(key)
-        if not pending or pending.get("partition") != partition or not is_overdue(pending, now):
-            continue  # replaced (its new entry is listed too) or gone
-        if pending.get("done"):
-            del pending_results[key]
-        else:
-            missing["missing_in_v2" if pending["side"] == "v1" else "missing_in_v1"] += 1
-            marker = {"done": True, "missing": True, "at": now, "partition": partition}
-            pending_results[key] = marker
-            expiry_index.add(key, marker)
+    overdue = expiry_index.pop_overdue(partition, now)
+    for done, (_, key) in enumerate(overdue):
+        try:
+            expire_result(key, partition, now, missing)
+        except BaseException:
+            expiry_index.restore(partition, overdue[done:])  # the retry of the batch looks again
+            raise
     return missing
+
+
+def expire_result(key: bytes, partition: int, now: float, missing: Counts) -> None:
+    pending = pending_results.get(key)
+    if not pending or pending.get("partition") != partition or not is_overdue(pending, now):
+        return  # replaced (its new entry is listed too) or gone
+    if pending.get("done"):
+        del pending_results[key]
+    else:
+        missing["missing_in_v2" if pending["side"] == "v1" else "missing_in_v1"] += 1
+        marker = {"done": True, "missing": True, "at": now, "partition": partition}
+        pending_results[key] = marker
+        expiry_index.add(key, marker)
 
 
 @app.timer(interval=EXPIRY_INTERVAL)

@@ -24,7 +24,7 @@ partition count), as every Faust table must.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, Hashable, Iterable, Mapping, NamedTuple, Tuple
+from typing import Any, Callable, Dict, Hashable, Iterable, Mapping, NamedTuple, Optional, Tuple
 
 from faust.streams import current_event
 from faust.types import EventT, StreamT, TableT
@@ -72,8 +72,8 @@ def fold_into(
 
 
 def enter_partition(stream: StreamT, event: EventT) -> None:
-    """Make ``event`` the current event, so table reads and writes go to its partition (kept as
-    it is when the current event is already of that partition: tables look only at the partition).
+    """Make ``event`` the current event, so table reads and writes go to its partition (the one
+    entered last is kept when it is of the same topic partition: tables look only at that).
 
     The agent's task has no current event of its own (a batch has many; with ``take_events`` a
     buffer filled in another task).
@@ -84,12 +84,17 @@ def enter_partition(stream: StreamT, event: EventT) -> None:
     buffered the event set here instead of the one it had received, so one event was processed
     twice and the other never (nor acknowledged, which held back the partition's commits).
     """
-    current = current_event()
-    if current is not None and current.message.partition == event.message.partition:
+    entered: Optional[EventT] = getattr(stream, "entered_event", None)
+    if entered is not None and current_event() is entered and same_partition(entered, event):
         return
     previous = stream.current_event
     stream._set_current_event(event)
     stream.current_event = previous
+    stream.entered_event = event  # type: ignore[attr-defined]  # the context variable holds only a weak reference
+
+
+def same_partition(one: EventT, other: EventT) -> bool:
+    return one.message.partition == other.message.partition and one.message.topic == other.message.topic
 
 
 def write_deltas(

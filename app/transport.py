@@ -92,6 +92,7 @@ from typing import (
     Iterator,
     List,
     Mapping,
+    NamedTuple,
     Optional,
     Set,
     Tuple,
@@ -602,6 +603,13 @@ class ChangelogRecords:
         self.on_delivered = on_delivered
 
 
+class ChangelogTurn(NamedTuple):
+    """Settled when a turn's batches are in aiokafka, and when its offsets were recorded."""
+
+    enqueued: asyncio.Future
+    delivered: asyncio.Future
+
+
 class ProducerBuffer(FaustProducerBuffer):
     """Faust's buffer of records waiting to be sent, with a size that costs no settings lookup and
     a bound in bytes as well as in records: the stream waits while the buffer holds more than
@@ -626,7 +634,7 @@ class ProducerBuffer(FaustProducerBuffer):
         self.changelog: Dict[TP, ChangelogRecords] = {}  # queued in this turn of the event loop
         self.changelog_records = 0  # queued or on their way
         self.changelog_tasks: Set[asyncio.Future] = set()
-        self.last_enqueued: Optional[asyncio.Future] = None  # the latest turn's batches are in aiokafka
+        self.last_turn: Optional[ChangelogTurn] = None
         self.changelog_failure: Optional[BaseException] = None
 
     @property
@@ -655,59 +663,84 @@ class ProducerBuffer(FaustProducerBuffer):
         if not self.changelog:
             return  # sent by a flush in the meantime
         queued, self.changelog = self.changelog, {}
-        previous, self.last_enqueued = self.last_enqueued, asyncio.get_running_loop().create_future()
-        task = asyncio.ensure_future(self._deliver_changelog(queued, previous, self.last_enqueued))
+        loop = asyncio.get_running_loop()
+        previous, self.last_turn = self.last_turn, ChangelogTurn(loop.create_future(), loop.create_future())
+        task = asyncio.ensure_future(self._deliver_changelog(queued, previous, self.last_turn))
         self.changelog_tasks.add(task)
         task.add_done_callback(self._changelog_sent)
 
-    async def _deliver_changelog(
-        self, queued: Dict[TP, ChangelogRecords], previous: Optional[asyncio.Future], enqueued: asyncio.Future
-    ) -> None:
-        """Hand the batches to aiokafka after the previous turn's (each partition's writes stay in
-        order; after a failed turn nothing more is sent), wait for Kafka, record the offsets."""
+    async def _deliver_changelog(self, queued: Dict[TP, ChangelogRecords], previous: Optional[ChangelogTurn], turn: ChangelogTurn) -> None:
+        """Hand this turn's batches to aiokafka after the previous turn's (each partition's writes
+        stay in order), wait for Kafka, and record the offsets after the previous turn recorded
+        its own. After a failure nothing more is sent or recorded."""
         try:
+            if self.changelog_failure is not None:
+                raise self.changelog_failure
+            if previous is not None:
+                await asyncio.shield(previous.enqueued)
+            producer = cast(Any, self.app).producer._ensure_producer()
             deliveries = []
-            try:
-                if previous is not None:
-                    await asyncio.shield(previous)
-                producer = cast(Any, self.app).producer._ensure_producer()
-                for tp, changes in queued.items():
-                    for count, delivery in await send_in_batches(producer, tp, changes.records):
-                        deliveries.append((tp, changes, count, delivery))
-                    changes.records.clear()  # copied into the batches
-            except BaseException as error:
-                enqueued.set_exception(error)
-                enqueued.exception()  # retrieved here; the next turn raises it too
-                raise
-            enqueued.set_result(None)
+            for tp, changes in queued.items():
+                for count, delivery in await send_in_batches(producer, tp, changes.records):
+                    deliveries.append((tp, changes, count, delivery))
+                changes.records.clear()  # copied into the batches
+            turn.enqueued.set_result(None)
             count_sent(self.app, {tp: changes.count for tp, changes in queued.items()})
-            for tp, changes, count, delivery in deliveries:
-                metadata = await delivery
+            delivered = [(tp, changes, count, await delivery) for tp, changes, count, delivery in deliveries]
+            if previous is not None:
+                await asyncio.shield(previous.delivered)
+            for tp, changes, count, metadata in delivered:
                 changes.on_delivered(tp, metadata.offset + count - 1)
+            turn.delivered.set_result(None)
+        except BaseException as error:
+            self._fail(turn, error)
+            raise
         finally:
             for changes in queued.values():
                 self.changelog_records -= changes.count
                 self.bytes -= changes.size
             self.message_sent.set()
 
+    def _fail(self, turn: ChangelogTurn, error: BaseException) -> None:
+        """Remember the first failure (every flush raises it from now on) and fail the turn."""
+        if isinstance(error, asyncio.CancelledError):
+            error = RuntimeError("a changelog batch was cancelled before Kafka had it")
+        if self.changelog_failure is None:
+            self.changelog_failure = error
+            log.error("A changelog batch was not sent: no offset is committed from now on", exc_info=error)
+        for step in turn:
+            if not step.done():
+                step.set_exception(error)
+                step.exception()  # retrieved: the next turn raises it again
+
     def _changelog_sent(self, task: asyncio.Future) -> None:
         self.changelog_tasks.discard(task)
-        if task.cancelled() or task.exception() is None or self.changelog_failure is not None:
-            return
-        self.changelog_failure = task.exception()
-        log.error("A changelog batch was not sent: no offset is committed from now on", exc_info=self.changelog_failure)
+        if not task.cancelled():
+            task.exception()  # recorded by ``_fail``
 
     async def flush(self) -> None:
-        """Every changelog batch queued so far, delivered, then Faust's flush; raises if a batch failed
-        (before a commit: the offsets of records whose writes were lost are never committed)."""
+        """Every changelog batch queued so far, delivered, then Faust's records; raises if a batch
+        failed (before a commit: the offsets of records whose writes were lost are never committed)."""
         self._send_changelog_batches()
         sending = [task for task in self.changelog_tasks if not task.done()]
         if sending:
             await asyncio.wait(sending)
-        if self.threaded or self.pending.qsize():
+        if self.threaded:
             await super().flush()
+        else:
+            await self.flush_pending()
         if self.changelog_failure is not None:
             raise self.changelog_failure
+
+    async def flush_pending(self) -> None:
+        """Faust's flush of its own records (``size`` counts the changelog's too, and under steady
+        writes never reaches 0: Faust's loop on it would hold the commit)."""
+        while self.pending.qsize():
+            self.message_sent.clear()
+            try:
+                await asyncio.wait_for(self.message_sent.wait(), timeout=0.1)
+            except asyncio.TimeoutError:
+                return  # Faust's flush gives up after 0.1 s without a send, too
 
     def over_bounds(self) -> bool:
         return self.size > self.max_messages or self.bytes > self.max_bytes

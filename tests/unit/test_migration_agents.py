@@ -533,3 +533,15 @@ async def test_a_result_whose_counterpart_never_came_is_counted_missing_once_the
     await asyncio.sleep(2 * window + 0.05)
     assert await expire(time.time()) == [0, 1]
     assert list(pending_results.keys()) == [] and counters("compare")["missing_in_v2"] == 1
+
+
+async def test_results_a_recovery_wrote_are_expired_once_it_has_ended(kafka, monkeypatch):
+    clear_tables()
+    monkeypatch.setattr("agents.migration.settings", migration.settings.model_copy(update={"migration_compare_window": 0.1}))
+    monkeypatch.setattr(migration, "expiry_index", migration.ExpiryIndex())
+    later = time.time() + 1
+    assert migration.expiry_index.overdue_partitions(later) == []  # built from the empty table
+    pending_results.data[b"r-9"] = {"side": "v2", "fields": {}, "at": time.time(), "partition": 2}  # as recovery writes it
+    assert migration.expiry_index.overdue_partitions(later) == []
+    await migration.rebuild_expiry_index()  # the table's on_recover callback
+    assert migration.expiry_index.overdue_partitions(later) == [2]

@@ -88,3 +88,17 @@ def test_table_databases_have_no_write_ahead_log_and_keep_what_a_clean_stop_flus
     # which is in the same database): RocksDB's own log only cost a write call per table write.
     assert written_then_reopened(tmp_path, close=False) == 0  # a crash loses the memtable, not the changelog
     assert written_then_reopened(tmp_path, close=True) == 100
+
+
+async def test_the_store_writes_its_memtables_to_disk_on_its_timer(tmp_path):
+    app = faust.App("stores-flush-test", store="streamspine-rocksdb://", datadir=str(tmp_path), topic_partitions=2)
+    store = app.Table("flushed", partitions=2, key_type=bytes).data
+    for partition in (0, 1):
+        store._db_for_partition(partition).put(b"key", b"value")
+
+    def in_memtables() -> int:
+        return sum(db.property_int_value("rocksdb.num-entries-active-mem-table") for db in store._dbs.values())
+
+    assert in_memtables() == 2
+    await store.flush_memtables()
+    assert in_memtables() == 0
