@@ -679,10 +679,9 @@ class ProducerBuffer(FaustProducerBuffer):
             if previous is not None:
                 await asyncio.shield(previous.enqueued)
             producer = cast(Any, self.app).producer._ensure_producer()
-            deliveries = []
-            for tp, changes in queued.items():
-                for count, delivery in await send_in_batches(producer, tp, changes.records):
-                    deliveries.append((tp, changes, count, delivery))
+            sent = await send_in_batches(producer, {tp: changes.records for tp, changes in queued.items()})
+            deliveries = [(tp, queued[tp], count, delivery) for tp, batches in sent.items() for count, delivery in batches]
+            for changes in queued.values():
                 changes.records.clear()  # copied into the batches
             turn.enqueued.set_result(None)
             count_sent(self.app, {tp: changes.count for tp, changes in queued.items()})
@@ -779,13 +778,19 @@ def count_sent(app: Any, counts: Mapping[TP, int]) -> None:
         monitor.messages_sent_by_topic[tp.topic] += count
 
 
-async def send_in_batches(producer: Any, tp: TP, records: List[Tuple[Optional[bytes], Optional[bytes]]]) -> List[Tuple[int, Any]]:
-    """Hand ``records`` to aiokafka as record batches of ``tp``, in order: (records, delivery) of
-    each batch (the delivery's offset is its first record's)."""
-    return [
-        (count, await producer.send_batch(builder, tp.topic, partition=tp.partition))
-        for builder, count in record_batches(producer, records)
-    ]
+async def send_in_batches(producer: Any, by_partition: Mapping[TP, List[Tuple[MaybeBytes, MaybeBytes]]]) -> Dict[TP, List[Tuple[int, Any]]]:
+    """Hand each partition's records to aiokafka as record batches, in order: (records, delivery)
+    of each batch (the delivery's offset is its first record's). The partitions go side by side:
+    aiokafka takes a partition's next batch only once the one before was drained (sent)."""
+
+    async def send(tp: TP, records: List[Tuple[MaybeBytes, MaybeBytes]]) -> List[Tuple[int, Any]]:
+        return [
+            (count, await producer.send_batch(builder, tp.topic, partition=tp.partition))
+            for builder, count in record_batches(producer, records)
+        ]
+
+    sent = await asyncio.gather(*(send(tp, records) for tp, records in by_partition.items()))
+    return dict(zip(by_partition, sent, strict=True))
 
 
 async def publish(app: AppT, messages: Iterable[Tuple[Any, Optional[bytes], Optional[bytes]]]) -> None:
@@ -808,7 +813,7 @@ async def publish(app: AppT, messages: Iterable[Tuple[Any, Optional[bytes], Opti
             known.add(name)
         tp = TP(name, producer._partition(name, None, None, None, key, None))
         by_partition.setdefault(tp, []).append((key, value))
-    deliveries = [delivery for tp, records in by_partition.items() for _, delivery in await send_in_batches(producer, tp, records)]
+    deliveries = [delivery for batches in (await send_in_batches(producer, by_partition)).values() for _, delivery in batches]
     count_sent(app, {tp: len(records) for tp, records in by_partition.items()})
     for delivery in deliveries:
         await delivery
