@@ -181,7 +181,14 @@ def stats_after(stats: Counts, counts: Counts) -> Counts:
 
 def write_counters(stream: StreamT, counted_events: Iterable[CountedEvent]) -> None:
     """Write a batch's counters once per kind and partition (app/aggregation.py)."""
-    write_deltas(stream, partition_state, fold_deltas(counted_events, combine=summed), apply=stats_after)
+    write_deltas(stream, partition_state, fold_deltas(counted_events, combine=added), apply=stats_after)
+
+
+def added(total: Counts, counts: Counts) -> Counts:
+    """``total`` with ``counts`` added in place: folds a batch's own counts (each made fresh for
+    its record by ``counted``), never a table's stored value (``stats_after`` copies that)."""
+    add_counters(total, counts)
+    return total
 
 
 # --- bridge ---------------------------------------------------------------------------------------

@@ -114,7 +114,7 @@ def _utc_iso(value: Any, name: str) -> str:
         raise InvalidRecord(f"field {name!r} is not a date-time: {_shown(value)}") from None
     except OverflowError:  # year 1 or 9999 with an offset: the UTC moment is out of datetime's range
         raise InvalidRecord(f"field {name!r} is out of range in UTC: {_shown(value)}") from None
-    return f"{moment.year:04d}-{moment:%m-%dT%H:%M:%S}Z"  # %Y does not pad years before 1000
+    return f"{moment.year:04d}-{moment.month:02d}-{moment.day:02d}T{moment.hour:02d}:{moment.minute:02d}:{moment.second:02d}Z"
 
 
 def _cents_amount(amount: Decimal, name: str) -> str:

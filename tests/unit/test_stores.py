@@ -102,3 +102,17 @@ async def test_the_store_writes_its_memtables_to_disk_on_its_timer(tmp_path):
     assert in_memtables() == 2
     await store.flush_memtables()
     assert in_memtables() == 0
+
+
+def test_a_table_read_asks_the_store_once(tmp_path, monkeypatch):
+    app = faust.App("stores-read-test", store="streamspine-rocksdb://", Table="app.stores:Table", datadir=str(tmp_path),
+                    topic_partitions=1)
+    table = app.Table("reads", partitions=1, key_type=bytes, default=dict)
+    store = table.data
+    store._db_for_partition(0).put(b"order", store._encode_value({"ids": ["e-1"]}))
+    asked: List[bytes] = []
+    monkeypatch.setattr(store, "_contains", lambda key: asked.append(key) or True)  # Faust's first of two lookups
+
+    assert table[b"order"] == {"ids": ["e-1"]}
+    assert table[b"no such order"] == {}  # the default
+    assert asked == []
