@@ -261,7 +261,13 @@ class Store(rocksdb.Store):
         super().__init__(*args, **kwargs)
         self.rocksdb_options = BoundedRocksDBOptions(**(self.options or {}), use_rocksdict=self.use_rocksdict)
         self.plain_json = self.value_type is None and (self.value_serializer or self.app.conf.value_serializer) == "json"
+        self.raw_keys = self.key_type is bytes  # Faust's registry passes such keys through as they are
         _stores.add(self)
+
+    def _encode_key(self, key: Any) -> bytes:
+        if self.raw_keys and type(key) is bytes:
+            return key
+        return super()._encode_key(key)
 
     def _encode_value(self, value: Any) -> Optional[bytes]:
         if self.plain_json and type(value) in PLAIN_JSON_TYPES:

@@ -184,6 +184,11 @@ def _amount(value: Any) -> Decimal:
 
 def translate(event: Any) -> OrderV2:
     """A V1 order event (any known schema) as a V2 event; InvalidRecord says why it cannot be."""
+    return OrderV2(**translated(event))
+
+
+def translated(event: Any) -> Dict[str, Any]:
+    """The fields of ``translate(event)`` (the comparison needs no record)."""
     if not isinstance(event, dict):
         raise InvalidRecord(f"a V1 event must be a JSON object, got {type(event).__name__}")
     event_id = v1_event_id(event)
@@ -195,15 +200,15 @@ def translate(event: Any) -> OrderV2:
     currency = current.get("currency")
     if not isinstance(currency, str) or len(currency) != 3 or not (currency.isascii() and currency.isalpha()):
         raise InvalidRecord(f"field 'currency' must be an ISO 4217 code, got {_shown(currency)}")
-    return OrderV2(
-        order_id=_text(current, "id"),
-        customer_id=_text(current, "customer"),
-        amount={"value": _cents_amount(total, "total"), "currency": currency.upper()},
-        state=STATE_OF_V1_STATUS[status],
-        created_at=_utc_iso(current.get("created_at"), "created_at"),
-        source_version=source_version,
-        event_id=event_id,
-    )
+    return {
+        "order_id": _text(current, "id"),
+        "customer_id": _text(current, "customer"),
+        "amount": {"value": _cents_amount(total, "total"), "currency": currency.upper()},
+        "state": STATE_OF_V1_STATUS[status],
+        "created_at": _utc_iso(current.get("created_at"), "created_at"),
+        "source_version": source_version,
+        "event_id": event_id,
+    }
 
 
 def _refuse_constant(name: str) -> Any:
@@ -274,7 +279,7 @@ def as_v2_shape(result: Mapping[str, Any]) -> Dict[str, Any]:
     """A V1 result in V2 field names and formats, through the bridge's own mapping when it is an
     order; otherwise field names renamed by KEY_RENAMES."""
     try:
-        return translate(dict(result)).asdict()
+        return translated(dict(result))
     except InvalidRecord:
         return {KEY_RENAMES.get(key, key): value for key, value in result.items()}
 
