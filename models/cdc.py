@@ -42,6 +42,8 @@ import psycopg
 from psycopg.adapt import AdaptersMap
 from psycopg.pq import Format
 
+from models.metrics import INT64_MAX, INT64_MIN, parsed_json  # int64: bigint, the replica's LSN column, Elasticsearch's long
+
 PG_EPOCH = datetime(2000, 1, 1, tzinfo=timezone.utc)
 UNIX_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 UNIX_EPOCH_NAIVE = datetime(1970, 1, 1)
@@ -49,7 +51,6 @@ EPOCH_DATE = date(1970, 1, 1)
 # Debezium's placeholder for an unchanged TOASTed column that the WAL does not carry.
 UNAVAILABLE = "__debezium_unavailable_value"
 OPS = ("c", "u", "d", "r")
-INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1  # bigint, the replica's LSN column, Elasticsearch's long
 # Types whose PostgreSQL text form is already what Debezium writes (kept as text, no round trip).
 TEXT_KEPT_OIDS = {114, 3802, 1700, 25, 1043, 1042, 2950, 19}  # json, jsonb, numeric, text, varchar, bpchar, uuid, name
 
@@ -594,18 +595,24 @@ def _json_constant(name: str) -> Any:
     raise InvalidChange(f"{name}, which is not standard JSON")
 
 
-_STRICT_DECODER = json.JSONDecoder(parse_int=_json_integer, parse_float=_json_float, parse_constant=_json_constant)
+class StrictDecoder(json.JSONDecoder):
+    """The standard library's decoder refusing integers past 64 bits, infinite numbers and NaN."""
+
+    def __init__(self, **options: Any) -> None:
+        super().__init__(**options, parse_int=_json_integer, parse_float=_json_float, parse_constant=_json_constant)
 
 
 def strict_json(raw: bytes, what: str) -> Any:
     """``raw`` as standard JSON whose integers fit 64 bits and numbers a double; anything else
-    (not UTF-8, NaN, 1e400, a 5,000-digit integer, nesting past the recursion limit) is refused."""
+    (not UTF-8, NaN, 1e400, a 5,000-digit integer, nesting past the recursion limit) is refused.
+    orjson reads it when it reads it as the strict standard-library decoder would
+    (models/metrics.py ``parsed_json``)."""
     try:
         text = bytes(raw).decode("utf-8")
     except UnicodeDecodeError:
         raise InvalidChange(f"{what} is not UTF-8") from None
     try:
-        return _STRICT_DECODER.decode(text)
+        return parsed_json(text, cls=StrictDecoder)[0]
     except InvalidChange as error:
         raise InvalidChange(f"{what} holds {error}") from None
     except RecursionError:

@@ -220,6 +220,8 @@ ENVELOPE = b'{"op": "c", "after": {"id": 1, "n": %s}, "source": {"schema": "s", 
         (b"[" * 20_000 + b"]" * 20_000, "nested too deeply"),  # the stdlib parser's RecursionError
         (ENVELOPE % (b"9" * 5000), "beyond 64 bits"),  # over Python's 4,300-digit limit
         (ENVELOPE % str(2**64).encode(), "beyond 64 bits"),  # no sink or state table can write it back
+        (ENVELOPE % str(2**63).encode(), "beyond 64 bits"),  # orjson reads it (an unsigned 64-bit integer)
+        (ENVELOPE % str(-(2**63) - 1).encode(), "beyond 64 bits"),
         (ENVELOPE % b"1e400", "beyond a double"),
         (ENVELOPE % b"NaN", "not standard JSON"),
         (ENVELOPE % b"Infinity", "not standard JSON"),

@@ -49,6 +49,14 @@ def test_what_orjson_refuses_or_reads_inexactly_is_read_by_the_standard_library(
     assert same(parsed_json(raw)[0], stdlib(raw))
 
 
+@pytest.mark.parametrize("raw", [b"[9223372036854775808]", b'{"n": -9223372036854775809}', b"18446744073709551615"])
+def test_integers_past_int64_are_read_by_the_decoder_the_caller_gave(raw):
+    """orjson reads an unsigned 64-bit integer exactly; a strict caller's parse_int still sees it."""
+    seen = []
+    parsed_json(raw, parse_int=lambda text: seen.append(text) or int(text))
+    assert seen and int(seen[0]) not in range(-(2**63), 2**63)
+
+
 def test_the_depth_is_that_of_the_value():
     assert parsed_json(b"1")[1] == 0
     assert parsed_json(b'{"a": [[1], {"b": []}]}')[1] == 4
