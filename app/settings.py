@@ -165,8 +165,7 @@ class Settings(BaseSettings):
     cdc_topic_prefix: str = Field(
         "cdc", pattern=r"^[A-Za-z0-9_-]+$", description="Prefix of the change topics (a Debezium connector's `topic.prefix`)."
     )
-    cdc_poll_interval: float = Field(0.1, gt=0, le=60, description="Seconds between slot polls when the last poll was not full.")
-    cdc_max_changes: int = Field(5000, ge=1, le=1_000_000, description="Changes per poll (whole transactions: a poll may return more).")
+    cdc_max_changes: int = Field(5000, ge=1, le=1_000_000, description="Most messages of the slot's stream published as one batch.")
     cdc_producer_batch_size: int = Field(65536, ge=1, le=64 * 1024 * 1024, description="Bytes per produce batch of the capture.")
     replica_dsn: Optional[str] = Field(None, description="`postgresql://` URL of the replica database.")
     redis_url: Optional[str] = Field(None, description="`redis://` URL; CDC row hashes.")

@@ -671,3 +671,24 @@ def test_the_capture_service_explains_itself():
 
     assert result.returncode == 0 and "CDC_CAPTURE=off" in result.stdout, result.stderr
     assert "RuntimeWarning" not in result.stderr, result.stderr
+
+
+def slot_confirmed_past(dsn: str, slot: str, lsn: str) -> bool:
+    with psycopg.connect(dsn) as conn:
+        row = conn.execute("SELECT confirmed_flush_lsn >= %s::pg_lsn FROM pg_replication_slots WHERE slot_name = %s", (lsn, slot)).fetchone()
+    return bool(row and row[0])
+
+
+def test_writes_to_tables_not_captured_do_not_hold_the_slot_back(kafka_broker, start_workers, scenario):
+    """With nothing of its own to publish, the capture confirms the server's keepalive position:
+    the slot does not keep the WAL of other tables' writes."""
+    seed_items(scenario, 10, seed=21)
+    [worker] = start_workers(kafka_broker, **scenario.env(tables=[f"{scenario.schema}.items"]))
+    wait_for(lambda: applied_changes(worker, f"{scenario.schema}.items") >= 10, timeout=60, message="the snapshot applied")
+    with psycopg.connect(scenario.source_dsn, autocommit=True) as conn:
+        conn.execute(f"CREATE TABLE {scenario.schema}.quiet (id int PRIMARY KEY)")
+        for i in range(200):
+            conn.execute(f"INSERT INTO {scenario.schema}.quiet VALUES (%s)", (i,))
+        end = conn.execute("SELECT pg_current_wal_lsn()::text").fetchone()[0]
+    wait_for(lambda: slot_confirmed_past(scenario.source_dsn, scenario.slot, end), timeout=60, interval=0.2,
+             message=f"slot confirmed past {end}")
