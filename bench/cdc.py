@@ -1,9 +1,11 @@
 """Change data capture throughput and lag on a real worker, in one run.
 
-    python bench/cdc.py [--changes 20000] [--rate 1000] [--seconds 20] [--producer-batch-size N]
+    python bench/cdc.py [--changes 20000] [--rate 1000] [--seconds 20] [--producer-batch-size N] [--capture-service]
 
 Starts a local broker, a throwaway PostgreSQL (source and replica databases), a throwaway Redis,
-the Elasticsearch-compatible test server and one ``faust -A app worker``, then prints:
+the Elasticsearch-compatible test server and one ``faust -A app worker`` (capturing and applying;
+with ``--capture-service`` the worker only applies and ``python -m agents.cdc.capture`` captures
+in its own process, the Procfile's ``capture:`` line), then prints:
 1. captured and applied changes/s for a backlog of ``--changes`` row changes (transactions of 10
    updates and inserts), written as fast as one connection can;
 2. p50/p99 lag from a change's source commit to visible in Redis and in the replica, while a
@@ -14,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import subprocess
 import sys
 import tempfile
 import threading
@@ -154,6 +157,7 @@ def main() -> None:
     parser.add_argument("--rate", type=int, default=1000)
     parser.add_argument("--seconds", type=float, default=20.0)
     parser.add_argument("--producer-batch-size", type=int, default=None, help="the worker's PRODUCER_MAX_BATCH_SIZE (default: its own)")
+    parser.add_argument("--capture-service", action="store_true", help="capture in its own process (CDC_CAPTURE=off on the worker)")
     args = parser.parse_args()
     suffix = uuid.uuid4().hex[:8]
     with LocalBroker() as broker, ThrowawayPostgres() as pg, ThrowawayRedis() as rds, ElasticsearchTestServer.in_thread() as es:
@@ -165,7 +169,12 @@ def main() -> None:
                "CDC_TABLES": TABLE, "CDC_SLOT": slot, "LOG_LEVEL": "warning"}
         if args.producer_batch_size:
             env["PRODUCER_MAX_BATCH_SIZE"] = str(args.producer_batch_size)
-        worker = WorkerProcess(broker.url, Path(tempfile.mkdtemp(prefix="bench-cdc-")), app_id=f"bench-cdc-{suffix}", env=env).start()
+        work_dir = Path(tempfile.mkdtemp(prefix="bench-cdc-"))
+        worker = WorkerProcess(broker.url, work_dir, app_id=f"bench-cdc-{suffix}", env={**env, **({"CDC_CAPTURE": "off"} if args.capture_service else {})}).start()
+        service = None
+        if args.capture_service:
+            service = subprocess.Popen([sys.executable, "-m", "agents.cdc.capture"], cwd=REPO, env={**worker.env, **env},
+                                       stdout=open(work_dir / "capture.log", "wb"), stderr=subprocess.STDOUT)
         try:
             wait_until_ready([worker])
             wait_for(lambda: confirmed_lsn(source, slot) is not None, timeout=60, message="capture started")
@@ -183,6 +192,9 @@ def main() -> None:
             print(f"commit -> visible at {args.rate} changes/s: Redis {percentiles(redis_lags)}; replica {percentiles(replica_lags)}")
         finally:
             worker.stop()
+            if service is not None:
+                service.terminate()
+                service.wait(timeout=30)
 
 
 if __name__ == "__main__":

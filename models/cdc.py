@@ -38,11 +38,12 @@ from functools import lru_cache
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Set, Tuple, Union
 from uuid import UUID
 
+import orjson
 import psycopg
 from psycopg.adapt import AdaptersMap
 from psycopg.pq import Format
 
-from models.metrics import INT64_MAX, INT64_MIN, parsed_json  # int64: bigint, the replica's LSN column, Elasticsearch's long
+from models.metrics import INT64_MAX, INT64_MIN  # int64: bigint, the replica's LSN column, Elasticsearch's long
 
 PG_EPOCH = datetime(2000, 1, 1, tzinfo=timezone.utc)
 UNIX_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
@@ -595,24 +596,32 @@ def _json_constant(name: str) -> Any:
     raise InvalidChange(f"{name}, which is not standard JSON")
 
 
-class StrictDecoder(json.JSONDecoder):
-    """The standard library's decoder refusing integers past 64 bits, infinite numbers and NaN."""
+_STRICT_DECODER = json.JSONDecoder(parse_int=_json_integer, parse_float=_json_float, parse_constant=_json_constant)
 
-    def __init__(self, **options: Any) -> None:
-        super().__init__(**options, parse_int=_json_integer, parse_float=_json_float, parse_constant=_json_constant)
+
+# orjson reads a value as the strict decoder does unless it holds an integer literal of 19 digits
+# or more (orjson reads up to 2**64 - 1 exactly and makes longer ones floats; the strict decoder
+# refuses whatever is past int64) or nests deeper than the standard library can (orjson: 1,024).
+LONG_INTEGER = re.compile(rb"\d{19}")
+SHALLOW_BRACKETS = 500  # fewer [ and { than this in all: nested less deeply than that
 
 
 def strict_json(raw: bytes, what: str) -> Any:
     """``raw`` as standard JSON whose integers fit 64 bits and numbers a double; anything else
     (not UTF-8, NaN, 1e400, a 5,000-digit integer, nesting past the recursion limit) is refused.
-    orjson reads it when it reads it as the strict standard-library decoder would
-    (models/metrics.py ``parsed_json``)."""
+    orjson reads it when it is sure to read it as the strict standard-library decoder would."""
+    raw = bytes(raw)
+    if raw.count(b"[") + raw.count(b"{") < SHALLOW_BRACKETS and not LONG_INTEGER.search(raw):
+        try:
+            return orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            pass  # the standard library tells why
     try:
-        text = bytes(raw).decode("utf-8")
+        text = raw.decode("utf-8")
     except UnicodeDecodeError:
         raise InvalidChange(f"{what} is not UTF-8") from None
     try:
-        return parsed_json(text, cls=StrictDecoder)[0]
+        return _STRICT_DECODER.decode(text)
     except InvalidChange as error:
         raise InvalidChange(f"{what} holds {error}") from None
     except RecursionError:

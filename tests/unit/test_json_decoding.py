@@ -1,4 +1,5 @@
-"""models/metrics.py ``parsed_json``: orjson's speed, the standard library's result, for any bytes."""
+"""models/metrics.py ``parsed_json`` and models/cdc.py ``strict_json``: orjson's speed, the
+standard library's result, for any bytes."""
 from __future__ import annotations
 
 import json
@@ -8,6 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from models.cdc import InvalidChange, _json_constant, _json_float, _json_integer, strict_json
 from models.metrics import parsed_json
 
 JSON_VALUES = st.recursive(
@@ -67,3 +69,29 @@ def test_the_depth_is_that_of_the_value():
 def test_what_neither_reads_fails_as_the_standard_library_fails(raw):
     with pytest.raises((ValueError, RecursionError)):
         parsed_json(raw)
+
+
+# --- models/cdc.py ``strict_json``: orjson where it is sure to agree with the strict decoder ------
+
+STRICT = json.JSONDecoder(parse_int=_json_integer, parse_float=_json_float, parse_constant=_json_constant)
+
+
+def strict_outcome(read):
+    try:
+        return "value", read()
+    except (InvalidChange, ValueError, RecursionError):
+        return "refused", None
+
+
+HOSTILE_FRAGMENTS = [b"NaN", b"1e400", b"9" * 30, b"18446744073709551615", b"-9223372036854775809", b"[" * 600 + b"]" * 600]
+
+
+@settings(max_examples=400, deadline=None)
+@given(value=JSON_VALUES, indent=st.sampled_from([None, 1]), hostile=st.sampled_from([None, *HOSTILE_FRAGMENTS]))
+def test_strict_json_reads_and_refuses_as_the_strict_standard_library_decoder(value, indent, hostile):
+    raw = json.dumps(value, indent=indent).encode()
+    if hostile is not None:
+        raw = b"[" + hostile + b", " + raw + b"]"
+    fast_kind, fast = strict_outcome(lambda: strict_json(raw, "value"))
+    slow_kind, slow = strict_outcome(lambda: STRICT.decode(raw.decode()))
+    assert fast_kind == slow_kind and (fast_kind == "refused" or same(fast, slow)), raw[:200]
