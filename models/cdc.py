@@ -34,7 +34,7 @@ import struct
 from dataclasses import dataclass, field
 from datetime import date, datetime, time, timedelta, timezone
 from decimal import Decimal, InvalidOperation
-from functools import lru_cache
+from functools import cached_property, lru_cache
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Set, Tuple, Union
 from uuid import UUID
 
@@ -518,9 +518,9 @@ class Change:
     def table_name(self) -> str:
         return f"{self.schema}.{self.table}"
 
-    @property
+    @cached_property
     def row_id(self) -> str:
-        return row_id(self.key)
+        return row_id(self.key)  # the key never changes once parsed
 
     @property
     def is_delete(self) -> bool:
@@ -539,8 +539,9 @@ def key_json(key: Mapping[str, Any]) -> bytes:
 
 
 def row_id(key: Mapping[str, Any]) -> str:
-    """A row's id in Redis keys and Elasticsearch ``_id``: the key values, ``:``-joined."""
-    return ":".join(value if isinstance(value, str) else json.dumps(value) for value in key.values())
+    """A row's id in Redis keys and Elasticsearch ``_id``: the key values, ``:``-joined, each a
+    string as is, anything else as JSON (an int's JSON is its ``str``, without the encoder)."""
+    return ":".join(value if type(value) is str else str(value) if type(value) is int else json.dumps(value) for value in key.values())
 
 
 def change_envelope(
