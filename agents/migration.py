@@ -130,11 +130,6 @@ def sendable(key: bytes, record: Any) -> bytes:
     return value
 
 
-async def publish(messages: Iterable[Tuple[TopicT, bytes, bytes]]) -> None:
-    """Send every message (in record batches per partition), then wait until Kafka has each one."""
-    await transport.publish(app, messages)
-
-
 def stats_key(kind: str, partition: int) -> bytes:
     return f"{kind}:{partition}".encode()
 
@@ -258,7 +253,7 @@ async def bridge_batch(stream: StreamT, batch: List[Decoded[BridgedOrder]], refu
     counts = [counted("bridge", event, dead_lettered=1) for event in refused]
     new, repeats = new_orders(stream, batch)
     counts += [counted("bridge", entry.event, duplicates=1) for entry in repeats]
-    await publish((orders_v2, entry.value.key, entry.value.value) for entry in new)
+    await transport.publish(app, ((orders_v2, entry.value.key, entry.value.value) for entry in new))
     now = time.time()
     for entry in new:
         enter_partition(stream, entry.event)
@@ -368,7 +363,7 @@ async def route_batch(stream: StreamT, batch: List[Decoded[Union[PhaseMarker, Co
         answering = answering_system(phase, percent, entry.value["order_id"])
         messages += routed_messages(entry.value, phase, percent, answering)
         counts.append(counted("router", entry.event, routed=1, **{f"answered_by_{answering}": 1}))
-    await publish(messages)
+    await transport.publish(app, messages)
     phases.write()
     write_counters(stream, counts)
 

@@ -804,19 +804,32 @@ async def publish(app: AppT, messages: Iterable[Tuple[Any, Optional[bytes], Opti
         for delivery in sent:
             await delivery
         return
-    by_partition: Dict[TP, List[Tuple[Optional[bytes], Optional[bytes]]]] = {}
+    grouped = await by_partition(producer, ((topic.get_topic_name(), key, value) for topic, key, value in messages))
+    delivered = await send_grouped(producer, grouped)
+    count_sent(app, {tp: len(records) for tp, records in grouped.items()})
+    await delivered
+
+
+async def by_partition(
+    producer: Any, records: Iterable[Tuple[str, Optional[bytes], Optional[bytes]]]
+) -> Dict[TP, List[Tuple[Optional[bytes], Optional[bytes]]]]:
+    """``(topic name, key, value)`` records grouped by the partition the producer's partitioner
+    picks for the key (Kafka's murmur2, as Faust's ``Topic.send`` and every client), in order."""
+    grouped: Dict[TP, List[Tuple[Optional[bytes], Optional[bytes]]]] = {}
     known: Set[str] = set()
-    for topic, key, value in messages:
-        name = topic.get_topic_name()
+    for name, key, value in records:
         if name not in known:
             await producer.client._wait_on_metadata(name)
             known.add(name)
-        tp = TP(name, producer._partition(name, None, None, None, key, None))
-        by_partition.setdefault(tp, []).append((key, value))
-    deliveries = [delivery for batches in (await send_in_batches(producer, by_partition)).values() for _, delivery in batches]
-    count_sent(app, {tp: len(records) for tp, records in by_partition.items()})
-    for delivery in deliveries:
-        await delivery
+        grouped.setdefault(TP(name, producer._partition(name, None, None, None, key, None)), []).append((key, value))
+    return grouped
+
+
+async def send_grouped(producer: Any, grouped: Mapping[TP, List[Tuple[MaybeBytes, MaybeBytes]]]) -> "asyncio.Future[Any]":
+    """Hand ``by_partition``'s records to the producer (``send_in_batches``); the future of all
+    their deliveries (it fails if any did)."""
+    sent = await send_in_batches(producer, grouped)
+    return asyncio.gather(*(delivery for batches in sent.values() for _, delivery in batches))
 
 
 def record_batches(producer: Any, records: List[Tuple[Optional[bytes], Optional[bytes]]]) -> Iterator[Tuple[Any, int]]:

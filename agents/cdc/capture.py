@@ -21,8 +21,7 @@ import faust
 import orjson
 import psycopg
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
-from aiokafka.partitioner import DefaultPartitioner
-from faust.types import TP, TopicT
+from faust.types import TopicT
 from psycopg import sql
 
 from agents.cdc.wal_stream import Keepalive, WalStream
@@ -30,7 +29,7 @@ from app import app, settings
 from app.retry import retrying
 from app.settings import Settings, bootstrap_servers
 from app.topics import raw_topic
-from app.transport import send_in_batches
+from app.transport import by_partition, send_grouped
 from models.cdc import (
     Begin,
     ColumnDef,
@@ -54,7 +53,6 @@ SNAPSHOT_CHUNK = 1000
 LOCK_RETRY = 1.0  # seconds between attempts to become the capturing worker
 BACKOFF_MAX = 5.0
 UNCONFIRMED_BATCHES = 16  # batches handed to the producer before the oldest is acknowledged
-PARTITIONER = DefaultPartitioner()  # Kafka's murmur2 of the key, as every client and Debezium use
 
 
 def cdc_topic_name(table_name: str) -> str:
@@ -435,16 +433,10 @@ class Capture:
 
     async def send(self, records: List[Tuple[str, bytes, Optional[bytes]]]) -> asyncio.Future:
         """Hand records to the producer in order per partition, as record batches, the partitions
-        side by side (app/transport.py's ``send_in_batches``); the future of their delivery."""
-        by_partition: Dict[TP, List[Tuple[Optional[bytes], Optional[bytes]]]] = {}
-        partitions: Dict[str, List[int]] = {}
-        for topic, key, value in records:
-            if topic not in partitions:
-                partitions[topic] = sorted(await self.session_producer.partitions_for(topic))
-            by_partition.setdefault(TP(topic, PARTITIONER(key, partitions[topic], partitions[topic])), []).append((key, value))
-        sent = await send_in_batches(self.session_producer, by_partition)
+        side by side (app/transport.py); the future of their delivery."""
+        delivered = await send_grouped(self.session_producer, await by_partition(self.session_producer, records))
         self.published += len(records)
-        return asyncio.gather(*(delivery for batches in sent.values() for _, delivery in batches))
+        return delivered
 
 
 def envelope_json(envelope: Dict[str, Any]) -> bytes:
