@@ -187,6 +187,18 @@ class Table(faust.Table):
         except KeyError:
             return self.__missing__(key)
 
+    def __setitem__(self, key: Any, value: Any) -> None:
+        """A write encoded once: the bytes the store keeps are the changelog record's (recovery
+        puts the changelog's bytes into the store as they are)."""
+        store = self.data
+        if not isinstance(store, Store) or (partition := self._batched_partition(key)) is None:
+            return super().__setitem__(key, value)
+        key_bytes, value_bytes = store._encode_key(key), store._encode_value(value)
+        self._send_changelog_bytes(partition, key_bytes, value_bytes)
+        self._maybe_set_key_ttl(key, partition)
+        self._sensor_on_set(self, key, value)
+        store._set(key_bytes, value_bytes)
+
     def on_key_set(self, key: Any, value: Any) -> None:
         partition = self._batched_partition(key)
         if partition is None:
@@ -223,17 +235,13 @@ class Table(faust.Table):
         return buffer
 
     def _send_batched(self, partition: int, key: Any, value: Any, value_serializer: Any) -> None:
-        topic = self.changelog_topic
-        if self.key_type is bytes and type(key) is bytes:
-            key_bytes = key  # what Faust's raw serializer makes of it
-        else:
-            key_bytes, _ = topic.prepare_key(key, self.key_serializer)
-        if value_serializer == "json" and self.value_type is None and type(value) in PLAIN_JSON_TYPES:
-            value_bytes = encode_plain_json(value)  # as the store encodes it
-        else:
-            value_bytes, _ = topic.prepare_value(value, value_serializer)
-        tp = TP(topic.get_topic_name(), partition)
-        cast(ProducerBuffer, self.changelog_buffer).send_changelog(tp, key_bytes, value_bytes, self._on_changelog_batch_sent)
+        key_bytes, _ = self.changelog_topic.prepare_key(key, self.key_serializer)
+        value_bytes, _ = self.changelog_topic.prepare_value(value, value_serializer)
+        self._send_changelog_bytes(partition, key_bytes, value_bytes)
+
+    def _send_changelog_bytes(self, partition: int, key: Optional[bytes], value: Optional[bytes]) -> None:
+        tp = TP(self.changelog_topic.get_topic_name(), partition)
+        cast(ProducerBuffer, self.changelog_buffer).send_changelog(tp, key, value, self._on_changelog_batch_sent)
 
     def _on_changelog_batch_sent(self, tp: TP, offset: int) -> None:
         self.data.set_persisted_offset(tp, offset)
