@@ -3,7 +3,8 @@
     python bench/cdc.py [--changes 20000] [--rate 1000] [--seconds 20] [--producer-batch-size N] [--capture-service]
 
 Starts a local broker, a throwaway PostgreSQL (source and replica databases), a throwaway Redis,
-the Elasticsearch-compatible test server and one ``faust -A app worker`` (capturing and applying;
+the Elasticsearch-compatible test server and one ``faust -A app worker``, measures bench/metrics.py's
+bare-agent ceiling (how fast this machine runs Faust right now) (capturing and applying;
 with ``--capture-service`` the worker only applies and ``python -m agents.cdc.capture`` captures
 in its own process, the Procfile's ``capture:`` line), then prints:
 1. captured and applied changes/s for a backlog of ``--changes`` row changes (transactions of 10
@@ -26,10 +27,11 @@ from pathlib import Path
 from typing import Dict, List, Tuple
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(REPO)]
+sys.path[:0] = [str(REPO), str(REPO / "bench")]
 
 import psycopg  # noqa: E402
 import redis  # noqa: E402
+from metrics import bare_ceiling  # noqa: E402
 
 from app.local_broker import LocalBroker  # noqa: E402
 from tests.support.es_server import ElasticsearchTestServer  # noqa: E402
@@ -161,6 +163,8 @@ def main() -> None:
     args = parser.parse_args()
     suffix = uuid.uuid4().hex[:8]
     with LocalBroker() as broker, ThrowawayPostgres() as pg, ThrowawayRedis() as rds, ElasticsearchTestServer.in_thread() as es:
+        ceiling = bare_ceiling(broker, Path(tempfile.mkdtemp(prefix="bench-cdc-ceiling-")), 60000)
+        print(f"bare agent ceiling (streamspine-bare): {ceiling:,.0f} records/s (this machine's speed now)")
         source, replica = pg.create_database("bench_source"), pg.create_database("bench_replica")
         with psycopg.connect(source, autocommit=True) as conn:
             conn.execute(DDL)

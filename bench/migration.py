@@ -2,7 +2,8 @@
 
     python bench/migration.py [--events 20000] [--pairs 10000]
 
-Against a local broker started here it prints, for one ``faust -A app worker``:
+Against a local broker started here it prints bench/metrics.py's bare-agent ceiling (how fast
+this machine runs Faust right now), then, for one ``faust -A app worker``:
 1. the bridge: V1 events translated to ``orders.v2`` per second, from a backlog on ``orders.v1``
    (schema 1 and 2 alternating, one event per record), each also reconciled against its V2 copy;
 2. the comparison: result pairs compared per second, from a backlog of V1 and V2 results
@@ -25,7 +26,7 @@ sys.path[:0] = [str(REPO), str(REPO / "bench")]
 
 import compare  # noqa: E402
 from aiokafka import AIOKafkaProducer  # noqa: E402
-from metrics import Worker, rate_until  # noqa: E402
+from metrics import Worker, bare_ceiling, rate_until  # noqa: E402
 
 from app.local_broker import LocalBroker  # noqa: E402
 from models.migration import translate  # noqa: E402
@@ -84,6 +85,7 @@ def main() -> int:
     worker: Optional[Worker] = None
     try:
         with LocalBroker() as broker:
+            ceiling = bare_ceiling(broker, work_dir / "ceiling", 60000)
             worker = Worker(broker, work_dir, REPO / "app" / "alert_rules.yaml")
             worker.wait_ready()
             asyncio.run(produce(broker.bootstrap, "orders.v1", v1_backlog(args.events)))
@@ -97,6 +99,7 @@ def main() -> int:
             worker.stop()
         shutil.rmtree(work_dir, ignore_errors=True)
     print(f"command: python bench/migration.py --events {args.events} --pairs {args.pairs}  ({os.cpu_count()} cores, local broker)")
+    print(f"bare agent ceiling (streamspine-bare)   {ceiling:10,.0f} records/s  (this machine's speed now)")
     print(f"bridge, V1 events translated to V2      {bridge:10,.0f} events/s")
     print(f"comparison, result pairs compared       {compared:10,.0f} pairs/s  "
           f"(mismatched {status.get('mismatched')}, fields {status.get('field_mismatches')})")
