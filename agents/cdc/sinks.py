@@ -347,13 +347,15 @@ class RedisSink:
         written: List[Change] = []
         try:
             pipeline = self.client.pipeline(transaction=False)
+            pipeline.scripts.add(self.script)  # type: ignore[arg-type]  # (typed for the sync Script) loaded by execute() if missing
             for change in changes:
                 try:
                     keys, args = redis_write(change)
                 except InvalidChange as error:
                     rejected.append((change, str(error)))
                     continue
-                await self.script(keys=keys, args=args, client=pipeline)
+                # Queued as the script object would queue it, without its checks on every call.
+                pipeline.evalsha(self.script.sha, len(keys), *keys, *args)
                 written.append(change)
             results = await pipeline.execute(raise_on_error=False) if written else []
         except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as error:
