@@ -53,6 +53,13 @@ SNAPSHOT_CHUNK = 1000
 LOCK_RETRY = 1.0  # seconds between attempts to become the capturing worker
 BACKOFF_MAX = 5.0
 UNCONFIRMED_BATCHES = 16  # batches handed to the producer before the oldest is acknowledged
+STATUS_INTERVAL = 10.0  # seconds of a quiet stream between two status updates
+REPLICATION_CONNECTION_TIMEOUTS: Dict[str, Any] = {
+    "keepalives_idle": 10,
+    "keepalives_interval": 5,
+    "keepalives_count": 3,
+    "tcp_user_timeout": 30_000,
+}
 
 
 def cdc_topic_name(table_name: str) -> str:
@@ -289,7 +296,12 @@ class Capture:
     async def stream(self, conn: psycopg.AsyncConnection) -> None:
         """Stream the slot (agents/cdc/wal_stream.py); publish whole transactions; confirm them to
         the slot in order, each once Kafka acknowledged every record up to it."""
-        async with await psycopg.AsyncConnection.connect(self.dsn, autocommit=True, replication="database") as replication:
+        # TCP keepalives and a send timeout: a source that vanished without closing the connection
+        # ends the session within about a minute, even while its tables are quiet.
+        replication = await psycopg.AsyncConnection.connect(
+            self.dsn, autocommit=True, replication="database", **REPLICATION_CONNECTION_TIMEOUTS
+        )
+        try:
             wal = WalStream(replication)
             await wal.start(settings.cdc_slot, settings.cdc_publication)
             self.in_flight = 0
@@ -306,6 +318,8 @@ class Capture:
                 for task in tasks:
                     task.cancel()
                 await asyncio.gather(*tasks, return_exceptions=True)
+        finally:
+            await replication.close()  # not the context manager's ROLLBACK, which a stream refuses
 
     async def read_and_publish(self, conn: psycopg.AsyncConnection, wal: WalStream, unconfirmed: asyncio.Queue) -> None:
         """Hand each batch of complete transactions to the producer and queue its deliveries."""
@@ -313,7 +327,10 @@ class Capture:
         while True:
             records: List[Tuple[str, bytes, Optional[bytes]]] = []
             end_lsn: Optional[int] = None
-            for message in await wal.read_batch(settings.cdc_max_changes):
+            messages = await wal.read_batch(settings.cdc_max_changes, timeout=STATUS_INTERVAL)
+            if not messages and self.confirmed_lsn is not None:
+                await wal.confirm(self.confirmed_lsn)  # a status update now and then, as pg_recvlogical sends
+            for message in messages:
                 if isinstance(message, Keepalive):
                     await self.on_keepalive(wal, message, idle=transaction is None and not records and self.in_flight == 0)
                     continue

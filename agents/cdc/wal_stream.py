@@ -44,6 +44,7 @@ class WalStream:
         self.conn = conn
         self.pgconn = conn.pgconn
         self.loop = asyncio.get_running_loop()
+        self.sending = asyncio.Lock()  # one writer at a time: a second add_writer would replace the first's
 
     async def start(self, slot: str, publication: str) -> None:
         """``START_REPLICATION`` from the slot's confirmed position with pgoutput protocol 1."""
@@ -64,15 +65,18 @@ class WalStream:
             if result.status == pq.ExecStatus.FATAL_ERROR:
                 raise psycopg.OperationalError((result.error_message or b"").decode(errors="replace").strip())
 
-    async def read_batch(self, limit: int) -> List[Union[bytes, Keepalive]]:
-        """The next message (waiting for it), then every one already received, up to ``limit``:
-        pgoutput messages as bytes, keepalives as ``Keepalive``."""
+    async def read_batch(self, limit: int, timeout: float) -> List[Union[bytes, Keepalive]]:
+        """The next message (waiting up to ``timeout`` seconds for it: else none), then every one
+        already received, up to ``limit``: pgoutput messages as bytes, keepalives as ``Keepalive``."""
         messages: List[Union[bytes, Keepalive]] = []
         while len(messages) < limit:
             size, data = self.pgconn.get_copy_data(1)
             if size == 0:
                 if not messages:
-                    await self.wait(readable=True)
+                    try:
+                        await asyncio.wait_for(self.wait(readable=True), timeout)
+                    except asyncio.TimeoutError:
+                        return messages
                 self.pgconn.consume_input()  # what the socket holds, without waiting
                 size, data = self.pgconn.get_copy_data(1)
                 if size == 0:
@@ -95,9 +99,12 @@ class WalStream:
     async def confirm(self, lsn: int) -> None:
         """Report ``lsn`` as written, flushed and applied: the server may forget what precedes it."""
         now_us = int((time.time() - POSTGRES_EPOCH) * 1_000_000)
-        if self.pgconn.put_copy_data(STATUS_UPDATE.pack(b"r", lsn, lsn, lsn, now_us, False)) != 1:
-            raise psycopg.OperationalError(f"standby status update not sent: {self.error()}")
-        await self.flush()
+        async with self.sending:
+            while (queued := self.pgconn.put_copy_data(STATUS_UPDATE.pack(b"r", lsn, lsn, lsn, now_us, False))) == 0:
+                await self.wait(readable=False)  # libpq's buffer is full: once the socket takes more
+            if queued != 1:
+                raise psycopg.OperationalError(f"standby status update not sent: {self.error()}")
+            await self.flush()
 
     async def flush(self) -> None:
         while self.pgconn.flush() == 1:
