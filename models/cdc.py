@@ -426,13 +426,19 @@ def _check_range(value: Any, sql_type: str) -> None:
 
 def _check_numeric_digits(value: Decimal, sql_type: str) -> None:
     integer_digits = max(value.adjusted() + 1, 0)
-    modifiers = _NUMERIC_MODIFIERS.search(sql_type)
-    if modifiers:  # numeric(p, s): at most p - s digits before the point
-        precision, scale = int(modifiers.group(1)), int(modifiers.group(2) or 0)
-        if integer_digits > precision - scale:
-            raise ValueError(f"more than {precision - scale} digits before the decimal point")
+    before_point = _digits_before_point(sql_type)
+    if before_point is not None:
+        if integer_digits > before_point:
+            raise ValueError(f"more than {before_point} digits before the decimal point")
     elif integer_digits > NUMERIC_MAX_INTEGER_DIGITS or _digits_after_point(value) > NUMERIC_MAX_SCALE:
         raise ValueError("beyond PostgreSQL's numeric range")
+
+
+@lru_cache(maxsize=4096)  # a handful of types, looked up for every numeric value
+def _digits_before_point(sql_type: str) -> Optional[int]:
+    """numeric(p, s) takes at most p - s digits before the point; None without (p, s)."""
+    modifiers = _NUMERIC_MODIFIERS.search(sql_type)
+    return int(modifiers.group(1)) - int(modifiers.group(2) or 0) if modifiers else None
 
 
 def _digits_after_point(value: Decimal) -> int:
