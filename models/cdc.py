@@ -43,8 +43,6 @@ import psycopg
 from psycopg.adapt import AdaptersMap
 from psycopg.pq import Format
 
-from models.metrics import INT64_MAX, INT64_MIN  # int64: bigint, the replica's LSN column, Elasticsearch's long
-
 PG_EPOCH = datetime(2000, 1, 1, tzinfo=timezone.utc)
 UNIX_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 UNIX_EPOCH_NAIVE = datetime(1970, 1, 1)
@@ -52,6 +50,7 @@ EPOCH_DATE = date(1970, 1, 1)
 # Debezium's placeholder for an unchanged TOASTed column that the WAL does not carry.
 UNAVAILABLE = "__debezium_unavailable_value"
 OPS = ("c", "u", "d", "r")
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1  # bigint, the replica's LSN column, Elasticsearch's long
 # Types whose PostgreSQL text form is already what Debezium writes (kept as text, no round trip).
 TEXT_KEPT_OIDS = {114, 3802, 1700, 25, 1043, 1042, 2950, 19}  # json, jsonb, numeric, text, varchar, bpchar, uuid, name
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from typing import Any, Dict, List, Mapping, NamedTuple, Optional, Set, Tuple, Union
+from typing import Any, Dict, List, Mapping, NamedTuple, Optional, Set, Tuple
 
 import faust
 import orjson
@@ -122,15 +122,13 @@ class SampleRecord(NamedTuple):
 
 
 INEXACT_FLOAT = float(2**63)  # orjson reads an integer literal past 64 bits as a float at least this large
-INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 
 
-def parsed_json(raw: Union[bytes, str], **options: Any) -> Tuple[Any, int]:
+def parsed_json(raw: bytes, **options: Any) -> Tuple[Any, int]:
     """``json.loads(raw, **options)`` and how deeply its lists and objects nest (0 for a scalar).
     orjson parses it when it reads the value as the standard library does; what it refuses (NaN,
-    1e400, invalid UTF-8, a byte-order mark, deep nesting) and what it may have read differently
-    (an integer past 64 bits: orjson makes it a float, or reads up to 2**64 - 1 where a strict
-    decoder in ``options`` may refuse it) the standard library parses again, with ``options``."""
+    1e400, invalid UTF-8, a byte-order mark, deep nesting) and what it may have read inexactly
+    (an integer past 64 bits becomes a float) the standard library parses again, with ``options``."""
     try:
         value = orjson.loads(raw)
     except orjson.JSONDecodeError:
@@ -145,11 +143,9 @@ def parsed_json(raw: Union[bytes, str], **options: Any) -> Tuple[Any, int]:
 
 def json_shape(value: Any) -> Tuple[int, bool]:
     """How deeply lists and objects nest in ``value``, and whether it holds a float of 2**63 or
-    more or an integer past int64 (without recursion: the depth is what a caller limits)."""
+    more (without recursion: the depth is what a caller limits)."""
     if type(value) is float:
         return 0, not -INEXACT_FLOAT < value < INEXACT_FLOAT
-    if type(value) is int:
-        return 0, not INT64_MIN <= value <= INT64_MAX
     deepest, inexact = 0, False
     stack = [(value, 1)] if type(value) in (dict, list) else []
     while stack:
@@ -160,8 +156,6 @@ def json_shape(value: Any) -> Tuple[int, bool]:
             if kind is dict or kind is list:
                 stack.append((child, depth + 1))
             elif kind is float and not -INEXACT_FLOAT < child < INEXACT_FLOAT:
-                inexact = True
-            elif kind is int and not INT64_MIN <= child <= INT64_MAX:
                 inexact = True
     return deepest, inexact
 
