@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import json
 import logging
-from typing import Any, Dict, List, Optional, Tuple, Union
+from functools import lru_cache
+from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 import orjson
 import psycopg
@@ -21,7 +22,7 @@ from agents.cdc.capture import BACKOFF_MAX, TABLE_INFO_SQL, quoted
 from app.runtime import until_applied
 from app.search import BulkPair, BulkWriter, Rejection, search_client
 from app.settings import Settings
-from models.cdc import UNAVAILABLE, Change, InvalidChange, base_type, python_value
+from models.cdc import UNAVAILABLE, Change, InvalidChange, base_type, value_converter
 
 log = logging.getLogger(__name__)
 
@@ -278,18 +279,33 @@ class ReplicaSink:
 def replica_value(value: Any, sql_type: str) -> Any:
     """A Debezium JSON value -> a query parameter for a column of ``sql_type`` (cast in the SQL);
     raises InvalidChange for a value the column cannot take."""
-    parameter: Any
+    return replica_converter(sql_type)(value)
+
+
+@lru_cache(maxsize=4096)  # a handful of types, one converter each, called for every value
+def replica_converter(sql_type: str) -> Callable[[Any], Any]:
+    """``replica_value`` for one SQL type: JSON columns take JSON text, the others ``python_value``."""
+    convert: Callable[[Any], Any]
     if base_type(sql_type) in ("json", "jsonb"):
-        if sql_type.endswith("[]"):
+        is_array = sql_type.endswith("[]")
+
+        def json_text(value: Any) -> Any:
+            if not is_array:
+                return value if isinstance(value, str) or value is None else json.dumps(value)
             if value is not None and not isinstance(value, list):
                 raise InvalidChange(f"array column of type {sql_type} holds a {type(value).__name__}")
-            parameter = None if value is None else [item if isinstance(item, str) or item is None else json.dumps(item) for item in value]
-        else:
-            parameter = value if isinstance(value, str) or value is None else json.dumps(value)
+            return None if value is None else [item if isinstance(item, str) or item is None else json.dumps(item) for item in value]
+
+        convert = json_text
     else:
-        parameter = python_value(value, sql_type)
-    if holds_nul(parameter):
-        raise InvalidChange(f"a {sql_type} value holds NUL, which PostgreSQL text cannot")
+        convert = value_converter(sql_type)
+
+    def parameter(value: Any) -> Any:
+        converted = convert(value)
+        if holds_nul(converted):
+            raise InvalidChange(f"a {sql_type} value holds NUL, which PostgreSQL text cannot")
+        return converted
+
     return parameter
 
 
@@ -299,31 +315,47 @@ def holds_nul(parameter: Any) -> bool:
     return isinstance(parameter, list) and any(holds_nul(item) for item in parameter)
 
 
-REDIS_GUARDED_WRITE = """
-local current = redis.call('GET', KEYS[2])
-if current and current > ARGV[1] then return 0 end
-redis.call('SET', KEYS[2], ARGV[1])
-redis.call('DEL', KEYS[1])
-if ARGV[2] == 'upsert' and #ARGV > 2 then redis.call('HSET', KEYS[1], unpack(ARGV, 3)) end
-return 1
+# The guarded writes of a chunk of changes in one script call (one command, not one per change):
+# KEYS are each change's row key and guard key, ARGV each change's LSN, op and fields (a JSON array
+# of names and values, read by the Lua cjson Redis ships: one argument instead of two per column).
+REDIS_GUARDED_WRITES = """
+local applied, a = 0, 1
+for k = 1, #KEYS, 2 do
+  local lsn, op = ARGV[a], ARGV[a + 1]
+  local current = redis.call('GET', KEYS[k + 1])
+  if not (current and current > lsn) then
+    redis.call('SET', KEYS[k + 1], lsn)
+    redis.call('DEL', KEYS[k])
+    if op == 'upsert' then
+      local fields = cjson.decode(ARGV[a + 2])
+      if #fields > 0 then redis.call('HSET', KEYS[k], unpack(fields)) end
+    end
+    applied = applied + 1
+  end
+  a = a + 3
+end
+return applied
 """
+REDIS_CHUNK = 500  # changes per script call: Redis runs nothing else while a script runs
 # Error replies that say "not now" (memory, loading, failover), not "not this value": retried.
 REDIS_TRANSIENT_REPLIES = ("OOM", "BUSY", "LOADING", "READONLY", "MASTERDOWN", "TRYAGAIN", "CLUSTERDOWN", "NOREPLICAS", "MISCONF")
 
 
 def redis_write(change: Change) -> Tuple[List[bytes], List[bytes]]:
-    """The keys and arguments of a change's guarded write (each field the column's JSON value)."""
+    """The keys and arguments of a change's guarded write: its LSN, op and fields (``[name, value,
+    ...]`` as JSON, each value the column's JSON text)."""
     row_key = f"{change.table_name}:{change.row_id}"
     try:
         keys = [row_key.encode(), f"_cdc_lsn:{row_key}".encode()]
         fields = (
             []
             if change.is_delete
-            else [part for name, value in change.after_image.items() for part in (name.encode(), orjson.dumps(value))]
+            else [part for name, value in change.after_image.items() for part in (name, orjson.dumps(value).decode())]
         )
+        fields_json = orjson.dumps(fields)
     except (UnicodeEncodeError, TypeError, orjson.JSONEncodeError) as error:
         raise InvalidChange(f"not writable to Redis: {error}") from None
-    return keys, [f"{change.lsn:020d}".encode(), b"delete" if change.is_delete else b"upsert", *fields]
+    return keys, [f"{change.lsn:020d}".encode(), b"delete" if change.is_delete else b"upsert", fields_json]
 
 
 class RedisSink:
@@ -334,7 +366,7 @@ class RedisSink:
 
     def __init__(self, url: str) -> None:
         self.client = aioredis.Redis.from_url(url)
-        self.script = self.client.register_script(REDIS_GUARDED_WRITE)
+        self.script = self.client.register_script(REDIS_GUARDED_WRITES)
 
     @staticmethod
     def refusal(change: Change) -> Optional[str]:
@@ -343,29 +375,45 @@ class RedisSink:
         return None
 
     async def apply(self, changes: List[Change]) -> Rejected:
+        """Chunks of changes, one script call each; a chunk Redis refuses is written again one
+        change per call, to find the change it refuses (the LSN guards skip what was written)."""
         rejected: Rejected = []
-        written: List[Change] = []
+        writes: List[Tuple[Change, List[bytes], List[bytes]]] = []
+        for change in changes:
+            try:
+                writes.append((change, *redis_write(change)))
+            except InvalidChange as error:
+                rejected.append((change, str(error)))
+        chunks = [writes[start : start + REDIS_CHUNK] for start in range(0, len(writes), REDIS_CHUNK)]
+        for chunk, result in zip(chunks, await self.run_scripts(chunks), strict=True):
+            if isinstance(result, Exception):  # each change of the chunk alone finds the one refused
+                alone = await self.run_scripts([[write] for write in chunk])
+                rejected += [
+                    (change, f"redis refused it: {error}")
+                    for (change, _, _), error in zip(chunk, alone, strict=True)
+                    if isinstance(error, Exception)
+                ]
+        return rejected
+
+    async def run_scripts(self, chunks: List[List[Tuple[Change, List[bytes], List[bytes]]]]) -> List[Any]:
+        """One script call per chunk, pipelined; each call's result or error reply. Raises
+        TransientSinkError for a lost connection or a reply that says "not now"."""
+        if not chunks:
+            return []
         try:
             pipeline = self.client.pipeline(transaction=False)
             pipeline.scripts.add(self.script)  # type: ignore[arg-type]  # (typed for the sync Script) loaded by execute() if missing
-            for change in changes:
-                try:
-                    keys, args = redis_write(change)
-                except InvalidChange as error:
-                    rejected.append((change, str(error)))
-                    continue
-                # Queued as the script object would queue it, without its checks on every call.
-                pipeline.evalsha(self.script.sha, len(keys), *keys, *args)
-                written.append(change)
-            results = await pipeline.execute(raise_on_error=False) if written else []
+            for chunk in chunks:
+                keys = [key for _, change_keys, _ in chunk for key in change_keys]
+                args = [arg for _, _, change_args in chunk for arg in change_args]
+                pipeline.evalsha(self.script.sha, len(keys), *keys, *args)  # as the script object would, without its checks
+            results = await pipeline.execute(raise_on_error=False)
         except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as error:
             raise TransientSinkError(f"redis: {error}") from error
-        for change, result in zip(written, results, strict=True):
-            if isinstance(result, Exception):
-                if str(result).startswith(REDIS_TRANSIENT_REPLIES):
-                    raise TransientSinkError(f"redis: {result}")
-                rejected.append((change, f"redis refused it: {result}"))
-        return rejected
+        for result in results:
+            if isinstance(result, Exception) and str(result).startswith(REDIS_TRANSIENT_REPLIES):
+                raise TransientSinkError(f"redis: {result}")
+        return list(results)
 
     async def close(self) -> None:
         await self.client.aclose()
