@@ -131,6 +131,7 @@ async def decoded_batches(
     *,
     max_: int,
     within: float,
+    ahead: bool = False,
 ) -> AsyncIterator[DecodedBatch[T]]:
     """Batches of up to ``max_`` records, decoded: what the batch channel holds (see
     ``batch_channel``), or for a stream that is not a topic read by this project's transport
@@ -139,6 +140,8 @@ async def decoded_batches(
     ``decode`` returns the record's value, or None to skip it (a tombstone); any exception makes
     the record a dead letter. Every batch is yielded, even one whose records were all refused,
     so the caller sees the stream advance. A batch is acknowledged when the loop body returns.
+    With ``ahead`` (a batch channel only), the next batch is decoded while the body awaits its
+    sinks (``DecodingAhead``): for a body that waits on other processes most of its time.
     """
     channel = batch_channel(stream)
     if channel is None:
@@ -146,11 +149,64 @@ async def decoded_batches(
             yield await decoded(events, decode)
         return
     try:
-        async for messages, events in channel_batches(stream, channel, max_):
-            yield await decoded(events, decode)
-            acknowledge(stream, messages)
+        if ahead:
+            decoding = DecodingAhead(stream, channel_batches(stream, channel, max_), decode)
+            try:
+                while True:
+                    messages, batch = await decoding.next()
+                    yield batch
+                    acknowledge(stream, messages)
+            finally:
+                await decoding.close()
+        else:
+            async for messages, events in channel_batches(stream, channel, max_):
+                yield await decoded(events, decode)
+                acknowledge(stream, messages)
     finally:
         stop_reading(stream, channel)
+
+
+class DecodingAhead(Generic[T]):
+    """Batches decoded by a task of their own, one batch ahead of the agent, so that the CPU
+    decodes the next batch while the agent's body waits on its sinks. A batch decoded before a
+    rebalance (an older consumer generation, or the flow stopped) is dropped unacknowledged, as
+    ``channel_batches`` drops one (its dead letters may be sent again when it is read again)."""
+
+    def __init__(
+        self, stream: StreamT, batches: AsyncIterator[Tuple[List[Message], List[EventT]]], decode: Callable[[EventT], Optional[T]]
+    ) -> None:
+        self.stream = stream
+        self.ready: asyncio.Queue = asyncio.Queue(maxsize=1)
+        self.decoding = asyncio.ensure_future(self.decode_all(batches, decode))
+
+    async def decode_all(self, batches: AsyncIterator[Tuple[List[Message], List[EventT]]], decode: Callable[[EventT], Optional[T]]) -> None:
+        async for messages, events in batches:
+            await self.ready.put((messages, await decoded(events, decode)))
+
+    async def next(self) -> Tuple[List[Message], DecodedBatch[T]]:
+        """The next batch that may still be applied, and its messages (to acknowledge)."""
+        while True:
+            taken = asyncio.ensure_future(self.ready.get())
+            await asyncio.wait((taken, self.decoding), return_when=asyncio.FIRST_COMPLETED)
+            if not taken.done():
+                taken.cancel()
+                self.decoding.result()  # raises what stopped the decoding (it never ends by itself)
+                raise RuntimeError("the decoding of the next batches ended")
+            messages, batch = taken.result()
+            if still_current(self.stream, messages):
+                return messages, batch
+            cast(Consumer, self.stream.app.consumer).forget(messages)
+
+    async def close(self) -> None:
+        self.decoding.cancel()
+        await asyncio.gather(self.decoding, return_exceptions=True)
+
+
+def still_current(stream: StreamT, messages: List[Message]) -> bool:
+    """Whether records read earlier may still be applied: no rebalance began since (flow active)
+    and they were fetched in the consumer's current generation."""
+    generation = stream.app.consumer_generation_id
+    return stream.app.flow_control.is_active() and all(message.generation_id == generation for message in messages)
 
 
 async def decoded(events: List[EventT], decode: Callable[[EventT], Optional[T]]) -> DecodedBatch[T]:

@@ -106,30 +106,34 @@ def record_rows(stream: StreamT, latest: List[Change], rejected_ids: set) -> Non
 
 
 def record_counts(stream: StreamT, changes: List[Change], rejected_ids: set, now_ms: int) -> None:
-    """Per table and partition: changes by op, the highest LSN applied, the lag of the newest change."""
-    stats: Dict[bytes, Tuple[EventT, Dict[str, Any]]] = {}
+    """Per table and partition: changes by op, the highest LSN applied, the lag of the newest change
+    (summed over the batch first: one read and write of the state table per table and partition)."""
+    batch: Dict[Tuple[str, int], Tuple[EventT, Dict[str, int], int, int]] = {}  # -> (an event, counts, highest LSN, newest ts_ms)
     for change in changes:
         if id(change) in rejected_ids:
             continue
         event = change.origin
-        stats_key = f"{change.table_name}#{event.message.partition}".encode()
-        if stats_key not in stats:
-            enter_partition(stream, event)  # Faust reads a RocksDB table in the current event's partition
-        _, entry = stats.get(stats_key) or (event, dict(cdc_table_stats.get(stats_key) or {}))
-        counts = dict(entry.get("counts", {}))
+        table_partition = (change.table_name, event.message.partition)
+        _, counts, lsn, _ = batch.get(table_partition) or (event, {}, 0, 0)
         counts[change.op] = counts.get(change.op, 0) + 1
+        batch[table_partition] = (event, counts, max(lsn, change.lsn), change.ts_ms)
+    sink_names = [sink.name for sink in SINKS]
+    for (table_name, partition), (event, counts, lsn, ts_ms) in batch.items():
+        stats_key = f"{table_name}#{partition}".encode()
+        enter_partition(stream, event)  # Faust reads and writes a RocksDB table in the current event's partition
+        entry = dict(cdc_table_stats.get(stats_key) or {})
+        totals = dict(entry.get("counts", {}))
+        for op, count in counts.items():
+            totals[op] = totals.get(op, 0) + count
         entry.update(
-            table=change.table_name,
-            partition=event.message.partition,
-            counts=counts,
-            lsn=max(entry.get("lsn", 0), change.lsn),
-            sinks=[sink.name for sink in SINKS],
-            lag_ms=max(0, now_ms - change.ts_ms),
+            table=table_name,
+            partition=partition,
+            counts=totals,
+            lsn=max(entry.get("lsn", 0), lsn),
+            sinks=sink_names,
+            lag_ms=max(0, now_ms - ts_ms),
             applied_at_ms=now_ms,
         )
-        stats[stats_key] = (event, entry)
-    for stats_key, (event, entry) in stats.items():
-        enter_partition(stream, event)
         cdc_table_stats[stats_key] = entry
 
 
@@ -152,7 +156,7 @@ async def apply_batch(stream: StreamT, changes: List[Change]) -> None:
 
 async def apply_change_stream(stream: StreamT) -> None:
     """The apply agent's loop: decoded batches (refused records dead-lettered), each applied until it is."""
-    async for batch in decoded_batches(stream, decode_change, max_=APPLY_BATCH_MAX, within=APPLY_BATCH_WITHIN):
+    async for batch in decoded_batches(stream, decode_change, max_=APPLY_BATCH_MAX, within=APPLY_BATCH_WITHIN, ahead=True):
         await until_applied(apply_batch, stream, [entry.value for entry in batch], what="CDC apply", max_backoff=BACKOFF_MAX)
 
 

@@ -173,6 +173,55 @@ async def test_decoded_batches_of_a_batch_channel_acknowledge_only_after_the_bod
     assert list(consumer._acked[tp]) == [0, 1, 2, 3]  # offset 5 was not applied: not acknowledged
 
 
+async def test_decoded_ahead_decodes_the_next_batch_during_the_body_and_drops_it_after_a_rebalance(monkeypatch):
+    letters: List[int] = []
+
+    async def record_letter(reason: str, event: Any = None) -> None:
+        letters.append(event.message.offset)
+
+    monkeypatch.setattr("app.runtime.dead_letter", record_letter)
+    app.flow_control.resume()
+    stream = app.stream(raw_topic("batch-probe-ahead"))
+    channel = batch_channel(stream)
+    app.topics._acking_topics.add("batch-probe-ahead")
+    consumer = app.consumer
+    tp = TP("batch-probe-ahead", 0)
+    decoding_tasks_before = len(asyncio.all_tasks())
+
+    def put(offsets: List[int], values: List[bytes]) -> List[Any]:
+        messages = messages_of(consumer, tp, offsets, values=values)
+        for message in messages:
+            message.incref()
+            consumer._unacked_messages.add(message)
+        channel.batch_queue.put(messages)
+        return messages
+
+    first, second = put([0, 1], [b"1", b"2"]), None
+    batches = decoded_batches(stream, lambda event: orjson.loads(event.value), max_=100, within=1.0, ahead=True)
+    try:
+        batch = await batches.__anext__()
+        assert [entry.value for entry in batch] == [1, 2]
+        second = put([2, 3], [b"{{", b"4"])
+        await asyncio.sleep(0.05)  # the body awaits its sinks: the next batch is decoded meanwhile
+        assert letters == [2]  # its hostile record already dead-lettered
+        assert not consumer._acked[tp]  # neither batch acknowledged before its body returned
+        app.consumer_generation_id += 1  # a rebalance after the next batch was decoded
+        third = put([2, 3], [b"{{", b"4"])
+        for message in third:
+            message.generation_id = app.consumer_generation_id
+        batch = await batches.__anext__()
+        assert list(consumer._acked[tp]) == [0, 1]
+        assert not any(message.acked or message in consumer._unacked_messages for message in second)  # read again
+        assert [entry.value for entry in batch] == [4] and letters == [2, 2]
+        with pytest.raises(RuntimeError):
+            await batches.athrow(RuntimeError("the body failed"))
+        assert channel not in app.topics
+        assert len(asyncio.all_tasks()) == decoding_tasks_before  # the decoding task ended with the agent
+    finally:
+        app.topics.discard(channel)
+    assert list(consumer._acked[tp]) == [0, 1] and first[0].acked
+
+
 def test_a_stream_of_a_batch_topic_has_its_queue_from_its_subscription_on():
     """No record can reach a batch topic's stream one by one, even before its agent first asks
     for a batch (ship_logs first puts an index template): its queue exists when it subscribes."""
