@@ -31,6 +31,7 @@ import json
 import math
 import re
 import struct
+from contextlib import suppress
 from dataclasses import dataclass, field
 from datetime import date, datetime, time, timedelta, timezone
 from decimal import Decimal, InvalidOperation
@@ -40,6 +41,7 @@ from uuid import UUID
 
 import orjson
 import psycopg
+from psycopg.abc import Loader
 from psycopg.adapt import AdaptersMap
 from psycopg.pq import Format
 
@@ -303,8 +305,8 @@ def debezium_json(value: Any) -> Any:
     if isinstance(value, datetime):
         if value.tzinfo is None:  # timestamp: MicroTimestamp
             return (value - UNIX_EPOCH_NAIVE) // timedelta(microseconds=1)
-        utc = value.astimezone(timezone.utc)
-        return utc.strftime("%Y-%m-%dT%H:%M:%S") + _trimmed_fraction(utc.microsecond) + "Z"
+        utc = value.astimezone(timezone.utc)  # ISO 8601 with a four-digit year (strftime's %Y does not pad)
+        return utc.replace(tzinfo=None, microsecond=0).isoformat() + _trimmed_fraction(utc.microsecond) + "Z"
     if isinstance(value, date):
         return (value - EPOCH_DATE).days
     if isinstance(value, time):
@@ -332,13 +334,19 @@ def wire_value(type_oid: int, text: TupleValue) -> Any:
         return UNAVAILABLE
     if type_oid in TEXT_KEPT_OIDS:
         return text
-    loader_class = _ADAPTERS.get_loader(type_oid, Format.TEXT)
-    if loader_class is None:
+    loader = _text_loader(type_oid)
+    if loader is None:
         return text  # an enum, a domain of an unknown type...: its text form
     try:
-        return debezium_json(loader_class(type_oid, None).load(text.encode("utf-8")))
+        return debezium_json(loader.load(text.encode("utf-8")))
     except (psycopg.DataError, ValueError, OverflowError):
         return text  # 'infinity' timestamps and the like: Debezium's conventions differ, keep the text
+
+
+@lru_cache(maxsize=4096)  # a loader per type OID, made once (loading keeps no state)
+def _text_loader(type_oid: int) -> Optional[Loader]:
+    loader_class = _ADAPTERS.get_loader(type_oid, Format.TEXT)
+    return None if loader_class is None else loader_class(type_oid, None)
 
 
 # --- values: Debezium JSON -> Python, by SQL type -------------------------------------------------
@@ -560,8 +568,18 @@ class Change:
 
 
 def key_json(key: Mapping[str, Any]) -> bytes:
-    """The Kafka record key: the primary key as compact JSON, in key-column order (as Debezium)."""
+    """The Kafka record key: the primary key as compact JSON, in key-column order (as Debezium),
+    as the standard library writes it (its bytes choose the partition, so they never change).
+    orjson writes the same bytes for integers and printable ASCII text, and five times faster."""
+    if all(_printable_ascii(name) and (type(value) is int or _printable_ascii(value)) for name, value in key.items()):
+        with suppress(orjson.JSONEncodeError):  # an integer past 64 bits
+            return orjson.dumps(dict(key))
     return json.dumps(dict(key), separators=(",", ":")).encode()
+
+
+def _printable_ascii(value: Any) -> bool:
+    """Text neither encoder escapes differently (the standard library escapes DEL and non-ASCII)."""
+    return type(value) is str and value.isascii() and value.isprintable()
 
 
 def row_id(key: Mapping[str, Any]) -> str:

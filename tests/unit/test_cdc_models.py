@@ -9,6 +9,8 @@ from decimal import Decimal
 from pathlib import Path
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from models.cdc import (
     UNAVAILABLE, UNCHANGED, Begin, Change, Column, ColumnDef, Commit, Delete, Insert, InvalidChange, Origin,
@@ -83,6 +85,7 @@ def test_malformed_messages_raise_protocol_error(data):
         (1700, "12.5000", "12.5000"),  # numeric: the plain decimal string
         (1184, "2024-03-01 12:15:30.1+02", "2024-03-01T10:15:30.1Z"),  # timestamptz: UTC, trailing zeros trimmed
         (1184, "2024-03-01 10:15:30+00", "2024-03-01T10:15:30Z"),
+        (1184, "0099-01-01 00:00:00+00", "0099-01-01T00:00:00Z"),  # a four-digit year, which the apply side reads back
         (1114, "1970-01-01 00:00:01.5", 1_500_000),  # timestamp: epoch microseconds
         (1082, "1970-01-11", 10),  # date: epoch days
         (1083, "00:00:02", 2_000_000),  # time: microseconds since midnight
@@ -325,3 +328,9 @@ def test_a_column_list_checked_before_stands_only_for_the_same_list():
         parse_change(key_json({"id": 7}), event([["id", "bigint", 1], ["name", "text", False]]))  # 1 == True
     with pytest.raises(InvalidChange, match="source.columns"):
         parse_change(key_json({"id": 7}), event([["id", "bigint", True], ["name", "text", False, "extra"]]))
+
+
+@given(st.dictionaries(st.text(max_size=8), st.one_of(st.integers(), st.text(max_size=8), st.booleans(), st.none(), st.floats()), min_size=1, max_size=3))
+def test_record_keys_are_the_standard_librarys_json_whatever_the_key_holds(key):
+    """The key's bytes choose the partition: key_json's fast path must never change them."""
+    assert key_json(key) == json.dumps(key, separators=(",", ":")).encode()
