@@ -7,15 +7,21 @@ the Elasticsearch-compatible test server and one ``faust -A app worker``, measur
 bare-agent ceiling (how fast this machine runs Faust right now) (capturing and applying;
 with ``--capture-service`` the worker only applies and ``python -m agents.cdc.capture`` captures
 in its own process, the Procfile's ``capture:`` line), then prints:
-1. captured and applied changes/s for a backlog of ``--changes`` row changes (transactions of 10
-   updates and inserts), written as fast as one connection can;
-2. p50/p99 lag from a change's source commit to visible in Redis and in the replica, while a
-   steady ``--rate`` changes/s flows (a probe row is updated every 50 ms and watched).
+1. with ``--capture-service``, before the worker starts: the capture alone (a backlog of
+   ``--changes`` row changes, transactions of 5 inserts and 5 updates written as fast as one
+   connection can, to the change topic), then the worker's apply alone (draining that backlog
+   from the change topic, with the worker's CPU time per change), so each stage's own rate shows
+   without the other stages sharing its two cores;
+2. written, captured and applied changes/s for a second such backlog, all stages at once;
+3. p50/p99 lag from a change's source commit to visible in Redis and in the replica, while a
+   steady ``--rate`` changes/s flows (a probe row is updated every 50 ms and watched every 5 ms).
 """
+
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -47,27 +53,64 @@ CREATE TABLE bench.items (id bigint PRIMARY KEY, seq bigint, price numeric(12,2)
 
 
 def write_backlog(dsn: str, changes: int, first_id: int) -> None:
-    """``changes`` row changes in transactions of 10: inserts of new rows, then updates of them."""
+    """``changes`` row changes in transactions of 10: five inserts of new rows, then an update of
+    each (two statements per transaction, so that the script itself costs little CPU)."""
     with psycopg.connect(dsn, autocommit=True) as conn:
         for start in range(0, changes, 10):
+            first, last = first_id + start // 2, first_id + min(start + 10, changes) // 2 - 1
             with conn.transaction():
-                for i in range(start, min(start + 10, changes)):
-                    row = first_id + i // 2
-                    if i % 2 == 0:
-                        conn.execute("INSERT INTO bench.items (id, seq, price, note, doc) VALUES (%s, 0, 1.5, 'x', '{\"k\": 1}')", (row,))
-                    else:
-                        conn.execute("UPDATE bench.items SET seq = seq + 1, price = price + 1 WHERE id = %s", (row,))
+                conn.execute(
+                    "INSERT INTO bench.items (id, seq, price, note, doc) SELECT g, 0, 1.5, 'x', '{\"k\": 1}' FROM generate_series(%s, %s) g",
+                    (first, last),
+                )
+                conn.execute("UPDATE bench.items SET seq = seq + 1, price = price + 1 WHERE id BETWEEN %s AND %s", (first, last))
 
 
 def applied_total(worker: WorkerProcess) -> int:
-    status, body = worker.get("/cdc/status/")
+    try:
+        status, body = worker.get("/cdc/status/")
+    except OSError:  # not listening yet
+        return 0
     return body["tables"].get(TABLE, {}).get("total", 0) if status == 200 else 0
 
 
 def confirmed_lsn(dsn: str, slot: str) -> int:
     with psycopg.connect(dsn) as conn:
-        row = conn.execute("SELECT confirmed_flush_lsn - '0/0'::pg_lsn, pg_current_wal_lsn() - '0/0'::pg_lsn FROM pg_replication_slots WHERE slot_name = %s", (slot,)).fetchone()
+        row = conn.execute(
+            "SELECT confirmed_flush_lsn - '0/0'::pg_lsn, pg_current_wal_lsn() - '0/0'::pg_lsn FROM pg_replication_slots WHERE slot_name = %s",
+            (slot,),
+        ).fetchone()
     return row
+
+
+def capture_alone(dsn: str, slot: str, changes: int) -> Tuple[float, float]:
+    """(written/s, captured/s) of a backlog while no worker applies."""
+    began = time.monotonic()
+    write_backlog(dsn, changes, first_id=2_000_000)
+    written = time.monotonic()
+    with psycopg.connect(dsn) as conn:
+        target = conn.execute("SELECT pg_current_wal_lsn() - '0/0'::pg_lsn").fetchone()[0]
+    wait_for(lambda: confirmed_lsn(dsn, slot)[0] >= target, timeout=600, interval=0.05, message="slot confirmed past the backlog")
+    return changes / (written - began), changes / (time.monotonic() - began)
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def apply_alone(worker: WorkerProcess, changes: int) -> Tuple[float, float]:
+    """(applied/s, the worker's CPU microseconds per change) of a worker draining ``changes``
+    changes already in the change topic, timed from the first applied change it reports (its
+    start and group join are not counted). CPU time per change varies less than the rate with
+    what else runs on the machine."""
+    assert worker.process is not None
+    first = wait_for(lambda: applied_total(worker), timeout=120, interval=0.1, message="first change applied")
+    began, cpu_began = time.monotonic(), cpu_seconds(worker.process.pid)
+    wait_for(lambda: applied_total(worker) >= changes, timeout=600, interval=0.1, message="backlog applied")
+    cpu = cpu_seconds(worker.process.pid) - cpu_began
+    return (changes - first) / (time.monotonic() - began), cpu / (changes - first) * 1e6
 
 
 def backlog_rates(worker: WorkerProcess, dsn: str, slot: str, changes: int) -> Tuple[float, float, float]:
@@ -86,16 +129,15 @@ def backlog_rates(worker: WorkerProcess, dsn: str, slot: str, changes: int) -> T
 
 
 def steady_load(dsn: str, rate: int, stop: threading.Event) -> None:
-    """``rate`` changes/s: a transaction of 10 updates every 10 ms (scaled), on 1000 rows."""
+    """``rate`` changes/s: a transaction updating 10 rows every 10 ms (scaled), on 1000 rows."""
     per_tick, tick = 10, 10 / rate
     with psycopg.connect(dsn, autocommit=True) as conn:
         conn.execute("INSERT INTO bench.items (id, seq) SELECT g, 0 FROM generate_series(1, 1000) g ON CONFLICT DO NOTHING")
         n, next_at = 0, time.monotonic()
         while not stop.is_set():
-            with conn.transaction():
-                for _ in range(per_tick):
-                    n += 1
-                    conn.execute("UPDATE bench.items SET seq = %s, note = 'load' WHERE id = %s", (n, 1 + n % 1000))
+            rows = [1 + (n + i) % 1000 for i in range(per_tick)]
+            n += per_tick
+            conn.execute("UPDATE bench.items SET seq = %s, note = 'load' WHERE id = ANY(%s)", (n, rows))  # one transaction
             next_at += tick
             time.sleep(max(0.0, next_at - time.monotonic()))
 
@@ -116,7 +158,7 @@ def probe_lags(dsn: str, replica_dsn: str, redis_url: str, seconds: float) -> Tu
                 seq = json.loads(value)
                 if seq in commits and seq not in redis_lag:
                     redis_lag[seq] = seen - commits[seq]
-            time.sleep(0.001)
+            time.sleep(0.005)
 
     def watch_replica() -> None:
         with psycopg.connect(replica_dsn, autocommit=True) as conn:
@@ -125,7 +167,7 @@ def probe_lags(dsn: str, replica_dsn: str, redis_url: str, seconds: float) -> Tu
                 seen = time.time()
                 if row and row[0] in commits and row[0] not in replica_lag:
                     replica_lag[row[0]] = seen - commits[row[0]]
-                time.sleep(0.002)
+                time.sleep(0.005)
 
     watchers = [threading.Thread(target=watch_redis), threading.Thread(target=watch_replica)]
     for watcher in watchers:
@@ -169,22 +211,50 @@ def main() -> None:
         with psycopg.connect(source, autocommit=True) as conn:
             conn.execute(DDL)
         slot = f"bench_{suffix}"
-        env = {"CDC_SOURCE_DSN": source, "REPLICA_DSN": replica, "REDIS_URL": rds.url, "ELASTICSEARCH_URL": es.url,
-               "CDC_TABLES": TABLE, "CDC_SLOT": slot, "LOG_LEVEL": "warning"}
+        env = {
+            "CDC_SOURCE_DSN": source,
+            "REPLICA_DSN": replica,
+            "REDIS_URL": rds.url,
+            "ELASTICSEARCH_URL": es.url,
+            "CDC_TABLES": TABLE,
+            "CDC_SLOT": slot,
+            "LOG_LEVEL": "warning",
+        }
         if args.producer_batch_size:
             env["PRODUCER_MAX_BATCH_SIZE"] = str(args.producer_batch_size)
         work_dir = Path(tempfile.mkdtemp(prefix="bench-cdc-"))
-        worker = WorkerProcess(broker.url, work_dir, app_id=f"bench-cdc-{suffix}", env={**env, **({"CDC_CAPTURE": "off"} if args.capture_service else {})}).start()
+        worker = WorkerProcess(
+            broker.url, work_dir, app_id=f"bench-cdc-{suffix}", env={**env, **({"CDC_CAPTURE": "off"} if args.capture_service else {})}
+        )
         service = None
         if args.capture_service:
-            service = subprocess.Popen([sys.executable, "-m", "agents.cdc.capture"], cwd=REPO, env={**worker.env, **env},
-                                       stdout=open(work_dir / "capture.log", "wb"), stderr=subprocess.STDOUT)
+            service = subprocess.Popen(
+                [sys.executable, "-m", "agents.cdc.capture"],
+                cwd=REPO,
+                env={**worker.env, **env},
+                stdout=open(work_dir / "capture.log", "wb"),
+                stderr=subprocess.STDOUT,
+            )
         try:
+            if service is not None:
+                wait_for(lambda: confirmed_lsn(source, slot) is not None, timeout=60, message="capture started")
+                written, captured = capture_alone(source, slot, args.changes)
+                print(f"capture alone, backlog of {args.changes} changes: written {written:,.0f}/s, captured {captured:,.0f}/s")
+                worker.start()
+                rate, cpu_us = apply_alone(worker, args.changes)
+                print(
+                    f"apply alone, draining those {args.changes} changes from the change topic: {rate:,.0f}/s, "
+                    f"worker CPU {cpu_us:.0f} us per change"
+                )
+            else:
+                worker.start()
             wait_until_ready([worker])
             wait_for(lambda: confirmed_lsn(source, slot) is not None, timeout=60, message="capture started")
             written, captured, applied = backlog_rates(worker, source, slot, args.changes)
-            print(f"backlog of {args.changes} changes: written {written:,.0f}/s, captured {captured:,.0f}/s, "
-                  f"applied to replica + Redis + index {applied:,.0f}/s")
+            print(
+                f"all stages at once, backlog of {args.changes} changes: written {written:,.0f}/s, captured {captured:,.0f}/s, "
+                f"applied to replica + Redis + index {applied:,.0f}/s"
+            )
             stop = threading.Event()
             load = threading.Thread(target=steady_load, args=(source, args.rate, stop))
             load.start()
