@@ -168,38 +168,53 @@ async def decoded_batches(
 
 class DecodingAhead(Generic[T]):
     """Batches decoded by a task of their own, one batch ahead of the agent, so that the CPU
-    decodes the next batch while the agent's body waits on its sinks. A batch decoded before a
-    rebalance (an older consumer generation, or the flow stopped) is dropped unacknowledged, as
-    ``channel_batches`` drops one (its dead letters may be sent again when it is read again)."""
+    decodes the next batch while the agent's body waits on its sinks. The next batch is taken from
+    the channel only once the body has begun the one before, so batches still grow with the load.
+    A batch decoded before a rebalance (an older consumer generation, or the flow stopped) is
+    dropped unacknowledged, as ``channel_batches`` drops one (its dead letters may be sent again
+    when it is read again)."""
 
     def __init__(
         self, stream: StreamT, batches: AsyncIterator[Tuple[List[Message], List[EventT]]], decode: Callable[[EventT], Optional[T]]
     ) -> None:
         self.stream = stream
+        self.forget = cast(Consumer, stream.app.consumer).forget
         self.ready: asyncio.Queue = asyncio.Queue(maxsize=1)
+        self.held: List[Message] = []  # taken from the channel, not yet handed to the agent
         self.decoding = asyncio.ensure_future(self.decode_all(batches, decode))
 
     async def decode_all(self, batches: AsyncIterator[Tuple[List[Message], List[EventT]]], decode: Callable[[EventT], Optional[T]]) -> None:
         async for messages, events in batches:
+            self.held = messages
             await self.ready.put((messages, await decoded(events, decode)))
+            await self.ready.join()  # until the agent took it
 
     async def next(self) -> Tuple[List[Message], DecodedBatch[T]]:
         """The next batch that may still be applied, and its messages (to acknowledge)."""
         while True:
             taken = asyncio.ensure_future(self.ready.get())
-            await asyncio.wait((taken, self.decoding), return_when=asyncio.FIRST_COMPLETED)
-            if not taken.done():
-                taken.cancel()
+            try:
+                await asyncio.wait((taken, self.decoding), return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                got = taken.done()
+                if not got:
+                    taken.cancel()  # the item, if any, stays in the queue
+            if not got:
                 self.decoding.result()  # raises what stopped the decoding (it never ends by itself)
                 raise RuntimeError("the decoding of the next batches ended")
             messages, batch = taken.result()
+            self.held = []
+            self.ready.task_done()
             if still_current(self.stream, messages):
                 return messages, batch
-            cast(Consumer, self.stream.app.consumer).forget(messages)
+            self.forget(messages)
 
     async def close(self) -> None:
+        """Stop decoding; what was taken and not handed out is read again after a rebalance."""
         self.decoding.cancel()
         await asyncio.gather(self.decoding, return_exceptions=True)
+        self.forget(self.held)
+        self.held = []
 
 
 def still_current(stream: StreamT, messages: List[Message]) -> bool:

@@ -474,13 +474,14 @@ def python_value(value: Any, sql_type: str) -> Any:
 def value_converter(sql_type: str) -> Callable[[Any], Any]:
     """``python_value`` for one SQL type, with what depends only on the type worked out once."""
     if sql_type.endswith("[]"):
-        convert_item = value_converter(sql_type[:-2])
+        item_type = sql_type[:-2]
 
         def array(value: Any) -> Any:
             if value is None:
                 return None
             if not isinstance(value, list):
                 raise InvalidChange(f"array column of type {sql_type} holds {_shown(value)}")
+            convert_item = value_converter(item_type)  # here, not above: a type may have any number of []
             return [convert_item(item) for item in value]
 
         return array
@@ -752,8 +753,12 @@ def _columns(source: Dict[str, Any]) -> Optional[List[ColumnDef]]:
         if not isinstance(sql_type, str) or not is_type_name(sql_type):
             raise InvalidChange(f"source.columns: {_shown(sql_type)} is not a column type")
         columns.append(ColumnDef(_identifier(name, "a column name of source.columns"), sql_type, is_key))
+    try:
+        cache_key = orjson.dumps(raw)
+    except orjson.JSONEncodeError:  # a lone surrogate, which no sink could write either
+        raise InvalidChange("source.columns: a name or type that is not valid UTF-8") from None
     if len(_CHECKED_COLUMNS) < CHECKED_MAX:
-        _CHECKED_COLUMNS[orjson.dumps(raw)] = columns
+        _CHECKED_COLUMNS[cache_key] = columns
     return list(columns)
 
 

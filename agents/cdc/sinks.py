@@ -322,13 +322,13 @@ REDIS_GUARDED_WRITES = """
 local applied, a = 0, 1
 for k = 1, #KEYS, 2 do
   local lsn, op = ARGV[a], ARGV[a + 1]
+  local fields = op == 'upsert' and cjson.decode(ARGV[a + 2]) or {}  -- before any write of this change
   local current = redis.call('GET', KEYS[k + 1])
   if not (current and current > lsn) then
     redis.call('SET', KEYS[k + 1], lsn)
     redis.call('DEL', KEYS[k])
-    if op == 'upsert' then
-      local fields = cjson.decode(ARGV[a + 2])
-      if #fields > 0 then redis.call('HSET', KEYS[k], unpack(fields)) end
+    for i = 1, #fields, 1000 do  -- unpack takes a few thousand values at most
+      redis.call('HSET', KEYS[k], unpack(fields, i, math.min(i + 999, #fields)))
     end
     applied = applied + 1
   end
@@ -338,7 +338,17 @@ return applied
 """
 REDIS_CHUNK = 500  # changes per script call: Redis runs nothing else while a script runs
 # Error replies that say "not now" (memory, loading, failover), not "not this value": retried.
+# redis-py strips the code of some and raises its own type instead: those are matched by type.
 REDIS_TRANSIENT_REPLIES = ("OOM", "BUSY", "LOADING", "READONLY", "MASTERDOWN", "TRYAGAIN", "CLUSTERDOWN", "NOREPLICAS", "MISCONF")
+REDIS_TRANSIENT_ERRORS = (
+    redis.exceptions.OutOfMemoryError,
+    redis.exceptions.ReadOnlyError,
+    redis.exceptions.TryAgainError,
+    redis.exceptions.NoScriptError,  # the script was flushed: loaded again on the retry
+    redis.exceptions.BusyLoadingError,
+    redis.exceptions.MasterDownError,
+    redis.exceptions.ClusterDownError,
+)
 
 
 def redis_write(change: Change) -> Tuple[List[bytes], List[bytes]]:
@@ -411,7 +421,9 @@ class RedisSink:
         except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as error:
             raise TransientSinkError(f"redis: {error}") from error
         for result in results:
-            if isinstance(result, Exception) and str(result).startswith(REDIS_TRANSIENT_REPLIES):
+            if isinstance(result, REDIS_TRANSIENT_ERRORS) or (
+                isinstance(result, Exception) and str(result).startswith(REDIS_TRANSIENT_REPLIES)
+            ):
                 raise TransientSinkError(f"redis: {result}")
         return list(results)
 

@@ -10,7 +10,7 @@ import pytest
 import redis
 
 from agents.cdc import sinks
-from agents.cdc.sinks import RedisSink
+from agents.cdc.sinks import RedisSink, TransientSinkError
 from models.cdc import Change
 
 DB = 11  # a database of the session's throwaway Redis of its own
@@ -77,3 +77,30 @@ async def test_a_change_redis_refuses_is_rejected_alone_and_the_rest_of_its_chun
     ]
     assert {row: stored(redis_url, row) for row in (1, 2, 4, 5)} == {row: {"id": row, "name": f"row {row}"} for row in (1, 2, 4, 5)}
     assert stored(redis_url, 3) == {}
+
+
+async def test_a_redis_out_of_memory_is_retried_not_dead_lettered(redis_url):
+    """redis-py strips OOM's code and raises its own type: matched by type, it means "not now"."""
+    admin = redis.Redis.from_url(redis_url)
+    admin.set("ballast", "x" * 100_000)
+    before = admin.config_get("maxmemory")["maxmemory"]
+    admin.config_set("maxmemory", 1024)  # far below what the server uses: every write refused
+    sink = RedisSink(redis_url)
+    try:
+        with pytest.raises(TransientSinkError, match="redis"):
+            await sink.apply([change(1, 3, name="x")])
+    finally:
+        admin.config_set("maxmemory", before)
+        await sink.close()
+    assert stored(redis_url, 1) == {}
+
+
+async def test_a_row_with_thousands_of_columns_is_written_whole(redis_url):
+    """More fields than Lua's unpack takes at once: written in slices, after the fields were read."""
+    values = {f"c{i}": i for i in range(5000)}
+    sink = RedisSink(redis_url)
+    try:
+        assert await sink.apply([change(1, 3, **values)]) == []
+    finally:
+        await sink.close()
+    assert stored(redis_url, 1) == {"id": 1, **values}

@@ -222,6 +222,29 @@ async def test_decoded_ahead_decodes_the_next_batch_during_the_body_and_drops_it
     assert list(consumer._acked[tp]) == [0, 1] and first[0].acked
 
 
+async def test_decoding_ahead_takes_one_batch_ahead_and_forgets_it_when_the_agent_stops():
+    app.flow_control.resume()
+    stream = app.stream(raw_topic("batch-probe-ahead-stop"))
+    channel = batch_channel(stream)
+    app.topics._acking_topics.add("batch-probe-ahead-stop")
+    consumer = app.consumer
+    tp = TP("batch-probe-ahead-stop", 0)
+    messages = messages_of(consumer, tp, [0, 1, 2], values=[b"0", b"1", b"2"])
+    for message in messages:
+        message.incref()
+        consumer._unacked_messages.add(message)
+        channel.batch_queue.put([message])
+    batches = decoded_batches(stream, lambda event: orjson.loads(event.value), max_=1, within=1.0, ahead=True)
+    try:
+        assert [entry.value for entry in await batches.__anext__()] == [0]
+        await asyncio.sleep(0.05)  # the body runs: offset 1 is decoded, offset 2 stays in the channel
+        assert [message.offset for batch in channel.batch_queue.batches for message in batch] == [2]
+        await batches.aclose()  # the agent stops
+    finally:
+        app.topics.discard(channel)
+    assert not messages[1].acked and messages[1] not in consumer._unacked_messages  # read again, no rebalance waits for it
+
+
 def test_a_stream_of_a_batch_topic_has_its_queue_from_its_subscription_on():
     """No record can reach a batch topic's stream one by one, even before its agent first asks
     for a batch (ship_logs first puts an index template): its queue exists when it subscribes."""

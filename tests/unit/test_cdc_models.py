@@ -334,3 +334,13 @@ def test_a_column_list_checked_before_stands_only_for_the_same_list():
 def test_record_keys_are_the_standard_librarys_json_whatever_the_key_holds(key):
     """The key's bytes choose the partition: key_json's fast path must never change them."""
     assert key_json(key) == json.dumps(key, separators=(",", ":")).encode()
+
+
+def test_types_and_column_lists_no_sink_could_take_are_refused_as_invalid_changes():
+    envelope = change_envelope(op="c", before=None, after={"id": 1}, lsn=1, tx_id=1, ts_ms=0, schema="s", table="t", db="d",
+                               snapshot=False, now_ms=0)
+    envelope["source"]["columns"] = [["id", '"\ud800"', True]]  # a quoted type name holding a lone surrogate
+    with pytest.raises(InvalidChange, match="not valid UTF-8"):
+        parse_change(b'{"id":1}', json.dumps(envelope).encode())
+    deep = "integer" + "[]" * 5000  # any number of [] is a type name; only the value's depth is converted
+    assert python_value(None, deep) is None and python_value([[None]], deep) == [[None]]
