@@ -83,15 +83,21 @@ def confirmed_lsn(dsn: str, slot: str) -> int:
     return row
 
 
-def capture_alone(dsn: str, slot: str, changes: int) -> Tuple[float, float]:
-    """(written/s, captured/s) of a backlog while no worker applies."""
+def write_and_capture(dsn: str, slot: str, changes: int, first_id: int) -> Tuple[float, float, float]:
+    """Write a backlog and wait until the slot is confirmed past it: (began, written, captured) times."""
     began = time.monotonic()
-    write_backlog(dsn, changes, first_id=2_000_000)
+    write_backlog(dsn, changes, first_id)
     written = time.monotonic()
     with psycopg.connect(dsn) as conn:
         target = conn.execute("SELECT pg_current_wal_lsn() - '0/0'::pg_lsn").fetchone()[0]
     wait_for(lambda: confirmed_lsn(dsn, slot)[0] >= target, timeout=600, interval=0.05, message="slot confirmed past the backlog")
-    return changes / (written - began), changes / (time.monotonic() - began)
+    return began, written, time.monotonic()
+
+
+def capture_alone(dsn: str, slot: str, changes: int) -> Tuple[float, float]:
+    """(written/s, captured/s) of a backlog while no worker applies."""
+    began, written, captured = write_and_capture(dsn, slot, changes, first_id=2_000_000)
+    return changes / (written - began), changes / (captured - began)
 
 
 def cpu_seconds(pid: int) -> float:
@@ -116,16 +122,9 @@ def apply_alone(worker: WorkerProcess, changes: int) -> Tuple[float, float]:
 def backlog_rates(worker: WorkerProcess, dsn: str, slot: str, changes: int) -> Tuple[float, float, float]:
     """(written/s, captured/s, applied/s) for ``changes`` changes written as fast as possible."""
     before = applied_total(worker)
-    began = time.monotonic()
-    write_backlog(dsn, changes, first_id=1_000_000)
-    written = time.monotonic()
-    with psycopg.connect(dsn) as conn:
-        target = conn.execute("SELECT pg_current_wal_lsn() - '0/0'::pg_lsn").fetchone()[0]
-    wait_for(lambda: confirmed_lsn(dsn, slot)[0] >= target, timeout=600, interval=0.05, message="slot confirmed past the backlog")
-    captured = time.monotonic()
+    began, written, captured = write_and_capture(dsn, slot, changes, first_id=1_000_000)
     wait_for(lambda: applied_total(worker) >= before + changes, timeout=600, interval=0.1, message="backlog applied")
-    applied = time.monotonic()
-    return changes / (written - began), changes / (captured - began), changes / (applied - began)
+    return changes / (written - began), changes / (captured - began), changes / (time.monotonic() - began)
 
 
 def steady_load(dsn: str, rate: int, stop: threading.Event) -> None:

@@ -5,7 +5,7 @@ acknowledges them, only after the loop body returned."""
 from __future__ import annotations
 
 import asyncio
-from typing import Any, List
+from typing import Any, List, Tuple
 
 import orjson
 import pytest
@@ -130,18 +130,29 @@ async def test_a_full_queue_pauses_and_resumes_its_partition_in_the_consumers_ow
     assert all(type(active) is TP for active in consumer._get_active_partitions())
 
 
-async def test_decoded_batches_of_a_batch_channel_acknowledge_only_after_the_body(monkeypatch):
-    letters: List[int] = []
+@pytest.fixture
+def letters(monkeypatch) -> List[int]:
+    """The offsets of the records dead-lettered, in order."""
+    offsets: List[int] = []
 
     async def record_letter(reason: str, event: Any = None) -> None:
-        letters.append(event.message.offset)
+        offsets.append(event.message.offset)
 
     monkeypatch.setattr("app.runtime.dead_letter", record_letter)
+    return offsets
+
+
+def agent_stream(topic: str) -> Tuple[Any, Any]:
+    """An agent's stream of a batch topic and its channel, subscribed as a worker subscribes it."""
     app.flow_control.resume()
-    stream = app.stream(raw_topic("batch-probe-agent"))
-    channel = batch_channel(stream)
+    stream = app.stream(raw_topic(topic))
+    app.topics._acking_topics.add(topic)
+    return stream, batch_channel(stream)
+
+
+async def test_decoded_batches_of_a_batch_channel_acknowledge_only_after_the_body(letters):
+    stream, channel = agent_stream("batch-probe-agent")
     assert channel is stream.channel and channel in app.topics
-    app.topics._acking_topics.add("batch-probe-agent")  # done when the worker subscribes
     consumer = app.consumer
     tp = TP("batch-probe-agent", 0)
     messages = messages_of(consumer, tp, [0, 1, 2, 3], values=[b"1", b"[[[", b"2", b"3"])
@@ -173,17 +184,8 @@ async def test_decoded_batches_of_a_batch_channel_acknowledge_only_after_the_bod
     assert list(consumer._acked[tp]) == [0, 1, 2, 3]  # offset 5 was not applied: not acknowledged
 
 
-async def test_decoded_ahead_decodes_the_next_batch_during_the_body_and_drops_it_after_a_rebalance(monkeypatch):
-    letters: List[int] = []
-
-    async def record_letter(reason: str, event: Any = None) -> None:
-        letters.append(event.message.offset)
-
-    monkeypatch.setattr("app.runtime.dead_letter", record_letter)
-    app.flow_control.resume()
-    stream = app.stream(raw_topic("batch-probe-ahead"))
-    channel = batch_channel(stream)
-    app.topics._acking_topics.add("batch-probe-ahead")
+async def test_decoded_ahead_decodes_the_next_batch_during_the_body_and_drops_it_after_a_rebalance(letters):
+    stream, channel = agent_stream("batch-probe-ahead")
     consumer = app.consumer
     tp = TP("batch-probe-ahead", 0)
     decoding_tasks_before = len(asyncio.all_tasks())
@@ -223,10 +225,7 @@ async def test_decoded_ahead_decodes_the_next_batch_during_the_body_and_drops_it
 
 
 async def test_decoding_ahead_takes_one_batch_ahead_and_forgets_it_when_the_agent_stops():
-    app.flow_control.resume()
-    stream = app.stream(raw_topic("batch-probe-ahead-stop"))
-    channel = batch_channel(stream)
-    app.topics._acking_topics.add("batch-probe-ahead-stop")
+    stream, channel = agent_stream("batch-probe-ahead-stop")
     consumer = app.consumer
     tp = TP("batch-probe-ahead-stop", 0)
     messages = messages_of(consumer, tp, [0, 1, 2], values=[b"0", b"1", b"2"])
